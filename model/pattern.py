@@ -1,0 +1,445 @@
+"""The sparse attention pattern: the one truth about which query attends to which key.
+
+Positions are 0-indexed absolute positions in the full sequence. A pattern answers, for query
+position i and key position j, whether i may attend to j. The same object yields
+
+- ``mask(q_pos, k_pos)``: the dense boolean mask the reference attention uses,
+- ``kv_ranges(q_start, q_end, seq_len)``: the sorted, disjoint key ranges a block of queries needs
+  (what a sequence shard must receive from other ranks),
+- ``block_layout(seq_len, block)``: which key blocks each query block touches (a superset of the
+  mask; what a blocked kernel iterates over),
+- ``num_keys``, ``key_counts``, ``density``: counts for people and cost models.
+
+Window convention: FlashAttention's ``(left, right)`` with the query itself counted separately:
+i sees j when ``i - left <= j <= i + right`` (``right == 0`` when causal). Global tokens are the
+positions ``0..num_global-1``: every query sees them (subject to causality); in a bidirectional
+pattern a global query also sees every key.
+
+Run ``python -m model.pattern attention=sink attention.window_left=2 attention.num_global=1
+seq_len=1024 query=499`` to look at a pattern (see ``model/pattern_cli.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+Range = tuple[int, int]
+
+
+class PatternError(ValueError):
+    """An invalid pattern setting; the message names the config key and the allowed values."""
+
+
+def merge_ranges(ranges: list[Range]) -> list[Range]:
+    """Sort half-open ranges and fuse the overlapping or touching ones; drop empty ones."""
+    out: list[list[int]] = []
+    for s, e in sorted(r for r in ranges if r[1] > r[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _clip(ranges: list[Range], lo: int, hi: int) -> list[Range]:
+    return merge_ranges([(max(s, lo), min(e, hi)) for s, e in ranges])
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base pattern: global tokens and causality; subclasses add their own local rule ``_rule``."""
+
+    causal: bool = True
+    num_global: int = 0
+
+    # --- what a subclass provides -------------------------------------------------------------
+    def _rule(self, qi: torch.Tensor, kj: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Pattern-specific part of the mask; qi is [Q, 1], kj is [1, K] (broadcast)."""
+        raise NotImplementedError
+
+    def _rule_ranges(self, q_start: int, q_end: int, seq_len: int) -> list[Range]:
+        """Key ranges (a superset, possibly unsorted) that ``_rule`` allows for queries [q_start, q_end)."""
+        raise NotImplementedError
+
+    bounded: bool = field(default=True, init=False, repr=False, compare=False)
+    content_based: bool = field(default=False, init=False, repr=False, compare=False)
+
+    # --- derived, shared by every pattern -------------------------------------------------------
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """BoolTensor[Q, K]: may the query at ``q_pos[a]`` attend to the key at ``k_pos[b]``.
+
+        ``seq_len`` matters only to patterns whose choice depends on the sequence length
+        (bidirectional BigBird); it defaults to one past the largest position given.
+        """
+        q_pos, k_pos = torch.as_tensor(q_pos).long(), torch.as_tensor(k_pos).long()
+        n = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
+        qi, kj = q_pos[:, None], k_pos[None, :]
+        m = self._rule(qi, kj, n)
+        if self.num_global:
+            m = m | (kj < self.num_global)
+            if not self.causal:
+                m = m | (qi < self.num_global)
+        if self.causal:
+            m = m & (kj <= qi)
+        return m
+
+    def kv_ranges(self, q_start: int, q_end: int, seq_len: int) -> list[Range]:
+        """Sorted, disjoint half-open key ranges that the queries [q_start, q_end) may attend to."""
+        if not 0 <= q_start < q_end <= seq_len:
+            raise PatternError(f"kv_ranges: need 0 <= q_start < q_end <= seq_len, got {q_start}, {q_end}, {seq_len}")
+        ranges = list(self._rule_ranges(q_start, q_end, seq_len))
+        if self.num_global:
+            ranges.append((0, self.num_global))
+            if not self.causal and q_start < self.num_global:
+                ranges.append((0, seq_len))
+        return _clip(ranges, 0, q_end if self.causal else seq_len)
+
+    def block_layout(self, seq_len: int, block: int) -> torch.Tensor:
+        """BoolTensor[nQB, nKB]: key blocks each query block of ``block`` positions touches (⊇ mask)."""
+        nb = math.ceil(seq_len / block)
+        layout = torch.zeros(nb, nb, dtype=torch.bool)
+        for qb in range(nb):
+            for s, e in self.kv_ranges(qb * block, min((qb + 1) * block, seq_len), seq_len):
+                layout[qb, s // block : (e - 1) // block + 1] = True
+        return layout
+
+    def key_counts(self, seq_len: int, chunk: int = 256) -> torch.Tensor:
+        """LongTensor[seq_len]: number of keys each query attends to (evaluated only inside kv_ranges)."""
+        counts = torch.zeros(seq_len, dtype=torch.long)
+        for qs in range(0, seq_len, chunk):
+            qe = min(qs + chunk, seq_len)
+            k_pos = _positions(self.kv_ranges(qs, qe, seq_len))
+            counts[qs:qe] = self.mask(torch.arange(qs, qe), k_pos, seq_len).sum(1)
+        return counts
+
+    def num_keys(self, query: int, seq_len: int) -> int:
+        """How many key/value pairs the query at 0-indexed position ``query`` attends to."""
+        return len(self.keys_of(query, seq_len))
+
+    def keys_of(self, query: int, seq_len: int) -> list[int]:
+        """The 0-indexed key positions that ``query`` attends to."""
+        if not 0 <= query < seq_len:
+            raise PatternError(f"query: must be in [0, seq_len={seq_len}), got {query}")
+        k_pos = _positions(self.kv_ranges(query, query + 1, seq_len))
+        keep = self.mask(torch.tensor([query]), k_pos, seq_len)[0]
+        return k_pos[keep].tolist()
+
+    def density(self, seq_len: int) -> float:
+        """Fraction of all seq_len² (query, key) pairs that are attended."""
+        return float(self.key_counts(seq_len).sum()) / float(seq_len) ** 2
+
+    def validate(self, seq_len: int | None = None) -> Pattern:
+        """Raise a PatternError naming the setting if this pattern cannot be used at ``seq_len``."""
+        if self.num_global < 0:
+            raise PatternError(f"attention.num_global: must be >= 0, got {self.num_global}")
+        if seq_len is not None and self.num_global >= seq_len:
+            raise PatternError(f"attention.num_global: must be < seq_len={seq_len}, got {self.num_global}")
+        return self
+
+
+def _positions(ranges: list[Range]) -> torch.Tensor:
+    if not ranges:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, e) for s, e in ranges])
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Every key (causal: every earlier key and self)."""
+
+    def _rule(self, qi, kj, seq_len):
+        return torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool)
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        return [(0, seq_len)]
+
+    bounded: bool = field(default=False, init=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Window(Pattern):
+    """Sliding window ``i - left <= j <= i + right``; with ``dilation`` d only every d-th key,
+    counting from the query itself (``(i - j) % d == 0``). Sink/Longformer are this plus globals."""
+
+    window_left: int = 0
+    window_right: int = 0
+    dilation: int = 1
+
+    def _rule(self, qi, kj, seq_len):
+        d = kj - qi
+        m = (d >= -self.window_left) & (d <= self.window_right)
+        return m & ((d % self.dilation) == 0) if self.dilation > 1 else m
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        if self.dilation > 1 and q_end - q_start < self.dilation:
+            # Fewer queries than the dilation: only some residues are needed; list them exactly.
+            d = self.dilation
+            return [(q_start + t, q_end + t) for t in range(-(self.window_left // d) * d, self.window_right + 1, d)]
+        return [(q_start - self.window_left, q_end + self.window_right)]
+
+    def block_layout(self, seq_len, block):
+        # Vectorised band (+ globals) so that layouts at 1M tokens cost nothing.
+        nb = math.ceil(seq_len / block)
+        qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+        q_lo, q_hi = qb * block, torch.clamp((qb + 1) * block, max=seq_len) - 1
+        k_lo, k_hi = kb * block, torch.clamp((kb + 1) * block, max=seq_len) - 1
+        layout = (k_hi >= q_lo - self.window_left) & (k_lo <= q_hi + self.window_right)
+        if self.num_global:
+            layout |= k_lo < self.num_global
+            if not self.causal:
+                layout |= q_lo < self.num_global
+        if self.causal:
+            layout &= k_lo <= q_hi
+        return layout
+
+    def validate(self, seq_len=None):
+        super().validate(seq_len)
+        if self.window_left < 0:
+            raise PatternError(f"attention.window_left: must be >= 0, got {self.window_left}")
+        if self.window_right < 0:
+            raise PatternError(f"attention.window_right: must be >= 0, got {self.window_right}")
+        if self.causal and self.window_right > 0:
+            raise PatternError(f"attention.window_right: must be 0 when attention.causal=true, got {self.window_right}")
+        if self.dilation < 1:
+            raise PatternError(f"attention.dilation: must be >= 1, got {self.dilation}")
+        return self
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """Sparse Transformer (Child et al., 2019). ``strided``: the previous ``stride`` positions plus
+    every ``stride``-th key before them (``(i - j) % stride == 0``). ``fixed``: the query's own
+    stride-aligned block plus the last ``summary`` positions of every block (the "summary" columns)."""
+
+    stride: int = 128
+    variant: str = "strided"
+    summary: int = 1
+
+    bounded: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def _rule(self, qi, kj, seq_len):
+        s = self.stride
+        if self.variant == "strided":
+            d = qi - kj
+            return (d.abs() < s) | (d % s == 0)
+        return (qi // s == kj // s) | (kj % s >= s - self.summary)
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        s = self.stride
+        if self.variant == "strided":
+            if q_end - q_start >= s:  # every residue appears among the queries
+                return [(0, seq_len)]
+            out = [(q_start - s + 1, q_end + s - 1)]
+            out += [(q_start + m * s, q_end + m * s) for m in range(-(q_end // s) - 1, (seq_len - q_start) // s + 2)]
+            return out
+        out = [((q_start // s) * s, (q_end - 1) // s * s + s)]
+        out += [(b * s + s - self.summary, b * s + s) for b in range(math.ceil(seq_len / s))]
+        return out
+
+    def validate(self, seq_len=None):
+        super().validate(seq_len)
+        if self.stride < 1:
+            raise PatternError(f"attention.stride: must be >= 1, got {self.stride}")
+        if self.variant not in ("strided", "fixed"):
+            raise PatternError(f"attention.variant: must be one of strided, fixed; got {self.variant!r}")
+        if not 1 <= self.summary <= self.stride:
+            raise PatternError(f"attention.summary: must be in [1, stride={self.stride}], got {self.summary}")
+        return self
+
+
+@dataclass(frozen=True)
+class BigBird(Window):
+    """BigBird (Zaheer et al., 2020): window + globals + ``random_blocks`` random key blocks per
+    query block of ``block_size``. The draw is seeded by (seed, query block) so every rank and every
+    call agrees; causal draws among earlier blocks, bidirectional among all blocks of ``seq_len``."""
+
+    random_blocks: int = 0
+    block_size: int = 64
+    seed: int = 0
+
+    def random_key_blocks(self, q_block: int, seq_len: int) -> np.ndarray:
+        n_cand = q_block + 1 if self.causal else math.ceil(seq_len / self.block_size)
+        rng = np.random.default_rng([self.seed, q_block])
+        return np.sort(rng.choice(n_cand, size=min(self.random_blocks, n_cand), replace=False))
+
+    def _random_table(self, seq_len: int) -> torch.Tensor:
+        return _random_table(self, seq_len)
+
+    def _rule(self, qi, kj, seq_len):
+        m = super()._rule(qi, kj, seq_len)
+        if not self.random_blocks:
+            return m
+        table = self._random_table(seq_len)
+        bs = self.block_size
+        return m | table[(qi // bs).clamp(max=table.shape[0] - 1), (kj // bs).clamp(max=table.shape[1] - 1)]
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        out = super()._rule_ranges(q_start, q_end, seq_len)
+        bs = self.block_size
+        for qb in range(q_start // bs, (q_end - 1) // bs + 1):
+            out += [(int(b) * bs, int(b) * bs + bs) for b in self.random_key_blocks(qb, seq_len)]
+        return out
+
+    block_layout = Pattern.block_layout  # the random blocks break the vectorised band
+
+    def validate(self, seq_len=None):
+        super().validate(seq_len)
+        if self.block_size < 1:
+            raise PatternError(f"attention.block_size: must be >= 1, got {self.block_size}")
+        if self.random_blocks < 0:
+            raise PatternError(f"attention.random_blocks: must be >= 0, got {self.random_blocks}")
+        return self
+
+
+@dataclass(frozen=True)
+class Union(Pattern):
+    """Union of patterns: i sees j if any part allows it. Parts share ``causal``; globals are the
+    largest of the parts'."""
+
+    parts: tuple[Pattern, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "bounded", all(p.bounded for p in self.parts))
+
+    def _rule(self, qi, kj, seq_len):
+        m = torch.zeros(qi.shape[0], kj.shape[1], dtype=torch.bool)
+        for p in self.parts:
+            m |= p._rule(qi, kj, seq_len)
+        return m
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        return [r for p in self.parts for r in p.kv_ranges(q_start, q_end, seq_len)]
+
+    def validate(self, seq_len=None):
+        super().validate(seq_len)
+        if not self.parts:
+            raise PatternError("attention.parts: a union needs at least one part")
+        for p in self.parts:
+            p.validate(seq_len)
+            if p.causal != self.causal:
+                raise PatternError("attention.parts: every part must have the union's attention.causal")
+        return self
+
+
+@dataclass(frozen=True)
+class TopKBlocks(Pattern):
+    """Content-based: per query block of ``block_size``, the ``top_k`` key blocks with the highest
+    score ``mean(q_block) · mean(k_block)``, plus always its own block and the global/sink block 0
+    (causal: only blocks at or before its own). The positional mask is the union of all blocks the
+    content could pick (everything); the data-dependent one is ``content_mask`` from q and k."""
+
+    top_k: int = 4
+    block_size: int = 64
+
+    bounded: bool = field(default=False, init=False, repr=False, compare=False)
+    content_based: bool = field(default=True, init=False, repr=False, compare=False)
+
+    def _rule(self, qi, kj, seq_len):
+        return torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool)
+
+    def _rule_ranges(self, q_start, q_end, seq_len):
+        return [(0, seq_len)]
+
+    def select_blocks(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor, q_block_ids: torch.Tensor,
+                      k_block_ids: torch.Tensor) -> torch.Tensor:
+        """BoolTensor[B, H, nQ, nK] of chosen key blocks from block summaries.
+
+        q_blocks [B, H, nQ, D] and k_blocks [B, H, nK, D] are per-block mean queries/keys (GQA
+        already expanded); *_block_ids [nQ]/[nK] are their absolute block indices. A sequence shard
+        passes the gathered summaries of every key block, so all ranks select identically.
+        """
+        scores = torch.einsum("bhqd,bhkd->bhqk", q_blocks.float(), k_blocks.float())
+        qb, kb = q_block_ids[:, None], k_block_ids[None, :]
+        forced = (kb == qb) | (kb == 0)
+        allowed = kb <= qb if self.causal else torch.ones_like(forced)
+        scores = scores.masked_fill(~allowed | forced, float("-inf"))
+        k = min(self.top_k, scores.shape[-1])
+        top = scores.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        chosen &= torch.isfinite(scores)  # top-k may have picked -inf entries when few candidates
+        return chosen | (forced & allowed)
+
+    def content_mask(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """BoolTensor[B, H, Q, K] for q [B, H, Q, D] and k [B, Hkv, K, D] with absolute positions."""
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        bs = self.block_size
+        q_ids, q_inv = torch.unique(q_pos // bs, return_inverse=True)
+        k_ids, k_inv = torch.unique(k_pos // bs, return_inverse=True)
+        chosen = self.select_blocks(_block_mean(q, q_inv, len(q_ids)), _block_mean(k, k_inv, len(k_ids)), q_ids, k_ids)
+        m = chosen[:, :, q_inv][:, :, :, k_inv]  # (B, H, Q, K)
+        return m & self.mask(q_pos, k_pos)
+
+    def validate(self, seq_len=None):
+        super().validate(seq_len)
+        if self.top_k < 1:
+            raise PatternError(f"attention.top_k: must be >= 1, got {self.top_k}")
+        if self.block_size < 1:
+            raise PatternError(f"attention.block_size: must be >= 1, got {self.block_size}")
+        if self.num_global > self.block_size:
+            raise PatternError(f"attention.num_global: must be <= block_size={self.block_size} for topk, got {self.num_global}")
+        return self
+
+
+@functools.lru_cache(maxsize=8)
+def _random_table(p: BigBird, seq_len: int) -> torch.Tensor:
+    """BoolTensor[nQB, nKB] of BigBird's random blocks (cached: masks are built chunk by chunk)."""
+    nb = math.ceil(seq_len / p.block_size)
+    table = torch.zeros(nb, nb, dtype=torch.bool)
+    for qb in range(nb):
+        table[qb, torch.from_numpy(p.random_key_blocks(qb, seq_len))] = True
+    return table
+
+
+def _block_mean(x: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of x [B, H, T, D] over T grouped by ``inv`` [T] into n groups -> [B, H, n, D]."""
+    out = torch.zeros(*x.shape[:2], n, x.shape[-1], dtype=torch.float32, device=x.device)
+    out.index_add_(2, inv.to(x.device), x.float())
+    return out / torch.bincount(inv, minlength=n).to(out)[:, None]
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+NAMES = ("dense", "window", "longformer", "sink", "dilated", "strided", "bigbird", "topk", "union")
+_KEYS = {"name", "causal", "window_left", "window_right", "num_global", "dilation", "stride", "variant",
+         "summary", "random_blocks", "block_size", "seed", "top_k", "parts"}
+_CLASS = {"dense": Dense, "window": Window, "longformer": Window, "sink": Window, "dilated": Window,
+          "strided": Strided, "bigbird": BigBird, "topk": TopKBlocks, "union": Union}
+
+
+def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
+    """Build and validate a Pattern from the ``attention`` node of the config (any mapping).
+
+    Keys a pattern does not use are ignored, so one YAML can switch ``name``; unknown keys and
+    invalid values raise PatternError naming the key. ``seq_len``, when given, is checked too.
+    """
+    cfg = dict(cfg)
+    name = cfg.get("name")
+    if name not in _CLASS:
+        raise PatternError(f"attention.name: unknown pattern {name!r}; allowed: {', '.join(NAMES)}")
+    unknown = sorted(set(cfg) - _KEYS)
+    if unknown:
+        raise PatternError(f"attention.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(_KEYS))}")
+    cls = _CLASS[name]
+    kwargs = {f.name: cfg[f.name] for f in fields(cls) if f.init and f.name in cfg and cfg[f.name] is not None}
+    if cls is Union:
+        parts = cfg.get("parts") or []
+        kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
+        kwargs["num_global"] = max([p.num_global for p in kwargs["parts"]] + [cfg.get("num_global") or 0])
+    for key, value in kwargs.items():
+        if key in ("causal",) and not isinstance(value, bool):
+            raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
+        if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PatternError(f"attention.{key}: must be an integer, got {value!r}")
+    return cls(**kwargs).validate(seq_len)
+
+
+if __name__ == "__main__":
+    from model.pattern_cli import main
+
+    main()
