@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from kernels.stats import stats_from_probs
 from model.pattern import Pattern
 
 
@@ -27,8 +28,10 @@ def pattern_mask(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, q_pos: torc
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                         q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
-                        scale: float | None = None, seq_len: int | None = None):
+                        scale: float | None = None, seq_len: int | None = None, return_stats: bool = False):
     """(out [B, H, Q, D], lse [B, H, Q] fp32) of softmax(scale · q kᵀ + mask) v.
+
+    With ``return_stats`` also the per-query statistics partials (``kernels.stats.AttnStats``).
 
     q [B, H, Q, D]; k, v [B, Hkv, K, D] with H % Hkv == 0 (grouped-query attention). Positions
     default to arange; ``lse`` is the log-sum-exp of the scaled allowed scores of each query.
@@ -52,4 +55,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Q)
     p = torch.exp(s - lse[..., None])
     out = torch.einsum("bhqk,bhkd->bhqd", p, v.float())
+    if return_stats:
+        with torch.no_grad():
+            return out.to(q.dtype), lse, stats_from_probs(s, p, k_pos.to(q.device) < pattern.num_global)
     return out.to(q.dtype), lse

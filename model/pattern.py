@@ -60,7 +60,7 @@ class Pattern:
 
     # --- what a subclass provides -------------------------------------------------------------
     def _rule(self, qi: torch.Tensor, kj: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """Pattern-specific part of the mask; qi is [Q, 1], kj is [1, K] (broadcast)."""
+        """Pattern-specific part of the mask for broadcastable position tensors qi and kj."""
         raise NotImplementedError
 
     def _rule_ranges(self, q_start: int, q_end: int, seq_len: int) -> list[Range]:
@@ -79,8 +79,11 @@ class Pattern:
         """
         q_pos, k_pos = torch.as_tensor(q_pos).long(), torch.as_tensor(k_pos).long()
         n = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
-        qi, kj = q_pos[:, None], k_pos[None, :]
-        m = self._rule(qi, kj, n)
+        return self.allowed(q_pos[:, None], k_pos[None, :], n)
+
+    def allowed(self, qi: torch.Tensor, kj: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """The mask for broadcastable LongTensors of query and key positions (any shapes)."""
+        m = self._rule(qi, kj, seq_len)
         if self.num_global:
             m = m | (kj < self.num_global)
             if not self.causal:
@@ -154,7 +157,7 @@ class Dense(Pattern):
     """Every key (causal: every earlier key and self)."""
 
     def _rule(self, qi, kj, seq_len):
-        return torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool)
+        return torch.ones(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
 
     def _rule_ranges(self, q_start, q_end, seq_len):
         return [(0, seq_len)]
@@ -275,7 +278,7 @@ class BigBird(Window):
         m = super()._rule(qi, kj, seq_len)
         if not self.random_blocks:
             return m
-        table = self._random_table(seq_len)
+        table = self._random_table(seq_len).to(qi.device)
         bs = self.block_size
         return m | table[(qi // bs).clamp(max=table.shape[0] - 1), (kj // bs).clamp(max=table.shape[1] - 1)]
 
@@ -308,7 +311,7 @@ class Union(Pattern):
         object.__setattr__(self, "bounded", all(p.bounded for p in self.parts))
 
     def _rule(self, qi, kj, seq_len):
-        m = torch.zeros(qi.shape[0], kj.shape[1], dtype=torch.bool)
+        m = torch.zeros(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
         for p in self.parts:
             m |= p._rule(qi, kj, seq_len)
         return m
@@ -341,7 +344,7 @@ class TopKBlocks(Pattern):
     content_based: bool = field(default=True, init=False, repr=False, compare=False)
 
     def _rule(self, qi, kj, seq_len):
-        return torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool)
+        return torch.ones(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
 
     def _rule_ranges(self, q_start, q_end, seq_len):
         return [(0, seq_len)]

@@ -1,0 +1,82 @@
+"""Attention statistics as mergeable per-query partials.
+
+For one query with scaled scores s over its allowed keys and p = softmax(s):
+  entropy  H = lse − Σ p·s                      (so carry m = Σ p·s)
+  max logit    = max s
+  global mass  = Σ_{j < num_global} p_j
+Two partials over disjoint key sets merge exactly with weights w = exp(lse_part − lse):
+  lse = logaddexp(lse_a, lse_b);  m = w_a·m_a + w_b·m_b;  gmass likewise;  max = max(max_a, max_b).
+(Same derivation as merging outputs, e.g. FlashAttention-2 §3.1 / ring-flash-attention's
+``update_out_and_lse``: every quantity that is an expectation under p merges as the output does.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnStats:
+    """Per-query partials [B, H, Q] (fp32). ``lse`` travels beside them as the kernels' second output."""
+
+    m: torch.Tensor  # Σ p·s
+    max_logit: torch.Tensor  # max s
+    global_mass: torch.Tensor  # Σ p over global keys
+
+    def fields(self):
+        return self.m, self.max_logit, self.global_mass
+
+
+def merge_two(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two partial attentions over disjoint key sets (out [B,H,Q,D], lse [B,H,Q]).
+
+    A side with lse = -inf (no keys) contributes nothing; both -inf gives lse = -inf and out 0.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w_a, w_b = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
+    out = w_a[..., None] * out_a.float() + w_b[..., None] * out_b.float()
+    return out.to(out_a.dtype), lse, (w_a, w_b)
+
+
+def merge_stats(a: AttnStats, b: AttnStats, w_a: torch.Tensor, w_b: torch.Tensor) -> AttnStats:
+    """Merge stats partials with the weights returned by ``merge_two``."""
+    return AttnStats(
+        m=w_a * a.m + w_b * b.m,
+        max_logit=torch.maximum(a.max_logit, b.max_logit),
+        global_mass=w_a * a.global_mass + w_b * b.global_mass,
+    )
+
+
+def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
+    """Per-head sums over batch and queries ([H] each) that add up across sequence shards:
+    ``entropy_sum``, ``global_mass_sum``, ``count`` (queries), and ``max_logit`` (a max)."""
+    ent = (lse - st.m).float()
+    return {
+        "entropy_sum": ent.sum(dim=(0, 2)),
+        "global_mass_sum": st.global_mass.float().sum(dim=(0, 2)),
+        "count": torch.full((lse.shape[1],), float(lse.shape[0] * lse.shape[2]), dtype=torch.float32, device=lse.device),
+        "max_logit": st.max_logit.float().amax(dim=(0, 2)),
+    }
+
+
+def head_summary(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head means [H]: ``entropy``, ``global_mass``, and ``max_logit``."""
+    return {
+        "entropy": sums["entropy_sum"] / sums["count"],
+        "global_mass": sums["global_mass_sum"] / sums["count"],
+        "max_logit": sums["max_logit"],
+    }
+
+
+def stats_from_probs(s: torch.Tensor, p: torch.Tensor, global_keys: torch.Tensor) -> AttnStats:
+    """Partials from scaled scores s and probabilities p [B,H,Q,K] (masked s = -inf, p = 0);
+    ``global_keys`` [K] marks the keys that are global tokens."""
+    ps = torch.where(p > 0, p * s, torch.zeros_like(s))
+    return AttnStats(
+        m=ps.sum(-1),
+        max_logit=s.amax(-1),
+        global_mass=(p * global_keys.to(p)).sum(-1),
+    )
