@@ -50,12 +50,13 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         raise EmptyRowError(f"query at position {first} has no allowed key among the {K} keys given")
     k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, K, D): the oracle may materialise GQA
     v = v.repeat_interleave(H // Hkv, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax; fp64 stays fp64 for gradchecks
+    s = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Q)
     p = torch.exp(s - lse[..., None])
-    out = torch.einsum("bhqk,bhkd->bhqd", p, v.float())
+    out = torch.einsum("bhqk,bhkd->bhqd", p, v.to(acc)).to(q.dtype)
     if return_stats:
         with torch.no_grad():
-            return out.to(q.dtype), lse, stats_from_probs(s, p, k_pos.to(q.device) < pattern.num_global)
-    return out.to(q.dtype), lse
+            return out, lse, stats_from_probs(s, p, k_pos.to(q.device) < pattern.num_global)
+    return out, lse

@@ -1,0 +1,293 @@
+"""Blocked sparse attention in portable torch: forward and backward, CPU and GPU.
+
+Queries are cut into blocks of ``BLOCK`` rows. Each query block gathers exactly the key rows its
+pattern allows (``Pattern.kv_ranges`` mapped onto the given key positions, or the content-chosen
+blocks for top-k) and runs one dense, masked softmax over them; neighbouring query blocks are
+grouped into chunks whose score tensor stays under ``CHUNK_ELEMS`` so that memory is O(n·D) plus
+one chunk of work, whatever n is. Within a chunk every query sees all its keys at once, so the
+softmax needs no online rescaling.
+
+Backward is FlashAttention's (Dao 2023, Alg. 2): only q, k, v, out and lse are saved; scores are
+recomputed per chunk and ``p = exp(s − lse)``. The gradient of ``lse`` is supported too (sequence
+parallelism merges partials by LSE): since ∂lse/∂s = p, it enters as ``dS = p ∘ (dP − (Δ − dlse))``
+with Δ = rowsum(dO ∘ O).
+
+GQA is computed without repeating K/V: the G query heads that share a key/value head are folded
+into the rows of one matmul against that head's gathered keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import EmptyRowError
+from kernels.stats import AttnStats
+from model.pattern import Pattern, _block_mean
+
+BLOCK = 64  # query rows per block: small enough that padding the key list wastes little
+CHUNK_ELEMS = 1 << 23  # score elements per chunk (32 MiB fp32): bounds the working set
+
+
+@dataclass
+class Chunk:
+    """Query rows [row0, row0 + nb·BLOCK) of the padded queries and the keys they gather."""
+
+    row0: int
+    nb: int  # query blocks in this chunk
+    idx: torch.Tensor  # [Bi, Hg, nb, Kc] flat key-row indices into k.reshape(-1, D)
+    mask: torch.Tensor | None  # broadcastable to [Bi, Hg, nb, 1, BLOCK, Kc]; None: all allowed
+    is_global: torch.Tensor | None  # [Bi, Hg, nb, 1, 1, Kc] keys that are global tokens (stats only)
+
+
+@dataclass(eq=False)  # hashed by identity: plans are lru_cache keys
+class Plan:
+    q_rows: int  # real query rows Q (the padded count is a multiple of BLOCK)
+    chunks: list[Chunk]
+    heads_folded: bool  # True: Hg = Hkv with the G sharing query heads folded into the rows
+
+
+# --- planning: which key rows each query block gathers --------------------------------------------
+
+def _runs(pos: torch.Tensor) -> tuple:
+    """Positions as a hashable tuple of (start, length) runs (the plan cache key)."""
+    if pos.numel() == 0:
+        return ()
+    breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    starts = torch.cat([torch.tensor([0]), breaks]).tolist()
+    ends = breaks.tolist() + [pos.numel()]
+    return tuple((int(pos[s]), e - s) for s, e in zip(starts, ends))
+
+
+def _rows_for(k_pos: torch.Tensor, ranges) -> torch.Tensor:
+    """Key rows (k_pos sorted ascending) whose positions fall in the half-open ranges."""
+    bounds = torch.searchsorted(k_pos, torch.tensor(ranges, dtype=torch.long).reshape(-1))
+    parts = [torch.arange(int(a), int(b)) for a, b in bounds.reshape(-1, 2).tolist() if b > a]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _pad_rows(rows_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    kc = max(1, max(len(r) for r in rows_list))
+    idx = torch.zeros(len(rows_list), kc, dtype=torch.long)
+    valid = torch.zeros(len(rows_list), kc, dtype=torch.bool)
+    for i, r in enumerate(rows_list):
+        idx[i, : len(r)], valid[i, : len(r)] = r, True
+    return idx, valid
+
+
+def _group_blocks(key_counts: list[int], bh: int) -> list[tuple[int, int]]:
+    """Greedy consecutive grouping of query blocks into chunks of bounded score size. A block whose
+    key count differs by more than 2× from the chunk's starts a new chunk (padding waste)."""
+    groups, start, kmax = [], 0, 0
+    for i, kc in enumerate(key_counts):
+        new_max = max(kmax, kc)
+        too_big = (i - start + 1) * new_max * BLOCK * bh > CHUNK_ELEMS
+        mismatch = i > start and (kc > 2 * kmax or 2 * kc < kmax)
+        if i > start and (too_big or mismatch):
+            groups.append((start, i))
+            start, new_max = i, kc
+        kmax = new_max
+    groups.append((start, len(key_counts)))
+    return groups
+
+
+def _block_positions(q_pos: torch.Tensor, nqb: int) -> torch.Tensor:
+    """[nqb, BLOCK] query positions; padded rows repeat the last real position (their output is
+    discarded, and they see that position's keys, so their softmax is finite)."""
+    padded = torch.full((nqb * BLOCK,), int(q_pos[-1]), dtype=torch.long)
+    padded[: q_pos.numel()] = q_pos
+    return padded.reshape(nqb, BLOCK)
+
+
+@functools.lru_cache(maxsize=32)
+def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: int, bh: int) -> Plan:
+    q_pos = torch.cat([torch.arange(s, s + n) for s, n in q_runs])
+    k_pos = torch.cat([torch.arange(s, s + n) for s, n in k_runs])
+    nqb = math.ceil(q_pos.numel() / BLOCK)
+    qb_pos = _block_positions(q_pos, nqb)
+    rows = [_rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)) for p in qb_pos]
+    chunks = []
+    for b0, b1 in _group_blocks([len(r) for r in rows], bh):
+        idx, valid = _pad_rows(rows[b0:b1])  # [nb, Kc]
+        mask = pattern.allowed(qb_pos[b0:b1, :, None], k_pos[idx][:, None, :], seq_len) & valid[:, None, :]
+        real = torch.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK) < q_pos.numel()
+        empty = real & ~mask.any(-1)
+        if empty.any():
+            raise EmptyRowError(f"query at position {int(qb_pos[b0:b1][empty][0])} has no allowed key among the keys given")
+        full = bool(mask.all())
+        is_global = (k_pos[idx] < pattern.num_global) & valid
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], None if full else mask[None, None, :, None],
+                            is_global[None, None, :, None, None]))
+    return Plan(q_pos.numel(), chunks, heads_folded=True)
+
+
+def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
+    """Top-k plan: blocks of ``pattern.block_size`` query rows aligned to absolute blocks; each
+    (batch, head, query block) gathers its chosen key blocks. Selection carries no gradient."""
+    if pattern.block_size != BLOCK:
+        raise ValueError(f"attention.block_size: the blocked top-k kernel uses blocks of {BLOCK}, got {pattern.block_size}")
+    if q_pos[0] % BLOCK or not torch.equal(q_pos, torch.arange(int(q_pos[0]), int(q_pos[0]) + q_pos.numel())):
+        raise ValueError("top-k blocked kernel: query positions must be one contiguous, block-aligned range")
+    B, H, Hkv, K = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    G = H // Hkv
+    q_ids, q_inv = torch.unique(q_pos // BLOCK, return_inverse=True)
+    k_ids, k_inv = torch.unique(k_pos // BLOCK, return_inverse=True)
+    with torch.no_grad():
+        kf = k.repeat_interleave(G, dim=1)
+        chosen = pattern.select_blocks(_block_mean(q, q_inv, len(q_ids)), _block_mean(kf, k_inv, len(k_ids)), q_ids, k_ids)
+    nsel = min(pattern.top_k + 2, len(k_ids))
+    order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
+    sel, sel_ok = order.indices[..., :nsel].cpu(), order.values[..., :nsel].bool().cpu()  # [B, H, nQ, nsel]
+    starts = torch.searchsorted(k_pos, k_ids * BLOCK)
+    ends = torch.searchsorted(k_pos, (k_ids + 1) * BLOCK)
+    rows = starts[sel][..., None] + torch.arange(BLOCK)  # [B, H, nQ, nsel, BLOCK]
+    valid = (rows < ends[sel][..., None]) & sel_ok[..., None]
+    rows = torch.where(valid, rows, torch.zeros_like(rows)).flatten(-2)
+    valid = valid.flatten(-2)  # [B, H, nQ, Kc]
+    qb_pos = _block_positions(q_pos, len(q_ids))
+    mask = pattern.allowed(qb_pos[None, None, :, :, None], k_pos[rows][..., None, :], seq_len) & valid[..., None, :]
+    head_base = (torch.arange(B)[:, None] * Hkv + torch.arange(H)[None, :] // G) * K  # [B, H]
+    idx = rows + head_base[:, :, None, None]
+    is_global = (k_pos[rows] < pattern.num_global) & valid
+    chunks = []
+    for b0, b1 in _group_blocks([idx.shape[-1]] * len(q_ids), B * H):
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[:, :, b0:b1], mask[:, :, b0:b1, None], is_global[:, :, b0:b1, None, None]))
+    return Plan(q_pos.numel(), [_to(c, q.device) for c in chunks], heads_folded=False)
+
+
+def _to(c: Chunk, device) -> Chunk:
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return Chunk(c.row0, c.nb, move(c.idx), move(c.mask), move(c.is_global))
+
+
+@functools.lru_cache(maxsize=32)
+def _device_plan(plan: Plan, device: torch.device, B: int, Hkv: int, K: int) -> Plan:
+    """Positional plans are built on CPU once; this adds the per-(batch, kv-head) row offsets."""
+    base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)[None, :]) * K)[:, :, None, None]
+    chunks = [_to(Chunk(c.row0, c.nb, c.idx + base, c.mask, c.is_global), device) for c in plan.chunks]
+    return Plan(plan.q_rows, chunks, plan.heads_folded)
+
+
+# --- the math of one chunk --------------------------------------------------------------------------
+
+def _q_chunk(x: torch.Tensor, c: Chunk, groups: int) -> torch.Tensor:
+    """Rows of chunk c from x [B, Hg·G, Qp, D] as [B, Hg, nb, G·BLOCK, D] (heads folded into rows)."""
+    B, H, _, D = x.shape
+    xc = x[:, :, c.row0 : c.row0 + c.nb * BLOCK].reshape(B, H // groups, groups, c.nb, BLOCK, D)
+    return xc.permute(0, 1, 3, 2, 4, 5).reshape(B, H // groups, c.nb, groups * BLOCK, D)
+
+
+def _put_rows(dst: torch.Tensor, src: torch.Tensor, c: Chunk, groups: int) -> None:
+    """Inverse of ``_q_chunk``: write src [B, Hg, nb, G·BLOCK, D'] into rows of dst [B, H, Qp, D'];
+    a per-row quantity (dst [B, H, Qp], src [B, Hg, nb, G·BLOCK]) gets a trailing axis of 1."""
+    if dst.dim() == 3:
+        dst, src = dst.unsqueeze(-1), src.unsqueeze(-1)
+    B, H, _, Dx = dst.shape
+    view = src.reshape(B, H // groups, c.nb, groups, BLOCK, Dx).permute(0, 1, 3, 2, 4, 5)
+    dst[:, :, c.row0 : c.row0 + c.nb * BLOCK] = view.reshape(B, H, c.nb * BLOCK, Dx)
+
+
+def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
+    """Softmax probabilities [B, Hg, nb, G·BLOCK, Kc] of scaled queries qs against gathered keys;
+    with ``lse`` given (backward), p = exp(s − lse) reuses the forward normaliser."""
+    s = torch.matmul(qs, kc.transpose(-1, -2))
+    if c.mask is not None:
+        sv = s.view(*s.shape[:3], groups, BLOCK, s.shape[-1])
+        sv.masked_fill_(~c.mask, float("-inf"))
+    if lse is not None:
+        return s.sub_(lse[..., None]).exp_(), None
+    mx = s.amax(-1, keepdim=True)
+    p = s.sub_(mx).exp_()
+    denom = p.sum(-1, keepdim=True)
+    p.div_(denom)
+    return p, (mx + denom.log()).squeeze(-1), mx.squeeze(-1)
+
+
+class BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan, scale: float, want_stats: bool):
+        B, H, Q, D = q.shape
+        Hkv = k.shape[1]
+        groups = H // Hkv if plan.heads_folded else 1
+        Qp = sum(c.nb for c in plan.chunks) * BLOCK
+        qs = torch.nn.functional.pad(q, (0, 0, 0, Qp - Q)) * scale  # padded, pre-scaled queries
+        kf, vf = k.reshape(-1, D), v.reshape(-1, D)
+        out = q.new_empty(B, H, Qp, D, dtype=torch.float32)
+        lse = q.new_empty(B, H, Qp, dtype=torch.float32)
+        stats = [q.new_empty(B, H, Qp, dtype=torch.float32) for _ in range(3)] if want_stats else None
+        for c in plan.chunks:
+            kc, vc = kf[c.idx], vf[c.idx]  # [B, Hg, nb, Kc, D]
+            p, lse_c, mx = _probs(_q_chunk(qs, c, groups).float(), kc.float(), c, groups)
+            _put_rows(out, torch.matmul(p, vc.float()), c, groups)
+            _put_rows(lse, lse_c, c, groups)
+            if want_stats:
+                # Σ p·s = lse + Σ p·log p (s = log p + lse), which needs no copy of the scores.
+                plogp = torch.special.xlogy(p, p).sum(-1)
+                gm = (p.view(*p.shape[:3], groups, BLOCK, -1) * c.is_global).sum(-1).reshape(mx.shape)
+                for dst, val in zip(stats, (lse_c + plogp, mx, gm)):
+                    _put_rows(dst, val, c, groups)
+        out, lse = out[:, :, :Q].to(q.dtype), lse[:, :, :Q].contiguous()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.groups = plan, scale, groups
+        ctx.mark_non_differentiable(*(stats or []))
+        if want_stats:
+            return out, lse, *[s[:, :, :Q].contiguous() for s in stats]
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, *_):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale, groups = ctx.plan, ctx.scale, ctx.groups
+        B, H, Q, D = q.shape
+        Qp = sum(c.nb for c in plan.chunks) * BLOCK
+        pad = lambda t, value=0.0: torch.nn.functional.pad(t, (0, 0, 0, Qp - Q) if t.dim() == 4 else (0, Qp - Q), value=value)
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        delta = (d_out.float() * out.float()).sum(-1)  # Δ = rowsum(dO ∘ O)
+        if d_lse is not None:
+            delta = delta - d_lse.float()
+        # Padded query rows get lse = +inf so that their recomputed p is 0, not exp(s) · 0 = NaN.
+        qs, do, lse_p, delta = pad(q.float()) * scale, pad(d_out.float()), pad(lse, float("inf")), pad(delta)
+        kf, vf = k.reshape(-1, D).float(), v.reshape(-1, D).float()
+        dq = torch.zeros(B, H, Qp, D, dtype=torch.float32, device=q.device)
+        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+        for c in plan.chunks:
+            kc, vc = kf[c.idx], vf[c.idx]
+            qc, doc = _q_chunk(qs, c, groups), _q_chunk(do, c, groups)
+            p, _ = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
+            dv.index_add_(0, c.idx.reshape(-1), torch.matmul(p.transpose(-1, -2), doc).reshape(-1, D))
+            ds = torch.matmul(doc, vc.transpose(-1, -2))
+            ds.sub_(_q_chunk(delta[..., None], c, groups)).mul_(p)  # dS = p ∘ (dP − Δ')
+            _put_rows(dq, torch.matmul(ds, kc) * scale, c, groups)
+            dk.index_add_(0, c.idx.reshape(-1), torch.matmul(ds.transpose(-1, -2), qc).reshape(-1, D))
+        dq = dq[:, :, :Q].to(q.dtype)
+        return dq, dk.reshape(k.shape).to(k.dtype), dv.reshape(v.shape).to(v.dtype), None, None, None
+
+
+def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False):
+    """(out, lse) or (out, lse, AttnStats); the contract of ``kernels.sparse_attention``."""
+    B, H, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    q_pos = torch.arange(Q) if q_pos is None else q_pos.detach().cpu().long()
+    k_pos = torch.arange(K) if k_pos is None else k_pos.detach().cpu().long()
+    if K > 1 and not bool((k_pos[1:] > k_pos[:-1]).all()):
+        order = torch.argsort(k_pos)  # the planner maps ranges by binary search: sort the keys
+        k_pos, k, v = k_pos[order], k[:, :, order.to(k.device)], v[:, :, order.to(v.device)]
+        if K > 1 and not bool((k_pos[1:] > k_pos[:-1]).all()):
+            raise ValueError("k_pos: key positions must be distinct")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    seq_len = int(max(q_pos.max(), k_pos.max())) + 1 if seq_len is None else seq_len
+    if pattern.content_based:
+        plan = _content_plan(pattern, q, k, q_pos, k_pos, seq_len)
+    else:
+        plan = _positional_plan(pattern, _runs(q_pos), _runs(k_pos), seq_len, B * H)
+        plan = _device_plan(plan, q.device, B, Hkv, K)
+    res = BlockedAttention.apply(q, k.contiguous(), v.contiguous(), plan, scale, return_stats)
+    if return_stats:
+        out, lse, m, mx, gm = res
+        return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm)
+    return res
