@@ -39,8 +39,9 @@ class Chunk:
     row0: int
     nb: int  # query blocks in this chunk
     idx: torch.Tensor  # [Bi, Hg, nb, Kc] flat key-row indices into k.reshape(-1, D)
-    mask: torch.Tensor | None  # broadcastable to [Bi, Hg, nb, 1, BLOCK, Kc]; None: all allowed
+    masked: torch.Tensor | None  # True where NOT allowed, broadcastable to [Bi, Hg, nb, 1, BLOCK, Kc]
     is_global: torch.Tensor | None  # [Bi, Hg, nb, 1, 1, Kc] keys that are global tokens (stats only)
+    band: tuple[int, int, int] | None = None  # (n_prefix, a0, band_len): see _band_form
 
 
 @dataclass(eq=False)  # hashed by identity: plans are lru_cache keys
@@ -48,6 +49,7 @@ class Plan:
     q_rows: int  # real query rows Q (the padded count is a multiple of BLOCK)
     chunks: list[Chunk]
     heads_folded: bool  # True: Hg = Hkv with the G sharing query heads folded into the rows
+    margin: int = 0  # band rows may reach this far outside [0, K) (see _scatter_band)
 
 
 # --- planning: which key rows each query block gathers --------------------------------------------
@@ -102,6 +104,33 @@ def _block_positions(q_pos: torch.Tensor, nqb: int) -> torch.Tensor:
     return padded.reshape(nqb, BLOCK)
 
 
+def _band_form(rows: list[torch.Tensor], n_prefix_rows: int, b0: int):
+    """Window-shaped chunks: every block's rows = the prefix rows [0, n_prefix_rows) (the globals)
+    + one contiguous run that slides by BLOCK rows per block. Then the run of block i is taken as
+    [a0 + i·BLOCK, a0 + i·BLOCK + band_len) (a superset; extra rows are masked), and backward adds
+    the band gradients back with band_len/BLOCK strided adds instead of a scatter. Returns
+    (idx [nb, P + band_len], valid, a0, band_len) or None when the chunk has no such shape."""
+    runs = []
+    for r in rows:
+        rest = r[r >= n_prefix_rows]
+        if rest.numel() == 0 or int(rest[-1] - rest[0]) + 1 != rest.numel():
+            return None
+        runs.append((int(rest[0]), int(rest[-1]) + 1))
+    shift = [(i + b0) * BLOCK for i in range(len(rows))]
+    a0 = min(a - sh for (a, _), sh in zip(runs, shift))
+    band_len = math.ceil((max(e - sh for (_, e), sh in zip(runs, shift)) - a0) / BLOCK) * BLOCK
+    if band_len > 1.25 * max(e - a for a, e in runs) + BLOCK:
+        return None  # too much padding: the generic gather is cheaper
+    band = a0 + torch.tensor(shift)[:, None] + torch.arange(band_len)  # [nb, band_len] (may be <0)
+    valid_band = torch.zeros_like(band, dtype=torch.bool)
+    for i, (a, e) in enumerate(runs):
+        valid_band[i] = (band[i] >= a) & (band[i] < e)
+    prefix = torch.arange(n_prefix_rows).expand(len(rows), -1)
+    valid_prefix = torch.stack([torch.isin(prefix[0], r) for r in rows])
+    idx = torch.cat([prefix, band.clamp(min=0)], 1)
+    return idx, torch.cat([valid_prefix, valid_band], 1), a0, band_len
+
+
 @functools.lru_cache(maxsize=32)
 def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: int, bh: int) -> Plan:
     q_pos = torch.cat([torch.arange(s, s + n) for s, n in q_runs])
@@ -109,19 +138,27 @@ def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: in
     nqb = math.ceil(q_pos.numel() / BLOCK)
     qb_pos = _block_positions(q_pos, nqb)
     rows = [_rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)) for p in qb_pos]
-    chunks = []
+    n_prefix_rows = int(torch.searchsorted(k_pos, torch.tensor(pattern.num_global)))
+    chunks, margin = [], 0
     for b0, b1 in _group_blocks([len(r) for r in rows], bh):
-        idx, valid = _pad_rows(rows[b0:b1])  # [nb, Kc]
+        band = _band_form(rows[b0:b1], n_prefix_rows, b0) if q_pos.numel() >= 2 * BLOCK else None
+        if band is not None:
+            idx, valid, a0, band_len = band
+            band = (n_prefix_rows, a0 + b0 * BLOCK, band_len)
+            margin = max(margin, -band[1], band[1] + (b1 - b0) * BLOCK + band_len - k_pos.numel())
+        else:
+            idx, valid = _pad_rows(rows[b0:b1])  # [nb, Kc]
+            band = None
+        idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
         mask = pattern.allowed(qb_pos[b0:b1, :, None], k_pos[idx][:, None, :], seq_len) & valid[:, None, :]
         real = torch.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK) < q_pos.numel()
         empty = real & ~mask.any(-1)
         if empty.any():
             raise EmptyRowError(f"query at position {int(qb_pos[b0:b1][empty][0])} has no allowed key among the keys given")
-        full = bool(mask.all())
         is_global = (k_pos[idx] < pattern.num_global) & valid
-        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], None if full else mask[None, None, :, None],
-                            is_global[None, None, :, None, None]))
-    return Plan(q_pos.numel(), chunks, heads_folded=True)
+        masked = None if bool(mask.all()) else ~mask[None, None, :, None]
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], band))
+    return Plan(q_pos.numel(), chunks, heads_folded=True, margin=margin)
 
 
 def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
@@ -154,21 +191,21 @@ def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
     is_global = (k_pos[rows] < pattern.num_global) & valid
     chunks = []
     for b0, b1 in _group_blocks([idx.shape[-1]] * len(q_ids), B * H):
-        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[:, :, b0:b1], mask[:, :, b0:b1, None], is_global[:, :, b0:b1, None, None]))
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[:, :, b0:b1], ~mask[:, :, b0:b1, None], is_global[:, :, b0:b1, None, None]))
     return Plan(q_pos.numel(), [_to(c, q.device) for c in chunks], heads_folded=False)
 
 
 def _to(c: Chunk, device) -> Chunk:
     move = lambda t: None if t is None else t.to(device, non_blocking=True)
-    return Chunk(c.row0, c.nb, move(c.idx), move(c.mask), move(c.is_global))
+    return Chunk(c.row0, c.nb, move(c.idx), move(c.masked), move(c.is_global), c.band)
 
 
 @functools.lru_cache(maxsize=32)
 def _device_plan(plan: Plan, device: torch.device, B: int, Hkv: int, K: int) -> Plan:
     """Positional plans are built on CPU once; this adds the per-(batch, kv-head) row offsets."""
     base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)[None, :]) * K)[:, :, None, None]
-    chunks = [_to(Chunk(c.row0, c.nb, c.idx + base, c.mask, c.is_global), device) for c in plan.chunks]
-    return Plan(plan.q_rows, chunks, plan.heads_folded)
+    chunks = [_to(Chunk(c.row0, c.nb, c.idx + base, c.masked, c.is_global, c.band), device) for c in plan.chunks]
+    return Plan(plan.q_rows, chunks, plan.heads_folded, plan.margin)
 
 
 # --- the math of one chunk --------------------------------------------------------------------------
@@ -194,9 +231,9 @@ def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
     """Softmax probabilities [B, Hg, nb, G·BLOCK, Kc] of scaled queries qs against gathered keys;
     with ``lse`` given (backward), p = exp(s − lse) reuses the forward normaliser."""
     s = torch.matmul(qs, kc.transpose(-1, -2))
-    if c.mask is not None:
+    if c.masked is not None:
         sv = s.view(*s.shape[:3], groups, BLOCK, s.shape[-1])
-        sv.masked_fill_(~c.mask, float("-inf"))
+        sv.masked_fill_(c.masked, float("-inf"))
     if lse is not None:
         return s.sub_(lse[..., None]).exp_(), None
     mx = s.amax(-1, keepdim=True)
@@ -206,6 +243,26 @@ def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
     return p, (mx + denom.log()).squeeze(-1), mx.squeeze(-1)
 
 
+def _scatter(acc: torch.Tensor, c: Chunk, grad: torch.Tensor, margin: int) -> None:
+    """Add gathered-key gradients grad [B, Hg, nb, Kc, D] back into acc [B·Hkv, margin + K + margin, D]."""
+    D = grad.shape[-1]
+    if c.band is None:  # generic: scatter by flat row index (rows of head h live at h·K)
+        K = acc.shape[1] - 2 * margin
+        rows = c.idx + (c.idx // K) * 2 * margin + margin  # flat index into the margin-padded layout
+        acc.view(-1, D).index_add_(0, rows.reshape(-1), grad.reshape(-1, D))
+        return
+    n_prefix, a0, band_len = c.band
+    BH = acc.shape[0]
+    if n_prefix:  # the globals are shared by every block: sum over blocks, then add once
+        acc[:, margin : margin + n_prefix] += grad[:, :, :, :n_prefix].sum(2).reshape(BH, n_prefix, D)
+    # Overlap-add: block i's band starts at a0 + i·BLOCK, so its t-th BLOCK of rows lands on the
+    # rows [a0 + (i + t)·BLOCK, +BLOCK): one strided add per t covers every block of the chunk.
+    band = grad[:, :, :, n_prefix:].reshape(BH, c.nb, band_len // BLOCK, BLOCK, D)
+    for t in range(band_len // BLOCK):
+        start = margin + a0 + t * BLOCK
+        acc[:, start : start + c.nb * BLOCK].view(BH, c.nb, BLOCK, D).add_(band[:, :, t])
+
+
 class BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float, want_stats: bool):
@@ -213,15 +270,16 @@ class BlockedAttention(torch.autograd.Function):
         Hkv = k.shape[1]
         groups = H // Hkv if plan.heads_folded else 1
         Qp = sum(c.nb for c in plan.chunks) * BLOCK
+        acc = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 accumulate in fp32
         qs = torch.nn.functional.pad(q, (0, 0, 0, Qp - Q)) * scale  # padded, pre-scaled queries
         kf, vf = k.reshape(-1, D), v.reshape(-1, D)
-        out = q.new_empty(B, H, Qp, D, dtype=torch.float32)
-        lse = q.new_empty(B, H, Qp, dtype=torch.float32)
-        stats = [q.new_empty(B, H, Qp, dtype=torch.float32) for _ in range(3)] if want_stats else None
+        out = q.new_empty(B, H, Qp, D, dtype=acc)
+        lse = q.new_empty(B, H, Qp, dtype=acc)
+        stats = [q.new_empty(B, H, Qp, dtype=acc) for _ in range(3)] if want_stats else None
         for c in plan.chunks:
             kc, vc = kf[c.idx], vf[c.idx]  # [B, Hg, nb, Kc, D]
-            p, lse_c, mx = _probs(_q_chunk(qs, c, groups).float(), kc.float(), c, groups)
-            _put_rows(out, torch.matmul(p, vc.float()), c, groups)
+            p, lse_c, mx = _probs(_q_chunk(qs, c, groups).to(acc), kc.to(acc), c, groups)
+            _put_rows(out, torch.matmul(p, vc.to(acc)), c, groups)
             _put_rows(lse, lse_c, c, groups)
             if want_stats:
                 # Σ p·s = lse + Σ p·log p (s = log p + lse), which needs no copy of the scores.
@@ -244,25 +302,29 @@ class BlockedAttention(torch.autograd.Function):
         B, H, Q, D = q.shape
         Qp = sum(c.nb for c in plan.chunks) * BLOCK
         pad = lambda t, value=0.0: torch.nn.functional.pad(t, (0, 0, 0, Qp - Q) if t.dim() == 4 else (0, Qp - Q), value=value)
+        acc = torch.promote_types(q.dtype, torch.float32)
         d_out = torch.zeros_like(out) if d_out is None else d_out
-        delta = (d_out.float() * out.float()).sum(-1)  # Δ = rowsum(dO ∘ O)
+        delta = (d_out.to(acc) * out.to(acc)).sum(-1)  # Δ = rowsum(dO ∘ O)
         if d_lse is not None:
-            delta = delta - d_lse.float()
+            delta = delta - d_lse.to(acc)
         # Padded query rows get lse = +inf so that their recomputed p is 0, not exp(s) · 0 = NaN.
-        qs, do, lse_p, delta = pad(q.float()) * scale, pad(d_out.float()), pad(lse, float("inf")), pad(delta)
-        kf, vf = k.reshape(-1, D).float(), v.reshape(-1, D).float()
-        dq = torch.zeros(B, H, Qp, D, dtype=torch.float32, device=q.device)
-        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+        qs, do, lse_p, delta = pad(q.to(acc)) * scale, pad(d_out.to(acc)), pad(lse, float("inf")), pad(delta)
+        kf, vf = k.reshape(-1, D).to(acc), v.reshape(-1, D).to(acc)
+        dq = torch.zeros(B, H, Qp, D, dtype=acc, device=q.device)
+        # dK/dV accumulate in [B·Hkv, margin + K + margin, D] so band rows outside [0, K) land somewhere.
+        dk, dv = (torch.zeros(B * k.shape[1], k.shape[2] + 2 * plan.margin, D, dtype=acc, device=q.device) for _ in range(2))
         for c in plan.chunks:
             kc, vc = kf[c.idx], vf[c.idx]
             qc, doc = _q_chunk(qs, c, groups), _q_chunk(do, c, groups)
             p, _ = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
-            dv.index_add_(0, c.idx.reshape(-1), torch.matmul(p.transpose(-1, -2), doc).reshape(-1, D))
+            _scatter(dv, c, torch.matmul(p.transpose(-1, -2), doc), plan.margin)
             ds = torch.matmul(doc, vc.transpose(-1, -2))
             ds.sub_(_q_chunk(delta[..., None], c, groups)).mul_(p)  # dS = p ∘ (dP − Δ')
             _put_rows(dq, torch.matmul(ds, kc) * scale, c, groups)
-            dk.index_add_(0, c.idx.reshape(-1), torch.matmul(ds.transpose(-1, -2), qc).reshape(-1, D))
+            _scatter(dk, c, torch.matmul(ds.transpose(-1, -2), qc), plan.margin)
         dq = dq[:, :, :Q].to(q.dtype)
+        m = plan.margin
+        dk, dv = (t.view(B * k.shape[1], -1, D)[:, m : m + k.shape[2]] for t in (dk, dv))
         return dq, dk.reshape(k.shape).to(k.dtype), dv.reshape(v.shape).to(v.dtype), None, None, None
 
 

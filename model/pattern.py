@@ -180,11 +180,12 @@ class Window(Pattern):
         return m & ((d % self.dilation) == 0) if self.dilation > 1 else m
 
     def _rule_ranges(self, q_start, q_end, seq_len):
-        if self.dilation > 1 and q_end - q_start < self.dilation:
+        d = self.dilation
+        if d > 1 and q_end - q_start < d:
             # Fewer queries than the dilation: only some residues are needed; list them exactly.
-            d = self.dilation
             return [(q_start + t, q_end + t) for t in range(-(self.window_left // d) * d, self.window_right + 1, d)]
-        return [(q_start - self.window_left, q_end + self.window_right)]
+        # The farthest reachable offsets are the multiples of d inside the window, not its edges.
+        return [(q_start - self.window_left // d * d, q_end + self.window_right // d * d)]
 
     def block_layout(self, seq_len, block):
         # Vectorised band (+ globals) so that layouts at 1M tokens cost nothing.
@@ -313,7 +314,7 @@ class Union(Pattern):
     def _rule(self, qi, kj, seq_len):
         m = torch.zeros(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
         for p in self.parts:
-            m |= p._rule(qi, kj, seq_len)
+            m = m | p._rule(qi, kj, seq_len)  # not in place: FlexAttention traces this
         return m
 
     def _rule_ranges(self, q_start, q_end, seq_len):

@@ -1,0 +1,160 @@
+"""FlexAttention backend: the pattern's mask as a ``BlockMask`` + ``mask_mod`` for PyTorch's fused kernel.
+
+The BlockMask is built here, in plain torch on the CPU, from ``pattern.allowed`` evaluated only on the
+key blocks ``pattern.kv_ranges`` can reach (never the dense Q×K mask), so it is exact for any query/key
+positions — a sequence shard with ``[globals | halo | local]`` keys included. Inside partial blocks the
+kernel calls ``mask_mod``: the pattern's own rule on looked-up positions
+(``pattern.allowed(q_pos[q_idx], k_pos[kv_idx], seq_len)``). Some rules cannot be traced by Dynamo/vmap
+(BigBird's seeded numpy draw, Union's in-place ``|=``); for those — detected by the failing call, then
+remembered per pattern — ``mask_mod`` looks the answer up in a table of the partial blocks' masks
+(``P × 128 × 128`` bools, plus two constant blocks), which scales with the number of partial blocks.
+
+Device facts (torch 2.13): CUDA runs the compiled kernel forward and backward. CPU runs eager
+``flex_attention`` forward only — it materialises the B·H·Q·K scores and has no backward, and the
+compiled CPU kernel returns no LSE — so this backend refuses CPU inputs that require grad.
+``lse`` comes back in natural-log units (torch rescales the kernel's base-2 value; tests check it
+against the reference). Statistics are not computed here: ask the blocked backend for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+
+import torch
+
+from kernels.reference import EmptyRowError
+from model.pattern import Pattern
+
+BLOCK = 128  # FlexAttention's default sparse block size
+_CACHE: OrderedDict = OrderedDict()  # (pattern, positions digest, shape, device, table?) -> BlockMask
+_CACHE_SIZE = 8
+_UNTRACEABLE: set = set()  # patterns whose rule failed inside mask_mod; they use the table
+_compiled = None
+
+
+def flex_available() -> bool:
+    """Whether FlexAttention with ``return_aux`` (the LSE API used here) can be imported."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None,
+                           return_stats=False):
+    """(out [B, H, Q, D], lse [B, H, Q] fp32) with FlexAttention; same contract as reference_attention."""
+    if pattern.content_based:
+        raise ValueError(f"backend=flex takes positional patterns only; {type(pattern).__name__} is content-based "
+                         "(use backend=blocked or backend=reference)")
+    if return_stats:
+        raise ValueError("backend=flex does not compute attention statistics; they come from backend=blocked")
+    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("flex backend has no CPU backward; use backend=blocked")
+    B, H, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    q_pos = torch.arange(Q) if q_pos is None else q_pos.cpu().long()  # CPU copies: a CUDA sync point
+    k_pos = torch.arange(K) if k_pos is None else k_pos.cpu().long()
+    n = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if pattern not in _UNTRACEABLE:
+        try:
+            return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, False), scale, H != Hkv)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # Dynamo's Unsupported and vmap errors are RuntimeErrors
+            _UNTRACEABLE.add(pattern)
+    return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, True), scale, H != Hkv)
+
+
+def _run(q, k, v, block_mask, scale, gqa):
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    global _compiled
+    fn = flex_attention
+    if q.is_cuda:  # fused Triton kernel; eager would materialise the scores
+        _compiled = _compiled or torch.compile(flex_attention, fullgraph=True)
+        fn = _compiled
+    out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    return out, aux.lse.float()
+
+
+def _block_mask(pattern, q_pos, k_pos, seq_len, device, table):
+    """The cached BlockMask for these positions (LRU of ``_CACHE_SIZE`` entries)."""
+    digest = hashlib.sha1(q_pos.numpy().tobytes() + b"|" + k_pos.numpy().tobytes()).hexdigest()
+    key = (pattern, digest, len(q_pos), len(k_pos), seq_len, str(device), table)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    _CACHE[key] = bm = build_block_mask(pattern, q_pos, k_pos, seq_len, device, table)
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return bm
+
+
+def block_flags(pattern, q_pos, k_pos, seq_len):
+    """(partial [nQB, nKB], full [nQB, nKB], partial block masks [P, BLOCK, BLOCK]) from pattern.allowed.
+
+    Per query block, only key blocks whose position span meets ``kv_ranges`` of the block's position
+    span are evaluated; a block is full when all BLOCK×BLOCK entries are allowed (so a ragged last
+    block is always partial and the kernel masks its padding), partial when some are.
+    """
+    Q, K = len(q_pos), len(k_pos)
+    nq, nk = math.ceil(Q / BLOCK), math.ceil(K / BLOCK)
+    k_pad = torch.cat([k_pos, k_pos[-1:].expand(nk * BLOCK - K)]).view(nk, BLOCK)
+    k_lo, k_hi = k_pad.amin(1), k_pad.amax(1)  # (nKB,) position span of each key block
+    partial = torch.zeros(nq, nk, dtype=torch.bool)
+    full = torch.zeros(nq, nk, dtype=torch.bool)
+    tiles = []
+    for qb in range(nq):
+        qp = q_pos[qb * BLOCK : (qb + 1) * BLOCK]
+        r = torch.tensor(pattern.kv_ranges(int(qp.min()), int(qp.max()) + 1, seq_len)).view(-1, 2)
+        cand = ((k_lo[None] < r[:, 1:]) & (k_hi[None] >= r[:, :1])).any(0).nonzero()[:, 0]  # (C,)
+        idx = (cand[:, None] * BLOCK + torch.arange(BLOCK)).flatten()  # (C·BLOCK,) key indices
+        ok = idx < K
+        m = torch.zeros(BLOCK, len(idx), dtype=torch.bool)  # padded query rows stay False
+        m[: len(qp), ok] = pattern.mask(qp, k_pos[idx[ok]], seq_len)
+        if not m[: len(qp)].any(1).all():
+            first = int(qp[~m[: len(qp)].any(1)][0])
+            raise EmptyRowError(f"query at position {first} has no allowed key among the {K} keys given")
+        m = m.view(BLOCK, len(cand), BLOCK).transpose(0, 1)  # (C, BLOCK_q, BLOCK_k)
+        some, every = m.flatten(1).any(1), m.flatten(1).all(1)
+        partial[qb, cand[some & ~every]] = True
+        full[qb, cand[every]] = True
+        tiles.append(m[some & ~every])
+    return partial, full, torch.cat(tiles) if tiles else torch.zeros(0, BLOCK, BLOCK, dtype=torch.bool)
+
+
+def build_block_mask(pattern, q_pos, k_pos, seq_len, device, table=False):
+    """A FlexAttention BlockMask for the pattern at these positions; ``table`` picks the lookup mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full, tiles = block_flags(pattern, q_pos, k_pos, seq_len)
+    if table:
+        # Tile 0 is all False (absent blocks), tile 1 all True (full blocks): eager CPU flex evaluates
+        # mask_mod on every (q, k), not only in partial blocks, so every block needs an answer.
+        const = torch.stack([torch.zeros(BLOCK, BLOCK, dtype=torch.bool), torch.ones(BLOCK, BLOCK, dtype=torch.bool)])
+        tiles_d = torch.cat([const, tiles]).to(device)  # (2 + P, BLOCK, BLOCK)
+        tile_id = full.int()
+        tile_id[partial] = torch.arange(2, 2 + len(tiles), dtype=torch.int32)  # row-major, as tiles were appended
+        tile_id = tile_id.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return tiles_d[tile_id[q_idx // BLOCK, kv_idx // BLOCK], q_idx % BLOCK, kv_idx % BLOCK]
+    else:
+        q_d, k_d = q_pos.to(device), k_pos.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pattern.allowed(q_d[q_idx], k_d[kv_idx], seq_len)
+
+    def ordered(dense):  # (nQB, nKB) bool -> counts [1, 1, nQB], column indices [1, 1, nQB, nKB]
+        d = dense.int()
+        return (d.sum(-1).int()[None, None].to(device),
+                torch.argsort(d, dim=-1, descending=True, stable=True).int()[None, None].to(device))
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(len(q_pos), len(k_pos)))
