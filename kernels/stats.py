@@ -37,7 +37,8 @@ def merge_two(out_a, lse_a, out_b, lse_b):
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     w_a, w_b = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
-    out = w_a[..., None] * out_a.float() + w_b[..., None] * out_b.float()
+    acc = torch.promote_types(out_a.dtype, torch.float32)
+    out = w_a[..., None].to(acc) * out_a.to(acc) + w_b[..., None].to(acc) * out_b.to(acc)
     return out.to(out_a.dtype), lse, (w_a, w_b)
 
 
@@ -53,12 +54,11 @@ def merge_stats(a: AttnStats, b: AttnStats, w_a: torch.Tensor, w_b: torch.Tensor
 def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
     """Per-head sums over batch and queries ([H] each) that add up across sequence shards:
     ``entropy_sum``, ``global_mass_sum``, ``count`` (queries), and ``max_logit`` (a max)."""
-    ent = (lse - st.m).float()
     return {
-        "entropy_sum": ent.sum(dim=(0, 2)),
-        "global_mass_sum": st.global_mass.float().sum(dim=(0, 2)),
-        "count": torch.full((lse.shape[1],), float(lse.shape[0] * lse.shape[2]), dtype=torch.float32, device=lse.device),
-        "max_logit": st.max_logit.float().amax(dim=(0, 2)),
+        "entropy_sum": (lse - st.m).sum(dim=(0, 2)),
+        "global_mass_sum": st.global_mass.sum(dim=(0, 2)),
+        "count": torch.full((lse.shape[1],), float(lse.shape[0] * lse.shape[2]), dtype=lse.dtype, device=lse.device),
+        "max_logit": st.max_logit.amax(dim=(0, 2)),
     }
 
 
