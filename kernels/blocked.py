@@ -228,19 +228,21 @@ def _put_rows(dst: torch.Tensor, src: torch.Tensor, c: Chunk, groups: int) -> No
 
 
 def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
-    """Softmax probabilities [B, Hg, nb, G·BLOCK, Kc] of scaled queries qs against gathered keys;
-    with ``lse`` given (backward), p = exp(s − lse) reuses the forward normaliser."""
+    """Exponentiated scores [B, Hg, nb, G·BLOCK, Kc] of scaled queries qs against gathered keys.
+
+    Forward (``lse`` None): returns (e = exp(s − rowmax), rowsum of e, rowmax); e is left
+    unnormalised because dividing the [rows, D] output by the row sum is 9× cheaper than dividing
+    the [rows, Kc] probabilities. Backward: p = exp(s − lse), the forward's probabilities.
+    """
     s = torch.matmul(qs, kc.transpose(-1, -2))
     if c.masked is not None:
         sv = s.view(*s.shape[:3], groups, BLOCK, s.shape[-1])
         sv.masked_fill_(c.masked, float("-inf"))
     if lse is not None:
-        return s.sub_(lse[..., None]).exp_(), None
+        return s.sub_(lse[..., None]).exp_()
     mx = s.amax(-1, keepdim=True)
-    p = s.sub_(mx).exp_()
-    denom = p.sum(-1, keepdim=True)
-    p.div_(denom)
-    return p, (mx + denom.log()).squeeze(-1), mx.squeeze(-1)
+    e = s.sub_(mx).exp_()
+    return e, e.sum(-1, keepdim=True), mx.squeeze(-1)
 
 
 def _scatter(acc: torch.Tensor, c: Chunk, grad: torch.Tensor, margin: int) -> None:
@@ -278,14 +280,17 @@ class BlockedAttention(torch.autograd.Function):
         stats = [q.new_empty(B, H, Qp, dtype=acc) for _ in range(3)] if want_stats else None
         for c in plan.chunks:
             kc, vc = kf[c.idx], vf[c.idx]  # [B, Hg, nb, Kc, D]
-            p, lse_c, mx = _probs(_q_chunk(qs, c, groups).to(acc), kc.to(acc), c, groups)
-            _put_rows(out, torch.matmul(p, vc.to(acc)), c, groups)
+            e, denom, mx = _probs(_q_chunk(qs, c, groups).to(acc), kc.to(acc), c, groups)
+            _put_rows(out, torch.matmul(e, vc.to(acc)).div_(denom), c, groups)
+            lse_c = mx + denom.squeeze(-1).log()
             _put_rows(lse, lse_c, c, groups)
             if want_stats:
-                # Σ p·s = lse + Σ p·log p (s = log p + lse), which needs no copy of the scores.
-                plogp = torch.special.xlogy(p, p).sum(-1)
-                gm = (p.view(*p.shape[:3], groups, BLOCK, -1) * c.is_global).sum(-1).reshape(mx.shape)
-                for dst, val in zip(stats, (lse_c + plogp, mx, gm)):
+                # With p = e / l: Σ p·s = lse + Σ p·log p and Σ p·log p = Σ e·log e / l − log l,
+                # so the stats need neither the scores nor the normalised probabilities.
+                l = denom.squeeze(-1)
+                m = lse_c + torch.special.xlogy(e, e).sum(-1) / l - l.log()
+                gm = (e.view(*e.shape[:3], groups, BLOCK, -1) * c.is_global).sum(-1).reshape(mx.shape) / l
+                for dst, val in zip(stats, (m, mx, gm)):
                     _put_rows(dst, val, c, groups)
         out, lse = out[:, :, :Q].to(q.dtype), lse[:, :, :Q].contiguous()
         ctx.save_for_backward(q, k, v, out, lse)
@@ -316,7 +321,7 @@ class BlockedAttention(torch.autograd.Function):
         for c in plan.chunks:
             kc, vc = kf[c.idx], vf[c.idx]
             qc, doc = _q_chunk(qs, c, groups), _q_chunk(do, c, groups)
-            p, _ = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
+            p = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
             _scatter(dv, c, torch.matmul(p.transpose(-1, -2), doc), plan.margin)
             ds = torch.matmul(doc, vc.transpose(-1, -2))
             ds.sub_(_q_chunk(delta[..., None], c, groups)).mul_(p)  # dS = p ∘ (dP − Δ')
