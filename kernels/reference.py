@@ -1,6 +1,6 @@
 """Dense reference attention: the oracle every fast path and every sharded run is tested against.
 
-Plain torch, O(Q·K) memory, fp32 softmax, differentiable by autograd. Slow on purpose: it builds the
+Plain torch, O(Q·K) memory, softmax in fp32 (fp64 for fp64 inputs), differentiable by autograd. Slow on purpose: it builds the
 full boolean mask from the pattern and nothing about it is clever.
 """
 
@@ -29,7 +29,7 @@ def pattern_mask(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, q_pos: torc
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                         q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
                         scale: float | None = None, seq_len: int | None = None, return_stats: bool = False):
-    """(out [B, H, Q, D], lse [B, H, Q] fp32) of softmax(scale · q kᵀ + mask) v.
+    """(out [B, H, Q, D], lse [B, H, Q] fp32, fp64 for fp64 q) of softmax(scale · q kᵀ + mask) v.
 
     With ``return_stats`` also the per-query statistics partials (``kernels.stats.AttnStats``).
 

@@ -326,6 +326,8 @@ class Union(Pattern):
             raise PatternError("attention.parts: a union needs at least one part")
         for p in self.parts:
             p.validate(seq_len)
+            if p.content_based:
+                raise PatternError("attention.parts: a content-based pattern (topk) cannot be part of a union")
             if p.causal != self.causal:
                 raise PatternError("attention.parts: every part must have the union's attention.causal")
         return self
@@ -336,7 +338,9 @@ class TopKBlocks(Pattern):
     """Content-based: per query block of ``block_size``, the ``top_k`` key blocks with the highest
     score ``mean(q_block) · mean(k_block)``, plus always its own block and the global/sink block 0
     (causal: only blocks at or before its own). The positional mask is the union of all blocks the
-    content could pick (everything); the data-dependent one is ``content_mask`` from q and k."""
+    content could pick (everything); the data-dependent one is ``content_mask`` from q and k.
+    The global tokens live in block 0, which every query keeps; global queries follow the content
+    selection like every other query (they do not see every key, even when bidirectional)."""
 
     top_k: int = 4
     block_size: int = 64
@@ -359,7 +363,7 @@ class TopKBlocks(Pattern):
         passes the gathered summaries of every key block, so all ranks select identically.
         """
         scores = torch.einsum("bhqd,bhkd->bhqk", q_blocks.float(), k_blocks.float())
-        qb, kb = q_block_ids[:, None], k_block_ids[None, :]
+        qb, kb = q_block_ids[:, None].to(scores.device), k_block_ids[None, :].to(scores.device)
         forced = (kb == qb) | (kb == 0)
         allowed = kb <= qb if self.causal else torch.ones_like(forced)
         scores = scores.masked_fill(~allowed | forced, float("-inf"))
@@ -377,7 +381,7 @@ class TopKBlocks(Pattern):
         k_ids, k_inv = torch.unique(k_pos // bs, return_inverse=True)
         chosen = self.select_blocks(_block_mean(q, q_inv, len(q_ids)), _block_mean(k, k_inv, len(k_ids)), q_ids, k_ids)
         m = chosen[:, :, q_inv][:, :, :, k_inv]  # (B, H, Q, K)
-        return m & self.mask(q_pos, k_pos)
+        return m & self.mask(q_pos, k_pos).to(m.device)
 
     def validate(self, seq_len=None):
         super().validate(seq_len)
@@ -431,15 +435,15 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
         raise PatternError(f"attention.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(_KEYS))}")
     cls = _CLASS[name]
     kwargs = {f.name: cfg[f.name] for f in fields(cls) if f.init and f.name in cfg and cfg[f.name] is not None}
-    if cls is Union:
-        parts = cfg.get("parts") or []
-        kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
-        kwargs["num_global"] = max([p.num_global for p in kwargs["parts"]] + [cfg.get("num_global") or 0])
-    for key, value in kwargs.items():
+    for key, value in kwargs.items():  # before the union's max() below, which needs integers
         if key in ("causal",) and not isinstance(value, bool):
             raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
         if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
             raise PatternError(f"attention.{key}: must be an integer, got {value!r}")
+    if cls is Union:
+        parts = cfg.get("parts") or []
+        kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
+        kwargs["num_global"] = max([p.num_global for p in kwargs["parts"]] + [kwargs.get("num_global", 0)])
     return cls(**kwargs).validate(seq_len)
 
 

@@ -55,8 +55,15 @@ def draw(pattern: Pattern, seq_len: int, block: int, path: str) -> None:
     plt.close(fig)
 
 
+def _int_setting(cfg, key: str) -> int | None:
+    value = cfg[key]
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise PatternError(f"{key}: must be an integer, got {value!r}")
+
+
 def describe(cfg) -> str:
-    seq_len = int(cfg.seq_len)
+    seq_len = _int_setting(cfg, "seq_len")
     pattern = from_config(cfg.attention, seq_len)
     counts = pattern.key_counts(seq_len)
     lines = [
@@ -66,12 +73,13 @@ def describe(cfg) -> str:
     ]
     if pattern.content_based:
         lines.append("note: content-based pattern; counts are the positional upper bound (the choice depends on q, k)")
-    if cfg.query is not None:
-        keys = pattern.keys_of(int(cfg.query), seq_len)
+    query = _int_setting(cfg, "query")
+    if query is not None:
+        keys = pattern.keys_of(query, seq_len)
         shown = keys if len(keys) <= 64 else keys[:32] + ["..."] + keys[-32:]
-        lines.append(f"query {int(cfg.query)} (0-indexed) attends to {len(keys)} keys: {shown}")
+        lines.append(f"query {query} (0-indexed) attends to {len(keys)} keys: {shown}")
     if cfg.png:
-        draw(pattern, seq_len, int(cfg.block), str(cfg.png))
+        draw(pattern, seq_len, _int_setting(cfg, "block"), str(cfg.png))
         lines.append(f"wrote {cfg.png}")
     return "\n".join(lines)
 

@@ -1,0 +1,113 @@
+"""Causal self-attention with grouped-query heads and rotary embeddings on absolute positions.
+
+The module projects x to q, k, v, rotates q and k by their *absolute* positions (a ``positions``
+LongTensor [T]), and hands the attention itself to an injected function. So a sequence shard that
+holds positions [r·L, (r+1)·L) rotates exactly as the unsharded model does, and the same module
+runs on one device (``local_attention``) or sequence-parallel (``parallel/`` supplies a function
+with the same signature that exchanges halo and global keys first).
+
+The injection contract, in one place (``AttentionFn``)::
+
+    attention_fn(q, k, v, pattern, positions, seq_len, return_stats) -> (out, sums)
+
+    q          [B, H, T, D]    this rank's queries, rotated
+    k, v       [B, Hkv, T, D]  this rank's keys/values (GQA when Hkv < H), k rotated
+    pattern    model.pattern.Pattern of this layer
+    positions  LongTensor [T]  absolute positions of the T rows (ascending)
+    seq_len    int             length n of the full (unsharded) sequence
+    return_stats bool
+    out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
+                               wherever those keys live
+    sums       None, or per-head sums over this rank's queries (``kernels.stats.head_sums``:
+               entropy_sum, global_mass_sum, count, max_logit — each [H]) when return_stats
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from kernels import sparse_attention
+from kernels.stats import head_sums
+from model.pattern import Pattern
+
+StatSums = dict[str, torch.Tensor]
+
+
+class AttentionFn(Protocol):
+    """The attention function the model calls; see the module docstring for the contract."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                 positions: torch.Tensor, seq_len: int, return_stats: bool
+                 ) -> tuple[torch.Tensor, StatSums | None]: ...
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                    positions: torch.Tensor, seq_len: int, return_stats: bool = False,
+                    backend: str = "auto") -> tuple[torch.Tensor, StatSums | None]:
+    """Single-device ``AttentionFn``: every key is local, so queries and keys share ``positions``.
+    Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
+    res = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=backend,
+                           return_stats=return_stats, seq_len=seq_len)
+    if not return_stats:
+        return res[0], None
+    out, lse, stats = res
+    return out, head_sums(lse, stats)
+
+
+# --- rotary embeddings ----------------------------------------------------------------------------
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [T, head_dim/2] fp32, for absolute ``positions`` [T] (RoFormer, Su et al. 2021).
+
+    Computed from the positions on every call rather than from a table of max length: a shard of a
+    1M-token sequence needs only its own rows, and no maximum length has to be fixed up front.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    # fp64 product: positions up to millions times frequencies keep their phase to well under 1e-6 rad.
+    ang = (positions.to(torch.float64)[:, None] * inv_freq[None, :]).float()  # (T, D/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] pairwise: (x1, x2) halves of the head dim (the GPT-NeoX/LLaMA layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """q/k/v projections (GQA: ``n_kv_heads`` key/value heads shared by groups of query heads),
+    rotary on absolute positions, an injected attention function, and the output projection."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"model.n_heads: must divide model.d_model={d_model}, got {n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"model.n_kv_heads: must divide model.n_heads={n_heads}, got {n_kv_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"model.n_heads: d_model / n_heads must be even for rotary, got {self.head_dim}")
+        self.rope_theta = rope_theta
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: Pattern, attention_fn: AttentionFn,
+                seq_len: int, return_stats: bool = False) -> tuple[torch.Tensor, StatSums | None]:
+        """x [B, T, C] at absolute ``positions`` [T] -> (y [B, T, C], per-head stat sums or None)."""
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        cos, sin = rotary_angles(positions, self.head_dim, self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats)  # y: (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
+        return self.wo(y), sums
+

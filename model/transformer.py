@@ -1,0 +1,220 @@
+"""Decoder-only language model: pure math on one device, given its positions and attention function.
+
+    tokens [B, T] ─ embedding ─┬─ N × Block ── RMSNorm ── LM head ── logits [B, T', V]
+    positions [T] ─────────────┘   Block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+
+The model never knows about ranks. A sequence shard passes its own ``positions`` (absolute, in the
+full sequence of length ``seq_len``) and an ``attention_fn`` that fetches the keys the shard's
+queries need (``model.attention.AttentionFn``); one device passes the defaults.
+
+Learned global tokens: with ``n_learned_global = g`` the first g positions of the sequence are
+global slots. Whatever token sits there is replaced by a learned embedding, and those rows give no
+logits and no loss (T' = number of positions >= g). The slots are part of the sequence, so shards
+stay equal in length, the pattern's ``num_global`` counts them, and the data pipeline is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention, AttentionFn, StatSums, local_attention
+from model.pattern import Dense, Pattern, from_config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int | None = None  # None: SwiGLU's 8/3·d_model rounded up to a multiple of ``multiple_of``
+    multiple_of: int = 32
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+    n_learned_global: int = 0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return self.multiple_of * math.ceil(8 * self.d_model / 3 / self.multiple_of)
+
+    def validate(self) -> ModelConfig:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.n_learned_global < 0:
+            raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
+        return self
+
+
+# vocab 50304 = GPT-2's 50257 padded to a multiple of 128; a byte-level run overrides vocab_size=256.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2),
+    "small": dict(vocab_size=256, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4),
+    "125m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048),
+    "1b": dict(vocab_size=50304, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+               rope_theta=500000.0),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a named preset, with any field overridden (e.g. ``vocab_size=256``)."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+
+
+def layer_patterns(base_pattern: Pattern, n_layers: int, dense_every: int = 0,
+                   overrides: Mapping[int, Pattern | Mapping] | None = None) -> list[Pattern]:
+    """One pattern per layer: ``base_pattern`` everywhere, except that with ``dense_every = k`` every
+    k-th layer (0-indexed k-1, 2k-1, ...) is dense (same causality and globals), and ``overrides``
+    maps a layer index (negative counts from the end) to a Pattern or an ``attention`` mapping."""
+    if dense_every < 0:
+        raise ValueError(f"model.dense_every: must be >= 0 (0 = never), got {dense_every}")
+    dense = Dense(causal=base_pattern.causal, num_global=base_pattern.num_global)
+    pats = [dense if dense_every and (i + 1) % dense_every == 0 else base_pattern for i in range(n_layers)]
+    for idx, p in (overrides or {}).items():
+        if not -n_layers <= idx < n_layers:
+            raise ValueError(f"model.layer_overrides: layer {idx} out of range for n_layers={n_layers}")
+        pats[idx] = p if isinstance(p, Pattern) else from_config(p)
+    return pats
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) · w3 x) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats):
+        a, sums = self.attn(self.attn_norm(x), positions, pattern, attention_fn, seq_len, return_stats)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, sums
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T', V]: rows of the positions >= n_learned_global
+    loss: torch.Tensor | None  # mean cross-entropy over the n_targets non-ignored targets (0 if none)
+    n_targets: torch.Tensor | None  # how many targets the loss averages: weights for merging shards
+    stats: list[StatSums] | None  # per layer, per-head sums over this call's queries (detached)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, patterns: Pattern | Sequence[Pattern]):
+        super().__init__()
+        cfg.validate()
+        patterns = [patterns] * cfg.n_layers if isinstance(patterns, Pattern) else list(patterns)
+        if len(patterns) != cfg.n_layers:
+            raise ValueError(f"model.n_layers: {cfg.n_layers} layers but {len(patterns)} patterns given")
+        for i, p in enumerate(patterns):
+            if p.num_global < cfg.n_learned_global:
+                raise ValueError(f"model.n_learned_global: must be <= attention.num_global of every layer "
+                                 f"(layer {i} has {p.num_global}), got {cfg.n_learned_global}")
+        self.cfg, self.patterns = cfg, patterns
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.global_emb = nn.Parameter(torch.empty(cfg.n_learned_global, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2 init, deterministic given the torch seed: N(0, std) for every matrix; the projections
+        that write into the residual stream scaled by 1/sqrt(2·n_layers) (GPT-2 paper, §2.3)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T] tokens -> [B, T, C], with the learned global embeddings in the global slots."""
+        x = self.wte(tokens)  # (B, T, C)
+        g = self.cfg.n_learned_global
+        if g:
+            is_g = (positions < g)[None, :, None]  # (1, T, 1)
+            x = torch.where(is_g, self.global_emb[positions.clamp(max=g - 1)][None], x)
+        return x
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_fn: AttentionFn | None = None, seq_len: int | None = None,
+                targets: torch.Tensor | None = None, return_stats: bool = False) -> LMOutput:
+        """tokens [B, T] at ascending absolute ``positions`` [T] (default arange) of a sequence of
+        ``seq_len`` (default: last position + 1, right only for the last shard or a whole sequence).
+        ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss."""
+        B, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device) if positions is None else positions
+        attention_fn = local_attention if attention_fn is None else attention_fn
+        seq_len = int(positions[-1]) + 1 if seq_len is None else seq_len
+        x = self.embed(tokens, positions)
+        stats = [] if return_stats else None
+        for block, pattern in zip(self.blocks, self.patterns):
+            args = (x, positions, pattern, attention_fn, seq_len, return_stats)
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x, sums = checkpoint(block, *args, use_reentrant=False)  # recomputed in backward
+            else:
+                x, sums = block(*args)
+            if return_stats:
+                stats.append({k: s.detach() for k, s in sums.items()})
+        # The global slots are a prefix of the positions (they are ascending): drop their rows.
+        # int() is a host sync, paid only when learned globals are on.
+        n_drop = int((positions < self.cfg.n_learned_global).sum()) if self.cfg.n_learned_global else 0
+        logits = self.lm_head(self.norm(x[:, n_drop:]))  # (B, T', V)
+        loss = n_targets = None
+        if targets is not None:
+            t = targets[:, n_drop:].reshape(-1)
+            n_targets = (t != -100).sum()
+            loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), t, ignore_index=-100,
+                                       reduction="sum")
+            loss = loss_sum / n_targets.clamp(min=1)
+        return LMOutput(logits, loss, n_targets, stats)
