@@ -1,0 +1,335 @@
+"""Token data: corpus -> memory-mapped token cache -> resumable window sampler -> sequence shards.
+
+Corpus. Byte-level tokens by default (vocab 256). Without ``data.path`` the corpus is the Python
+standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``, site-packages and
+__pycache__ left out), so training works with nothing downloaded. Files are taken in sorted path
+order; every top-level package (or single module) of the stdlib becomes one long document, each of
+its files preceded by a header line ``# ==== <relative path> ====``. With ``data.path=DIR`` every
+non-hidden file under DIR (recursively, sorted) is one document.
+
+Document separator: every document is followed by the token ``DOC_SEP`` = 0, the NUL byte, which
+text files do not contain. Windows are cut from the concatenated stream and may span a separator;
+the model learns that what follows a NUL is unrelated to what precedes it.
+
+Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
+fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
+source file. The key hashes the tokenizer name and the list of (path, size, mtime) of the sources.
+
+Sampling. ``LongDocSampler`` cuts the train stream into windows of seq_len + 1 tokens (inputs and
+next-token targets), shuffled per epoch from (seed, epoch) alone, so its state is two integers and a
+resumed run continues with exactly the same windows. Data-parallel ranks take disjoint windows of each
+global batch; a sequence-parallel rank reads only its own slice of each window (``next_shard``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DOC_SEP = 0
+IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokens"
+_CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes
+
+
+class DataConfigError(ValueError):
+    """A bad data setting; the message names the setting and the allowed values."""
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, nothing to train, every text round-trips."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, data: bytes | str) -> np.ndarray:
+        return np.frombuffer(data.encode() if isinstance(data, str) else data, dtype=np.uint8)
+
+    def decode(self, ids) -> str:
+        return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def get_tokenizer(name: str = "bytes") -> ByteTokenizer:
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "bpe":
+        # A BPE tokenizer would be trained offline with the `tokenizers` library, absent from this venv.
+        raise NotImplementedError("data.tokenizer: 'bpe' needs the `tokenizers` package, which is not "
+                                  "installed; allowed values: bytes")
+    raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+# --- sources: which files, grouped into which documents -------------------------------------------
+
+@dataclass
+class Document:
+    files: list[Path]
+    root: Path
+    headers: bool  # precede each file by a header line naming it (multi-file documents)
+
+    def read(self) -> bytes:
+        parts = []
+        for f in self.files:
+            if self.headers:
+                parts.append(f"# ==== {f.relative_to(self.root).as_posix()} ====\n".encode())
+            data = f.read_bytes()
+            parts.append(data if data.endswith(b"\n") or not self.headers else data + b"\n")
+        return b"".join(parts)
+
+
+def _walk(root: Path, keep) -> list[Path]:
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("site-packages", "dist-packages",
+                                                                          "__pycache__")]
+        out += [Path(d) / f for f in files if not f.startswith(".") and keep(f)]
+    return sorted(out)
+
+
+def stdlib_documents() -> list[Document]:
+    """The default corpus: stdlib .py files, one document per top-level package or module."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    groups: dict[str, list[Path]] = {}
+    for f in _walk(root, lambda name: name.endswith(".py")):
+        groups.setdefault(f.relative_to(root).parts[0], []).append(f)
+    return [Document(groups[k], root, headers=True) for k in sorted(groups)]
+
+
+def directory_documents(path: str | Path) -> list[Document]:
+    """``data.path``: every non-hidden file under the directory is one document."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataConfigError(f"data.path: {str(path)!r} is not an existing directory; set data.path to a "
+                              "directory of text files, or leave it empty for the built-in stdlib corpus")
+    files = [f for f in _walk(root, lambda name: True) if f.is_file() and f.stat().st_size > 0]
+    if not files:
+        raise DataConfigError(f"data.path: no non-empty files under {str(path)!r}; it must hold text files")
+    return [Document([f], root, headers=False) for f in files]
+
+
+# --- the memory-mapped cache ----------------------------------------------------------------------
+
+def cache_key(docs: list[Document], tokenizer: str) -> str:
+    listing = [[[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in d.files] for d in docs]
+    blob = json.dumps([_CACHE_FORMAT, tokenizer, [d.headers for d in docs], listing])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_cache(docs: list[Document], tok: ByteTokenizer, dest: Path) -> int:
+    """Tokenize the documents into ``dest`` (written to a temporary name, then renamed, so a crash
+    or a concurrent writer never leaves a half-written cache under the final name). Returns the
+    token count."""
+    dtype, n = token_dtype(tok.vocab_size), 0
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for doc in docs:  # one document at a time: memory stays O(document)
+            ids = np.append(tok.encode(doc.read()).astype(dtype), dtype.type(DOC_SEP))
+            f.write(ids.tobytes())
+            n += len(ids)
+    os.replace(tmp, dest)
+    return n
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # memmap views: slicing reads only the pages touched
+    val: np.ndarray
+    vocab_size: int
+    cache_path: Path
+    cache_hit: bool  # True when the cache existed: no source file was read
+    n_documents: int
+
+
+def load_corpus(path: str | Path | None = None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
+                val_fraction: float = 0.01) -> Corpus:
+    """Tokens of ``data.path`` (or the stdlib corpus), cached; the last ``val_fraction`` is validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    tok = get_tokenizer(tokenizer)
+    docs = stdlib_documents() if path in (None, "") else directory_documents(path)
+    dtype = token_dtype(tok.vocab_size)
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dest = cache_dir / f"{cache_key(docs, tok.name)}.{dtype.name}.bin"
+    hit = dest.exists()
+    if not hit:
+        build_cache(docs, tok, dest)
+    tokens = np.memmap(dest, dtype=dtype, mode="r")
+    n_val = int(len(tokens) * val_fraction)
+    return Corpus(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tok.vocab_size, dest, hit, len(docs))
+
+
+# --- sampling and sequence shards -----------------------------------------------------------------
+
+def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
+    """(start, length L) of SP rank ``sp_rank``'s positions [r·L, (r+1)·L) in a window of seq_len."""
+    if sp_size < 1 or seq_len % sp_size:
+        raise DataConfigError(f"data.seq_len: must be divisible by the sequence-parallel size {sp_size}, "
+                              f"got {seq_len}")
+    if not 0 <= sp_rank < sp_size:
+        raise ValueError(f"sp_rank: must be in [0, {sp_size}), got {sp_rank}")
+    L = seq_len // sp_size
+    return sp_rank * L, L
+
+
+def shard_for_sp(batch: torch.Tensor, sp_rank: int, sp_size: int):
+    """Windows [B, seq_len + 1] -> this SP rank's (inputs [B, L], targets [B, L], positions [L])."""
+    lo, L = shard_bounds(batch.shape[1] - 1, sp_rank, sp_size)
+    chunk = batch[:, lo: lo + L + 1]  # one token more: the last input's target
+    return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
+
+
+class LongDocSampler:
+    """Shuffled windows of ``seq_len + 1`` tokens from one long token stream.
+
+    Epoch e cuts the stream at offset o_e into non-overlapping windows and permutes them, both drawn
+    from ``default_rng([seed, e])``. Step s of an epoch is the global batch of windows
+    perm[s·B·P : (s+1)·B·P]; DP rank r takes its B windows at r·B. The incomplete last global batch
+    of an epoch is skipped. The state is (epoch, step): nothing random is carried.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
+                 rank_in_dp: int = 0, dp_size: int = 1):
+        if not 0 <= rank_in_dp < dp_size:
+            raise ValueError(f"rank_in_dp: must be in [0, dp_size={dp_size}), got {rank_in_dp}")
+        if seq_len < 1 or batch_size < 1:
+            raise DataConfigError(f"data.seq_len and data.batch_size: must be >= 1, got {seq_len}, {batch_size}")
+        worst = (len(tokens) - seq_len) // seq_len  # fewest windows any epoch offset leaves
+        if worst < batch_size * dp_size:
+            raise DataConfigError(
+                f"data.seq_len: {len(tokens)} tokens give only {max(worst, 0)} windows of {seq_len + 1}, fewer "
+                f"than one global batch (data.batch_size={batch_size} × dp_size={dp_size}); use more data or "
+                "a shorter data.seq_len")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.rank, self.dp_size = seed, rank_in_dp, dp_size
+        self.epoch = self.step = 0
+        self._plan: tuple[int, int, np.ndarray] | None = None  # (epoch, offset, permutation)
+
+    def _epoch_plan(self) -> tuple[int, np.ndarray]:
+        if self._plan is None or self._plan[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            offset = int(rng.integers(self.seq_len))
+            n_windows = (len(self.tokens) - offset - 1) // self.seq_len
+            self._plan = (self.epoch, offset, rng.permutation(n_windows))
+        return self._plan[1], self._plan[2]
+
+    def next_starts(self) -> np.ndarray:
+        """Advance one step; this DP rank's window start offsets [B] into the stream."""
+        per_step = self.batch_size * self.dp_size
+        offset, perm = self._epoch_plan()
+        if (self.step + 1) * per_step > len(perm):
+            self.epoch, self.step = self.epoch + 1, 0
+            offset, perm = self._epoch_plan()
+        lo = self.step * per_step + self.rank * self.batch_size
+        self.step += 1
+        return offset + perm[lo: lo + self.batch_size] * self.seq_len
+
+    def _read(self, starts: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+        rows = [np.asarray(self.tokens[s + lo: s + hi]) for s in starts]  # memmap: only these pages
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        """The next batch of whole windows, LongTensor [B, seq_len + 1]."""
+        return self._read(self.next_starts(), 0, self.seq_len + 1)
+
+    def next_shard(self, sp_rank: int = 0, sp_size: int = 1):
+        """Like ``shard_for_sp(next(self), ...)``, reading only this SP rank's L + 1 tokens per window."""
+        lo, L = shard_bounds(self.seq_len, sp_rank, sp_size)
+        chunk = self._read(self.next_starts(), lo, lo + L + 1)
+        return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "dp_size": self.dp_size, "n_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "batch_size", "dp_size", "n_tokens"):
+            if state[key] != self.state_dict()[key]:
+                raise DataConfigError(f"data: the sampler state was saved with {key}={state[key]}, this run has "
+                                      f"{key}={self.state_dict()[key]}; resume needs the same value")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# --- synthetic long-range tasks -------------------------------------------------------------------
+
+@dataclass
+class TaskBatch:
+    inputs: torch.Tensor  # [B, seq_len]
+    targets: torch.Tensor  # [B, seq_len], IGNORE_INDEX except the answer tokens
+    info: dict = field(default_factory=dict)
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is "
+
+
+def passkey_batch(seq_len: int, depth: float, rng: np.random.Generator | int, batch_size: int = 1) -> TaskBatch:
+    """Passkey retrieval (Mohtashami & Jaggi 2023), byte tokens: a random 5-digit key in a needle
+    sentence starting at relative ``depth`` of the filler, the question at the end, the key as the
+    last 5 targets. ``info``: keys, needle_pos (start of the needle), key_pos (first key digit)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth: must be in [0, 1], got {depth}")
+    rng = np.random.default_rng(rng)
+    n_fill = seq_len + 1 - len(NEEDLE.format(key="00000")) - len(QUESTION) - 5
+    if n_fill < 0:
+        raise DataConfigError(f"seq_len: passkey needs at least {seq_len - n_fill}, got {seq_len}")
+    hay = (FILLER * (n_fill // len(FILLER) + 1))[:n_fill]
+    hay = hay[: hay.rfind(". ") + 2 if ". " in hay else 0].ljust(n_fill)  # whole sentences, space-padded
+    # The needle goes at the sentence boundary nearest to the requested depth.
+    starts = [0, n_fill] + [i + 2 for i in range(len(hay) - 1) if hay[i: i + 2] == ". "]
+    pos = min(starts, key=lambda i: abs(i - depth * n_fill))
+    keys = [f"{int(k):05d}" for k in rng.integers(10000, 100000, size=batch_size)]
+    ids = np.stack([ByteTokenizer().encode(hay[:pos] + NEEDLE.format(key=k) + hay[pos:] + QUESTION + k)
+                    for k in keys]).astype(np.int64)  # (B, seq_len + 1)
+    targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+    targets[:, -5:] = torch.from_numpy(ids[:, -5:])
+    info = {"keys": keys, "needle_pos": pos, "key_pos": pos + NEEDLE.index("{key}")}
+    return TaskBatch(torch.from_numpy(ids[:, :-1]), targets, info)
+
+
+def associative_recall_batch(seq_len: int, n_pairs: int, vocab: int, rng: np.random.Generator | int,
+                             batch_size: int = 1) -> TaskBatch:
+    """Associative recall: ``k1 v1 … kn vn`` at the start (keys distinct, from [1, vocab/2); values
+    from [vocab/2, vocab)), padding 0 up to the last token, which repeats one key; the target there
+    is its value. ``info["query_index"]`` says which pair is asked."""
+    half = vocab // 2
+    if not 1 <= n_pairs <= half - 1:
+        raise DataConfigError(f"n_pairs: must be in [1, vocab/2 - 1 = {half - 1}], got {n_pairs}")
+    if 2 * n_pairs + 1 > seq_len:
+        raise DataConfigError(f"seq_len: must be >= 2·n_pairs + 1 = {2 * n_pairs + 1}, got {seq_len}")
+    rng = np.random.default_rng(rng)
+    inputs = np.zeros((batch_size, seq_len), dtype=np.int64)
+    targets = np.full((batch_size, seq_len), IGNORE_INDEX, dtype=np.int64)
+    which = rng.integers(n_pairs, size=batch_size)
+    for b in range(batch_size):
+        keys = rng.choice(np.arange(1, half), size=n_pairs, replace=False)
+        values = rng.integers(half, vocab, size=n_pairs)
+        inputs[b, 0: 2 * n_pairs: 2], inputs[b, 1: 2 * n_pairs: 2] = keys, values
+        inputs[b, -1], targets[b, -1] = keys[which[b]], values[which[b]]
+    return TaskBatch(torch.from_numpy(inputs), torch.from_numpy(targets), {"query_index": which.tolist()})
+
+
+def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
+    """Exact match per example: every answer target equals the argmax. ``logits`` [B, T', V] may lack
+    leading rows (learned global slots): rows are aligned from the end."""
+    targets = batch.targets[:, -logits.shape[1]:]
+    answer = targets != IGNORE_INDEX
+    hit = (logits.argmax(-1) == targets) | ~answer
+    return float(hit.all(dim=1).float().mean())
