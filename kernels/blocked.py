@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,44 @@ def _put_rows(dst: torch.Tensor, src: torch.Tensor, c: Chunk, groups: int) -> No
     dst[:, :, c.row0 : c.row0 + c.nb * BLOCK] = view.reshape(B, H, c.nb * BLOCK, Dx)
 
 
+def _mask_exp_fwd(s6: torch.Tensor, masked: torch.Tensor | None):
+    """In place on s6 [B, Hg, nb, G, BLOCK, Kc]: e = exp(s − rowmax) over allowed keys."""
+    if masked is not None:
+        s6.masked_fill_(masked, float("-inf"))
+    mx = s6.amax(-1, keepdim=True)
+    e = s6.sub_(mx).exp_()
+    return e, e.sum(-1, keepdim=True), mx
+
+
+def _mask_exp_bwd(s6: torch.Tensor, masked: torch.Tensor | None, lse6: torch.Tensor):
+    """In place on s6: p = exp(s − lse), the forward's probabilities."""
+    if masked is not None:
+        s6.masked_fill_(masked, float("-inf"))
+    return s6.sub_(lse6).exp_()
+
+
+def _ds(dp: torch.Tensor, delta: torch.Tensor, p: torch.Tensor):
+    """In place on dp: dS = p ∘ (dP − Δ')."""
+    return dp.sub_(delta).mul_(p)
+
+
+@functools.cache
+def _elementwise(name: str, compiled: bool):
+    """The elementwise step ``name``, fused by torch.compile when asked (HALOFORMER_COMPILE=1 or
+    ``set_compile(True)``): each step is 3–5 passes over the chunk's scores, which a fused loop
+    makes one. Off by default: the first compile costs ~30 s per process."""
+    fn = {"fwd": _mask_exp_fwd, "bwd": _mask_exp_bwd, "ds": _ds}[name]
+    return torch.compile(fn, dynamic=True) if compiled else fn
+
+
+COMPILE = os.environ.get("HALOFORMER_COMPILE", "0") == "1"
+
+
+def set_compile(flag: bool) -> None:
+    global COMPILE
+    COMPILE = flag
+
+
 def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
     """Exponentiated scores [B, Hg, nb, G·BLOCK, Kc] of scaled queries qs against gathered keys.
 
@@ -235,14 +274,12 @@ def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
     the [rows, Kc] probabilities. Backward: p = exp(s − lse), the forward's probabilities.
     """
     s = torch.matmul(qs, kc.transpose(-1, -2))
-    if c.masked is not None:
-        sv = s.view(*s.shape[:3], groups, BLOCK, s.shape[-1])
-        sv.masked_fill_(c.masked, float("-inf"))
+    s6 = s.view(*s.shape[:3], groups, BLOCK, s.shape[-1])
     if lse is not None:
-        return s.sub_(lse[..., None]).exp_()
-    mx = s.amax(-1, keepdim=True)
-    e = s.sub_(mx).exp_()
-    return e, e.sum(-1, keepdim=True), mx.squeeze(-1)
+        lse6 = lse.view(*s.shape[:3], groups, BLOCK, 1)
+        return _elementwise("bwd", COMPILE)(s6, c.masked, lse6).view(s.shape)
+    e, denom, mx = _elementwise("fwd", COMPILE)(s6, c.masked)
+    return e.view(s.shape), denom.view(*s.shape[:-1], 1), mx.view(s.shape[:-1])
 
 
 def _scatter(acc: torch.Tensor, c: Chunk, grad: torch.Tensor, margin: int) -> None:
@@ -324,7 +361,7 @@ class BlockedAttention(torch.autograd.Function):
             p = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
             _scatter(dv, c, torch.matmul(p.transpose(-1, -2), doc), plan.margin)
             ds = torch.matmul(doc, vc.transpose(-1, -2))
-            ds.sub_(_q_chunk(delta[..., None], c, groups)).mul_(p)  # dS = p ∘ (dP − Δ')
+            ds = _elementwise("ds", COMPILE)(ds, _q_chunk(delta[..., None], c, groups), p)
             _put_rows(dq, torch.matmul(ds, kc) * scale, c, groups)
             _scatter(dk, c, torch.matmul(ds.transpose(-1, -2), qc), plan.margin)
         dq = dq[:, :, :Q].to(q.dtype)
