@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("sdpa_dense", "reference", "blocked", "flex")
+BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "flex")
+SPARSE = ("blocked", "blocked_compiled")  # the backends measured against the targets
 BWD_FACTOR = 2.5  # backward ≈ 2.5 × forward FLOPs (FlashAttention convention: 5 matmuls vs 2, ×1.25 recompute)
 FLOPS_CONVENTION = ("useful FLOPs = attended pairs (pattern.key_counts(n).sum() x B x H) x 4*D per pair forward "
                     "(QK^T and PV, 2 FLOPs per multiply-add); backward = 2.5 x forward (FlashAttention convention); "
@@ -85,8 +86,11 @@ def attention_fn(backend, pattern):
 
     if backend == "sdpa_dense":
         return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal)
-    if backend == "blocked":
-        import kernels.blocked  # noqa: F401  (fail here, as an ImportError, not inside the timing)
+    if backend in SPARSE:
+        import kernels.blocked  # (fail here, as an ImportError, not inside the timing)
+
+        kernels.blocked.set_compile(backend == "blocked_compiled")  # compile happens in the warm-up call
+        backend = "blocked"
     return lambda q, k, v: sparse_attention(q, k, v, pattern, backend=backend)[0]
 
 
@@ -172,22 +176,27 @@ def run_row(args, backend, n):
 
 
 def ratios(rows, mm):
+    """The targets' ratios for each sparse backend: {backend: {ratio name: {seq_len: value}}}."""
     by = {(r["backend"], r["seq_len"]): r for r in rows}
-    blocked = [r for r in rows if r["backend"] == "blocked" and r.get("fwd_bwd_s")]
-    out = {"speedup_fwd_bwd_vs_sdpa": {}, "blocked_pct_of_matmul": {}, "blocked_time_per_token_rel": {},
-           "blocked_mem_over_sdpa": {}}
-    base = next((r for r in blocked if r["seq_len"] == 4096), blocked[0] if blocked else None)
-    for r in blocked:
-        n, dense = r["seq_len"], by.get(("sdpa_dense", r["seq_len"]), {})
-        t_dense = dense.get("fwd_bwd_s") or dense.get("est_s")  # extrapolated when the row was skipped
-        if t_dense:
-            out["speedup_fwd_bwd_vs_sdpa"][n] = t_dense / r["fwd_bwd_s"]
-        out["blocked_pct_of_matmul"][n] = 100 * r["useful_gflops"] / mm
-        out["blocked_time_per_token_rel"][n] = (r["fwd_bwd_s"] / n) / (base["fwd_bwd_s"] / base["seq_len"])
-        if dense.get("peak_mem_mb"):
-            out["blocked_mem_over_sdpa"][n] = r["peak_mem_mb"] / dense["peak_mem_mb"]
-    out["time_per_token_base_seq_len"] = base["seq_len"] if base else None
-    return out
+    res = {}
+    for name in SPARSE:
+        mine = [r for r in rows if r["backend"] == name and r.get("fwd_bwd_s")]
+        if not mine:
+            continue
+        out = {"speedup_fwd_bwd_vs_sdpa": {}, "pct_of_matmul": {}, "time_per_token_rel": {}, "mem_over_sdpa": {}}
+        base = next((r for r in mine if r["seq_len"] == 4096), mine[0])
+        for r in mine:
+            n, dense = r["seq_len"], by.get(("sdpa_dense", r["seq_len"]), {})
+            t_dense = dense.get("fwd_bwd_s") or dense.get("est_s")  # extrapolated when the row was skipped
+            if t_dense:
+                out["speedup_fwd_bwd_vs_sdpa"][n] = t_dense / r["fwd_bwd_s"]
+            out["pct_of_matmul"][n] = 100 * r["useful_gflops"] / mm
+            out["time_per_token_rel"][n] = (r["fwd_bwd_s"] / n) / (base["fwd_bwd_s"] / base["seq_len"])
+            if dense.get("peak_mem_mb"):
+                out["mem_over_sdpa"][n] = r["peak_mem_mb"] / dense["peak_mem_mb"]
+        out["time_per_token_base_seq_len"] = base["seq_len"]
+        res[name] = out
+    return res
 
 
 def fmt(x, spec):
@@ -199,21 +208,21 @@ def print_report(res):
     print(f"# attention: pattern={c['pattern']} B={c['batch']} H={c['heads']} D={c['head_dim']} "
           f"device={c['device']} threads={c['threads']}; matmul {res['matmul_gflops']:.1f} GFLOP/s")
     print(f"# {res['flops_convention']}")
-    print(f"{'backend':<11} {'seq_len':>8} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>9} {'useful GFLOP/s':>15}  note")
+    print(f"{'backend':<16} {'seq_len':>8} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>9} {'useful GFLOP/s':>15}  note")
     for r in res["rows"]:
         note = r.get("skipped") or r.get("note") or ""
-        print(f"{r['backend']:<11} {r['seq_len']:>8} {fmt(r.get('fwd_s'), '9.4f')} {fmt(r.get('fwd_bwd_s'), '10.4f')} "
+        print(f"{r['backend']:<16} {r['seq_len']:>8} {fmt(r.get('fwd_s'), '9.4f')} {fmt(r.get('fwd_bwd_s'), '10.4f')} "
               f"{fmt(r.get('peak_mem_mb'), '9.1f')} {fmt(r.get('useful_gflops'), '15.2f')}  {note}")
-    rt = res["ratios"]
     est = {r["seq_len"] for r in res["rows"] if r["backend"] == "sdpa_dense" and r.get("est_s")}
-    print("\nblocked vs targets:")
-    print(f"{'seq_len':>8} {'speedup vs sdpa (fwd+bwd)':>26} {'% of matmul':>12} "
-          f"{'time/token vs ' + str(rt['time_per_token_base_seq_len']):>20} {'mem / sdpa mem':>15}")
-    for n in rt["blocked_pct_of_matmul"]:
-        sp = rt["speedup_fwd_bwd_vs_sdpa"].get(n)
-        sp_s = "-" if sp is None else f"{sp:.2f}x" + (" (sdpa est.)" if n in est else "")
-        print(f"{n:>8} {sp_s:>26} {rt['blocked_pct_of_matmul'][n]:>11.1f}% "
-              f"{rt['blocked_time_per_token_rel'][n]:>20.2f} {fmt(rt['blocked_mem_over_sdpa'].get(n), '15.3f')}")
+    for name, rt in res["ratios"].items():
+        print(f"\n{name} vs targets:")
+        print(f"{'seq_len':>8} {'speedup vs sdpa (fwd+bwd)':>26} {'% of matmul':>12} "
+              f"{'time/token vs ' + str(rt['time_per_token_base_seq_len']):>20} {'mem / sdpa mem':>15}")
+        for n in rt["pct_of_matmul"]:
+            sp = rt["speedup_fwd_bwd_vs_sdpa"].get(n)
+            sp_s = "-" if sp is None else f"{sp:.2f}x" + (" (sdpa est.)" if n in est else "")
+            print(f"{n:>8} {sp_s:>26} {rt['pct_of_matmul'][n]:>11.1f}% "
+                  f"{rt['time_per_token_rel'][n]:>20.2f} {fmt(rt['mem_over_sdpa'].get(n), '15.3f')}")
 
 
 def main(argv=None):
