@@ -1,6 +1,6 @@
 """Content-based top-k block pattern: its key set depends on q and k, not only on positions.
 
-Part of ``model.pattern`` (imported and re-exported there); kept apart because it is the one
+Part of ``model.pattern`` (imported and re-exported by its ``__init__``); kept apart because it is the one
 pattern whose mask needs the data.
 """
 

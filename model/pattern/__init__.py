@@ -347,7 +347,7 @@ def _random_table(p: BigBird, seq_len: int) -> torch.Tensor:
 
 # The content-based pattern lives beside this file; imported here, after Pattern exists, so that
 # ``model.pattern`` stays the one place every pattern is named from.
-from model.pattern_topk import TopKBlocks, _block_mean  # noqa: E402,F401
+from model.pattern.topk import TopKBlocks, _block_mean  # noqa: E402,F401
 
 NAMES = ("dense", "window", "longformer", "sink", "dilated", "strided", "bigbird", "topk", "union")
 _KEYS = {"name", "causal", "window_left", "window_right", "num_global", "dilation", "stride", "variant",
@@ -381,9 +381,3 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
         kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
         kwargs["num_global"] = max([p.num_global for p in kwargs["parts"]] + [kwargs.get("num_global", 0)])
     return cls(**kwargs).validate(seq_len)
-
-
-if __name__ == "__main__":
-    from model.pattern_cli import main
-
-    main()

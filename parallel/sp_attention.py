@@ -1,0 +1,143 @@
+"""Sequence-parallel sparse attention: this rank's shard of q, k, v in, this rank's output out.
+
+    sp_attention(q, k, v, pattern, ctx, return_stats=False, strategy="auto", backend="auto")
+
+q [B, H, L, D] and k, v [B, Hkv, L, D] hold positions [r·L, (r+1)·L) of a sequence of n = L·P.
+Strategies:
+
+- ``halo`` (``parallel.halo_attention``): receive only the keys the pattern needs (window halo,
+  globals, random/strided blocks) following the static plan; O((w + g)·d) bytes, independent of n.
+- ``ulysses`` (``parallel.ulysses``): DeepSpeed all-to-all over heads; any pattern; O(n·d/P) bytes.
+- ``auto``: ulysses for content-based patterns (their keys depend on the data: no static plan);
+  otherwise halo, unless the plan needs more bytes than Ulysses would (e.g. strided or dense
+  patterns whose plan approaches an all-gather) and the heads split over P.
+
+``backend`` picks the local kernel (``kernels.sparse_attention``'s backend names) or is a callable
+with ``sparse_attention``'s signature (the startup guard's tests pass a deliberately broken one).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kernels import sparse_attention
+from kernels.stats import AttnStats, head_sums
+from model.pattern import Pattern
+from parallel import globals as glob
+from parallel.comm import CommCounter
+from parallel.context import ParallelConfigError, ParallelContext
+from parallel.halo import P2PExchange, kv_routes
+from parallel.halo_attention import HaloSpec, halo_attention
+from parallel.plan import bidirectional_globals, build_plan, regular_queries, remote_rows
+from parallel.sharding import check_divisible
+from parallel.ulysses import check_heads, ulysses_attention
+
+STRATEGIES = ("auto", "halo", "ulysses")
+_TAGS = {"kv": 10, "q": 20, "partial": 30}  # distinct tags: these exchanges can be in flight together
+
+
+@dataclass
+class ShardStats:
+    """Exact per-query statistics of this rank's queries, merged over every rank's keys."""
+
+    lse: torch.Tensor  # [B, H, L]
+    stats: AttnStats
+
+    def head_sums(self, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+        """``kernels.stats.head_sums`` summed (max for max_logit) over the SP group: equal to the
+        single-device sums of the whole sequence."""
+        return reduce_head_sums(head_sums(self.lse, self.stats), ctx)
+
+
+def reduce_head_sums(sums: dict[str, torch.Tensor], ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sums.items():
+        value = value.clone()
+        op = dist.ReduceOp.MAX if key == "max_logit" else dist.ReduceOp.SUM
+        dist.all_reduce(value, op=op, group=ctx.sp_group)
+        out[key] = value
+    return out
+
+
+def resolve_kernel(backend: str | Callable) -> Callable:
+    return backend if callable(backend) else functools.partial(sparse_attention, backend=backend)
+
+
+def pick_strategy(pattern: Pattern, ctx: ParallelContext, seq_len: int, heads: int, kv_heads: int,
+                  strategy: str = "auto") -> str:
+    """``halo`` or ``ulysses`` for this call; errors name the setting."""
+    if strategy not in STRATEGIES:
+        raise ParallelConfigError(f"parallel.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategy == "halo" and pattern.content_based:
+        raise ParallelConfigError(f"parallel.strategy=halo: {type(pattern).__name__} is content-based (no static "
+                                  "exchange plan); use strategy=ulysses or auto")
+    chosen = strategy if strategy != "auto" else _auto_strategy(pattern, ctx.sp_size, seq_len, heads, kv_heads)
+    if chosen == "ulysses":
+        check_heads(heads, ctx.sp_size)
+    return chosen
+
+
+def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads: int) -> str:
+    if P == 1:
+        return "halo"
+    if pattern.content_based:  # its keys depend on the data: no static plan
+        return "ulysses"
+    if pattern.bounded or heads % P:
+        return "halo"
+    # unbounded positional pattern (strided, dense): its plan may approach an all-gather
+    halo_rows = build_plan(pattern, seq_len, P).max_recv_keys() * 2 * kv_heads
+    ulysses_rows = seq_len // P * (2 * heads + 2 * kv_heads) * (P - 1) / P
+    return "halo" if halo_rows <= ulysses_rows else "ulysses"
+
+
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,
+                 return_stats: bool = False, strategy: str = "auto", backend: str | Callable = "auto",
+                 seq_len: int | None = None, counter: CommCounter | None = None, layer: str | int = 0,
+                 scale: float | None = None):
+    """Attention of this rank's queries; ``out`` or ``(out, ShardStats)``. See the module docstring."""
+    H, L = q.shape[1], q.shape[2]
+    if k.shape[2] != L or v.shape != k.shape:
+        raise ValueError(f"k and v must be this rank's shard like q: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    n = L * ctx.sp_size if seq_len is None else seq_len
+    if check_divisible(n, ctx.sp_size) != L:
+        raise ParallelConfigError(f"seq_len={n} / parallel.sequence_parallel_size={ctx.sp_size} must equal the "
+                                  f"local length {L} of q")
+    kernel = resolve_kernel(backend)
+    chosen = pick_strategy(pattern, ctx, n, H, k.shape[1], strategy)
+    if chosen == "ulysses":
+        out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer)
+    else:
+        spec = halo_spec(pattern, ctx, n, q.device, kernel, scale, return_stats, counter, layer)
+        out, lse, stats = halo_attention(q, k, v, spec)
+    return (out, ShardStats(lse, stats)) if return_stats else out
+
+
+def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torch.device, kernel: Callable,
+              scale: float | None, return_stats: bool, counter: CommCounter | None, layer: str | int) -> HaloSpec:
+    """The static description of one halo call on this rank (plan, rows, exchanges)."""
+    P, r = ctx.sp_size, ctx.sp_rank
+    plan = build_plan(pattern, seq_len, P)
+    L = plan.local_len
+    start = r * L
+    qs, _ = regular_queries(pattern, start, start + L)
+    rows = remote_rows(pattern, seq_len, P, r)
+    sends, recvs = kv_routes(plan, r)
+    g = bidirectional_globals(pattern)
+    spec = HaloSpec(
+        pattern=pattern, seq_len=seq_len, local_pos=torch.arange(start, start + L, device=device),
+        reg_start=qs - start, remote_pos=plan.remote_positions(r).to(device),
+        remote_rows=None if len(rows) == start + L - qs else rows.to(device),
+        kernel=kernel, scale=scale, return_stats=return_stats,
+        kv_exchange=P2PExchange(ctx, sends, recvs, _TAGS["kv"], counter, layer),
+        num_global_queries=g, sp_size=P, sp_rank=r,
+    )
+    if g:
+        spec.q_exchange = P2PExchange(ctx, *glob.query_routes(g, L, P, r), _TAGS["q"], counter, layer)
+        spec.partial_exchange = P2PExchange(ctx, *glob.partial_routes(g, L, P, r), _TAGS["partial"], counter, layer)
+    return spec
