@@ -1,7 +1,7 @@
 """Sequence parallelism: shard the sequence over ranks, exchange only what the pattern needs.
 
 Entry points: ``init_parallel`` (groups → ``ParallelContext``), ``shard``/``positions`` (which
-positions a rank holds), ``sp_attention`` (sharded attention, halo or Ulysses), ``check_sp_attention``
+positions a rank holds), ``sp_attention`` (sharded attention: halo, top-k via block summaries, or Ulysses), ``check_sp_attention``
 (startup guard), ``CommCounter`` (bytes per layer, direction and kind).
 """
 

@@ -7,10 +7,13 @@ Strategies:
 
 - ``halo`` (``parallel.halo_attention``): receive only the keys the pattern needs (window halo,
   globals, random/strided blocks) following the static plan; O((w + g)·d) bytes, independent of n.
+- ``topk`` (``parallel.topk``): content-based patterns; all-gather the key-block means, select
+  locally (the single-device choice), fetch only the chosen remote blocks point-to-point.
 - ``ulysses`` (``parallel.ulysses``): DeepSpeed all-to-all over heads; any pattern; O(n·d/P) bytes.
-- ``auto``: ulysses for content-based patterns (their keys depend on the data: no static plan);
-  otherwise halo, unless the plan needs more bytes than Ulysses would (e.g. strided or dense
-  patterns whose plan approaches an all-gather) and the heads split over P.
+- ``auto``: topk for content-based patterns (their keys depend on the data: no static plan), or
+  ulysses when a rank's chunk is not whole blocks and the heads split over P; otherwise halo, unless
+  the plan needs more bytes than Ulysses would (e.g. strided or dense patterns whose plan approaches
+  an all-gather) and the heads split over P.
 
 ``backend`` picks the local kernel (``kernels.sparse_attention``'s backend names) or is a callable
 with ``sparse_attention``'s signature (the startup guard's tests pass a deliberately broken one).
@@ -35,9 +38,10 @@ from parallel.halo import P2PExchange, kv_routes
 from parallel.halo_attention import HaloSpec, halo_attention
 from parallel.plan import bidirectional_globals, build_plan, regular_queries, remote_rows
 from parallel.sharding import check_divisible
+from parallel.topk import TopKSpec, check_blocks, topk_attention
 from parallel.ulysses import check_heads, ulysses_attention
 
-STRATEGIES = ("auto", "halo", "ulysses")
+STRATEGIES = ("auto", "halo", "topk", "ulysses")
 _TAGS = {"kv": 10, "q": 20, "partial": 30}  # distinct tags: these exchanges can be in flight together
 
 
@@ -70,23 +74,29 @@ def resolve_kernel(backend: str | Callable) -> Callable:
 
 def pick_strategy(pattern: Pattern, ctx: ParallelContext, seq_len: int, heads: int, kv_heads: int,
                   strategy: str = "auto") -> str:
-    """``halo`` or ``ulysses`` for this call; errors name the setting."""
+    """``halo``, ``topk`` or ``ulysses`` for this call; errors name the setting."""
     if strategy not in STRATEGIES:
         raise ParallelConfigError(f"parallel.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy == "halo" and pattern.content_based:
         raise ParallelConfigError(f"parallel.strategy=halo: {type(pattern).__name__} is content-based (no static "
-                                  "exchange plan); use strategy=ulysses or auto")
+                                  "exchange plan); use strategy=topk, ulysses or auto")
+    if strategy == "topk" and not pattern.content_based:
+        raise ParallelConfigError(f"parallel.strategy=topk: serves content-based patterns only, got "
+                                  f"{type(pattern).__name__}; use strategy=halo or auto")
     chosen = strategy if strategy != "auto" else _auto_strategy(pattern, ctx.sp_size, seq_len, heads, kv_heads)
     if chosen == "ulysses":
         check_heads(heads, ctx.sp_size)
+    if chosen == "topk":
+        check_blocks(seq_len // ctx.sp_size, pattern.block_size, ctx.sp_size)
     return chosen
 
 
 def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads: int) -> str:
+    if pattern.content_based:  # its keys depend on the data: no static plan; topk needs whole blocks
+        whole_blocks = (seq_len // P) % pattern.block_size == 0
+        return "topk" if whole_blocks or heads % P else "ulysses"  # neither: topk names the fix
     if P == 1:
         return "halo"
-    if pattern.content_based:  # its keys depend on the data: no static plan
-        return "ulysses"
     if pattern.bounded or heads % P:
         return "halo"
     # unbounded positional pattern (strided, dense): its plan may approach an all-gather
@@ -112,6 +122,9 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
     chosen = pick_strategy(pattern, ctx, n, H, k.shape[1], strategy)
     if chosen == "ulysses":
         out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer)
+    elif chosen == "topk":
+        spec = TopKSpec(pattern, n, ctx, kernel, scale, return_stats, counter, layer)
+        out, lse, stats = topk_attention(q, k, v, spec)
     else:
         spec = halo_spec(pattern, ctx, n, q.device, kernel, scale, return_stats, counter, layer)
         out, lse, stats = halo_attention(q, k, v, spec)

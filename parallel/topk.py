@@ -1,0 +1,213 @@
+"""Top-k strategy: content-based block selection under sequence parallelism via gathered block summaries.
+
+On rank r (queries = its shard [r·L, (r+1)·L), L a multiple of ``block_size``):
+
+    summaries = all-gather(mean of every local key block)         [B, Hkv, n/bs, D] fp32, "summary"
+    chosen    = select_blocks(local query-block means, summaries)  the single-device choice, no grad
+    need      = ∪ over (batch, head, local query block) of chosen remote blocks   [n/bs] bool
+    needs     = all-gather(need)                                   who wants which of my blocks, "requests"
+    fetched   = point-to-point K/V rows of the needed blocks from their owners (async), "blocks"
+    out       = kernel(local queries, keys = fetched ∪ local in position order, true positions)
+
+Why the kernel's own re-selection reproduces the global choice: every backend recomputes the top-k
+from the q and k it is given (block means grouped by absolute block id). The block means of the
+fetched rows are the same numbers as the summaries (same rows, same fp32 summation order), the
+forced blocks (own block, block 0) are present (block 0 is forced for every query block, so it is
+always in ``need``), and for each (batch, head, query block) the candidate set is a superset of its
+globally chosen blocks; those were the ``top_k`` best of *all* blocks, hence the best of any superset
+containing them. Two caveats, both at exact ties only: (1) ``torch.topk`` may break a tie between
+two candidates differently on a smaller candidate set; (2) the score matmul runs on differently
+shaped operands than on one device, which can change the last bit of a score and so flip a choice
+whose scores agree to ~1 ulp. Random or trained activations essentially never tie; on CUDA the block
+means come from ``index_add_`` (atomics), so even one device does not reproduce such ties run to run.
+
+Cost per rank: summaries (P−1)·B·Hkv·(L/bs)·D·4 bytes (1/bs of a K all-gather), the need vectors
+(P−1)·n/bs bytes, and the fetched blocks. Far below Ulysses when the choices concentrate on few
+blocks (sinks, heavy hitters); in the worst case (every head and query block choosing different
+blocks) the union approaches an all-gather of K/V, which for small ``top_k`` is still one 1/bs
+summary plus at most B·H·(L/bs)·top_k fetched blocks.
+
+The fetch is not overlapped with compute: the kernel's re-selection needs every candidate block in
+one call (a local/remote split merged by LSE would select top-k within each part separately).
+
+Backward is one autograd Function per layer, as on the halo path (``parallel.halo_attention``): the
+local kernel's backward, then the fetched rows' gradients go back to their owners (the exact reverse
+routes) and are summed there; the selection and the all-gathers carry no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kernels.stats import AttnStats
+from model.pattern import Pattern, _block_mean
+from parallel.comm import CommCounter
+from parallel.context import ParallelConfigError, ParallelContext
+from parallel.halo import P2PExchange, Route
+
+SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
+TAG = 40  # distinct from the halo path's tags (10, 20, 30 and their +1 reverses)
+
+
+def check_blocks(local_len: int, block_size: int, sp_size: int) -> int:
+    """Blocks per rank; a clear error when a rank's chunk is not whole blocks."""
+    if local_len % block_size:
+        raise ParallelConfigError(
+            f"parallel.strategy=topk needs the local length seq_len / parallel.sequence_parallel_size="
+            f"{sp_size} = {local_len} to be a multiple of attention.block_size={block_size} (each rank "
+            f"must hold whole blocks); change attention.block_size or sequence_parallel_size, or use "
+            f"strategy=ulysses")
+    return local_len // block_size
+
+
+class SummaryExchange:
+    """All-gathers over the SP group that carry no gradient (block summaries, need vectors), counted."""
+
+    def __init__(self, ctx: ParallelContext, counter: CommCounter | None = None, layer: str | int = 0):
+        self.ctx, self.counter, self.layer = ctx, counter, layer
+
+    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """[P, *x.shape]: every rank's ``x`` in SP-rank order."""
+        x = x.detach().contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.ctx.sp_size)]
+        dist.all_gather(parts, x, group=self.ctx.sp_group, async_op=True).wait(self.ctx.timeout)
+        if self.counter is not None:  # logically each rank sends its piece to, and receives one from, P−1 peers
+            moved = x.numel() * x.element_size() * (self.ctx.sp_size - 1)
+            self.counter.add(self.layer, "forward", kind, sent=moved, recv=moved)
+        return torch.stack(parts)
+
+
+def block_routes(needs: torch.Tensor, rank: int, blocks_per_rank: int, block_size: int
+                 ) -> tuple[list[Route], list[Route]]:
+    """(sends, recvs) of ``rank`` from every rank's need vector ``needs`` [P, nKB] (bool).
+
+    A rank requests only blocks it does not own; runs of consecutive blocks travel as one row range.
+    Send rows are local indices (pos − start), receive rows absolute positions, ascending per peer.
+    """
+    P = needs.shape[0]
+    owner = torch.arange(needs.shape[1]) // blocks_per_rank
+    start = rank * blocks_per_rank * block_size
+    sends, recvs = [], []
+    for peer in range(P):
+        if peer == rank:
+            continue
+        mine = torch.nonzero(needs[peer].cpu() & (owner == rank)).flatten().tolist()  # peer wants from me
+        theirs = torch.nonzero(needs[rank].cpu() & (owner == peer)).flatten().tolist()  # I want from peer
+        if mine:
+            sends.append(Route(peer, tuple((lo - start, hi - start, BLOCKS) for lo, hi in _runs(mine, block_size))))
+        if theirs:
+            recvs.append(Route(peer, tuple((lo, hi, BLOCKS) for lo, hi in _runs(theirs, block_size))))
+    return sends, recvs
+
+
+def _runs(blocks: list[int], bs: int) -> list[tuple[int, int]]:
+    """Sorted block ids → merged [lo, hi) position ranges."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b * bs:
+            out[-1][1] = (b + 1) * bs
+        else:
+            out.append([b * bs, (b + 1) * bs])
+    return [(lo, hi) for lo, hi in out]
+
+
+@dataclass
+class TopKSpec:
+    """Everything static about one call on this rank (built by ``parallel.sp_attention``)."""
+
+    pattern: Pattern
+    seq_len: int
+    ctx: ParallelContext
+    kernel: Callable  # sparse_attention-like
+    scale: float | None
+    return_stats: bool
+    counter: CommCounter | None = None
+    layer: str | int = 0
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopKSpec):
+    """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
+    check_blocks(q.shape[2], spec.pattern.block_size, spec.ctx.sp_size)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        with torch.no_grad():  # inference: the same steps without keeping graphs for backward
+            s = _forward(q, k, v, spec)
+        return s["out"], s["lse"], s["stats"]
+    out, lse, stats = _TopKAttention.apply(q, k, v, spec)
+    return out, lse, (AttnStats(*stats.unbind(-1)) if spec.return_stats else None)
+
+
+class _TopKAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, spec):
+        with torch.enable_grad():
+            state = _forward(q, k, v, spec)
+        fctx.state = state
+        out, lse, stats = state["out"], state["lse"], state["stats"]
+        packed = torch.stack(stats.fields(), -1) if stats is not None else lse.new_zeros(0)
+        fctx.mark_non_differentiable(lse, packed)
+        return out.detach(), lse.detach(), packed.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(fctx, g_out, _g_lse, _g_stats):
+        s, fctx.state = fctx.state, None
+        inputs = [s["q"], s["k"], s["v"], s["recv_kv"]]
+        got = torch.autograd.grad([s["out"]], inputs, [g_out], allow_unused=True)
+        gq, gk, gv, g_recv = (torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True))
+        g_kv = s["exchange"].start_reverse(g_recv, like=s["kv"]).wait()  # fetched rows' grads, summed at home
+        return gq, gk + g_kv[0], gv + g_kv[1], None
+
+
+def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, rank: int) -> torch.Tensor:
+    """Bool[B, H, nLB, nKB]: the key blocks chosen for this rank's query blocks — the single-device
+    choice, since ``summaries`` [B, Hkv, nKB, D] hold every key block's mean (GQA expanded as in
+    ``TopKBlocks.content_mask``)."""
+    bs, L = pattern.block_size, q.shape[2]
+    nlb, nkb = L // bs, summaries.shape[2]
+    with torch.no_grad():
+        q_means = _block_mean(q, torch.arange(L, device=q.device) // bs, nlb)  # (B, H, nLB, D) fp32
+        k_means = summaries.repeat_interleave(q.shape[1] // summaries.shape[1], dim=1)  # (B, H, nKB, D)
+        return pattern.select_blocks(q_means, k_means, torch.arange(rank * nlb, (rank + 1) * nlb), torch.arange(nkb))
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_(torch.is_grad_enabled())
+
+
+def _forward(q, k, v, spec: TopKSpec) -> dict:
+    ctx, pattern = spec.ctx, spec.pattern
+    r, L, bs = ctx.sp_rank, q.shape[2], pattern.block_size
+    nlb = L // bs
+    gather = SummaryExchange(ctx, spec.counter, spec.layer)
+    local_means = _block_mean(k.detach(), torch.arange(L, device=k.device) // bs, nlb)  # (B, Hkv, nLB, D)
+    summaries = torch.cat(gather.all_gather(local_means, SUMMARY).unbind(0), dim=2)  # (B, Hkv, nKB, D)
+
+    need = select_local(pattern, q.detach(), summaries, r).flatten(0, 2).any(0)  # (nKB,) over B, H, query blocks
+    need[0] = True  # forced for every query block; already set, stated for the exactness argument
+    need[r * nlb:(r + 1) * nlb] = False  # own blocks are local
+    needs = gather.all_gather(need.to(torch.uint8), REQUESTS).bool()  # (P, nKB)
+    sends, recvs = block_routes(needs, r, nlb, bs)
+
+    s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v)}
+    s["kv"] = torch.stack([s["k"], s["v"]])  # (2, B, Hkv, L, D): one message per peer for K and V
+    s["exchange"] = P2PExchange(ctx, sends, recvs, TAG, spec.counter, spec.layer)
+    s["recv_kv"] = _leaf(s["exchange"].start(s["kv"].detach()).wait())  # (2, B, Hkv, R, D)
+
+    # keys in position order: [fetched from lower ranks | local | fetched from higher ranks]
+    remote_pos = [torch.arange(lo, hi) for route in recvs for lo, hi, _ in route.rows]
+    remote_pos = torch.cat(remote_pos) if remote_pos else torch.zeros(0, dtype=torch.long)
+    n_low = int((remote_pos < r * L).sum())
+    low, high = s["recv_kv"][:, :, :, :n_low], s["recv_kv"][:, :, :, n_low:]
+    keys = torch.cat([low, s["kv"], high], dim=3)
+    local_pos = torch.arange(r * L, (r + 1) * L)
+    k_pos = torch.cat([remote_pos[:n_low], local_pos, remote_pos[n_low:]]).to(q.device)
+
+    res = spec.kernel(s["q"], keys[0], keys[1], pattern, q_pos=local_pos.to(q.device), k_pos=k_pos,
+                      return_stats=spec.return_stats, scale=spec.scale, seq_len=spec.seq_len)
+    s["out"], s["lse"] = res[0], res[1]
+    s["stats"] = res[2] if spec.return_stats else None
+    return s
