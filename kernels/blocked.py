@@ -30,7 +30,7 @@ from kernels.stats import AttnStats
 from model.pattern import Pattern, _block_mean
 
 BLOCK = 64  # query rows per block: small enough that padding the key list wastes little
-CHUNK_ELEMS = 1 << 23  # score elements per chunk (32 MiB fp32): bounds the working set
+CHUNK_ELEMS = 1 << 22  # score elements per chunk (16 MiB fp32): bounds the working set
 
 
 @dataclass
@@ -310,7 +310,7 @@ class BlockedAttention(torch.autograd.Function):
         groups = H // Hkv if plan.heads_folded else 1
         Qp = sum(c.nb for c in plan.chunks) * BLOCK
         acc = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 accumulate in fp32
-        qs = torch.nn.functional.pad(q, (0, 0, 0, Qp - Q)) * scale  # padded, pre-scaled queries
+        qs = torch.nn.functional.pad(q, (0, 0, 0, Qp - Q)).mul_(scale)  # padded, pre-scaled queries (one copy)
         kf, vf = k.reshape(-1, D), v.reshape(-1, D)
         out = q.new_empty(B, H, Qp, D, dtype=acc)
         lse = q.new_empty(B, H, Qp, dtype=acc)
@@ -350,7 +350,7 @@ class BlockedAttention(torch.autograd.Function):
         if d_lse is not None:
             delta = delta - d_lse.to(acc)
         # Padded query rows get lse = +inf so that their recomputed p is 0, not exp(s) · 0 = NaN.
-        qs, do, lse_p, delta = pad(q.to(acc)) * scale, pad(d_out.to(acc)), pad(lse, float("inf")), pad(delta)
+        qs, do, lse_p, delta = pad(q.to(acc)).mul_(scale), pad(d_out.to(acc)), pad(lse, float("inf")), pad(delta)
         kf, vf = k.reshape(-1, D).to(acc), v.reshape(-1, D).to(acc)
         dq = torch.zeros(B, H, Qp, D, dtype=acc, device=q.device)
         # dK/dV accumulate in [B·Hkv, margin + K + margin, D] so band rows outside [0, K) land somewhere.
