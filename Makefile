@@ -32,7 +32,7 @@ test-all: setup
 	SLOW=1 $(VENV)/bin/python -m pytest -q
 
 train: setup
-	$(VENV)/bin/python -m model.pattern attention=sink attention.window_left=2 attention.num_global=1 seq_len=1024 query=499
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m trainer.train parallel=sp2 $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,328 @@
+"""The typed training config: Hydra's DictConfig -> dataclasses, every setting checked up front.
+
+``load_config(dictconfig, world_size)`` is the only place a DictConfig is read. It rejects unknown
+keys (naming the key and the allowed keys), wrong types, out-of-range values and impossible
+combinations (seq_len not divisible by the SP size, SP x TP not dividing the world, ...) with ONE
+``ConfigError`` line — before any process group, file or tensor is touched. Everything below the
+trainer receives these dataclasses (or the ``ModelConfig`` / ``Pattern`` objects built from them).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import BACKENDS
+from model.pattern import Pattern, PatternError, from_config
+from model.transformer import ModelConfig, layer_patterns, model_preset
+from parallel.context import ParallelConfigError, check_sizes
+from parallel.sharding import check_divisible
+from parallel.sp_attention import STRATEGIES
+from parallel.ulysses import check_heads
+from trainer.data import DataConfigError, get_tokenizer
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    vocab_size: int | None = None  # None: the preset's value
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    rope_theta: float | None = None
+    n_learned_global: int = 0
+    activation_checkpointing: bool = False
+    dense_every: int = 0
+    layer_overrides: dict = field(default_factory=dict)
+
+    def build(self) -> ModelConfig:
+        skip = ("preset", "dense_every", "layer_overrides")
+        overrides = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in skip and getattr(self, f.name) is not None}
+        return model_preset(self.preset, **overrides)
+
+
+@dataclass
+class ParallelSection:
+    sequence_parallel_size: int | None = None  # None: every rank not used by tensor parallelism
+    tensor_parallel_size: int = 1
+    strategy: str = "auto"
+    backend: str = "auto"
+    timeout_s: float = 120.0
+    zero_stage: int = 0
+    precision: str = "auto"
+
+
+@dataclass
+class DataSection:
+    path: str | None = None
+    tokenizer: str = "bytes"
+    val_fraction: float = 0.01
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoggingSection:
+    wandb: str = "offline"
+    project: str = "haloformer"
+    entity: str | None = None
+    run_name: str | None = None
+    stats_every: int = 25
+    log_every: int = 1
+    mask_png: bool = True
+
+
+@dataclass
+class TrainerSection:
+    resume: str = "none"
+    ckpt_every: int = 0
+    ckpt_dir: str = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    attention: dict
+    model: ModelSection
+    parallel: ParallelSection
+    data: DataSection
+    optim: OptimSection
+    logging: LoggingSection
+    trainer: TrainerSection
+    seq_len: int = 4096
+    batch_size: int = 1
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    eval_tasks: list[str] = field(default_factory=list)
+    # Derived by validate(), not read from the YAML:
+    world_size: int = field(default=1, metadata={"derived": True})
+
+    @property
+    def sp_size(self) -> int:
+        return self.parallel.sequence_parallel_size or self.world_size // self.parallel.tensor_parallel_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // (self.sp_size * self.parallel.tensor_parallel_size)
+
+    def patterns(self) -> list[Pattern]:
+        """One validated pattern per layer (the attention group, dense_every, layer_overrides)."""
+        base = from_config(self.attention, self.seq_len)
+        n_layers = self.model.build().n_layers
+        pats = layer_patterns(base, n_layers, self.model.dense_every,
+                              {int(k): v for k, v in self.model.layer_overrides.items()})
+        for p in pats:
+            p.validate(self.seq_len)
+        return pats
+
+
+EVAL_TASKS = ("passkey",)
+WANDB_MODES = ("offline", "online", "disabled")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --- DictConfig -> dataclasses ----------------------------------------------------------------------
+
+def _check_type(value, hint, key: str):
+    """``value`` as type ``hint`` (int, float, bool, str, None, X | None, tuple[...], list[...], dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint is dict or origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        raise TypeError(f"unsupported config type {hint!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{key}: must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def to_dataclass(cls, node: dict, prefix: str = ""):
+    """Build ``cls`` from a plain dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {node!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in fields(cls) if not f.metadata.get("derived")]
+    unknown = sorted(set(node) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(allowed)}")
+    kwargs = {}
+    for name, value in node.items():
+        hint = hints[name]
+        kwargs[name] = (to_dataclass(hint, value, f"{prefix}{name}.") if is_dataclass(hint)
+                        else _check_type(value, hint, prefix + name))
+    for f in fields(cls):
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}: missing; the config must set it")
+    return cls(**kwargs)
+
+
+def env_world_size() -> int:
+    """The world size the launcher announces (torchrun sets WORLD_SIZE); 1 without a launcher."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE: must be a positive integer (set by torchrun), got {raw!r}")
+    return int(raw)
+
+
+def load_config(dictconfig, world_size: int | None = None) -> TrainConfig:
+    """The validated TrainConfig of a composed Hydra config (resolved: interpolations expanded)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        node = OmegaConf.to_container(dictconfig, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}") from None
+    node.pop("hydra", None)
+    cfg = to_dataclass(TrainConfig, node)
+    cfg.world_size = env_world_size() if world_size is None else world_size
+    validate(cfg)
+    return cfg
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, what: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}, got {value!r}")
+
+
+def _one_of(value, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError (one line, naming the setting) for anything that cannot run."""
+    for key in ("seq_len", "batch_size", "steps", "eval_batches"):
+        _require(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
+    _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = only after the last step)", cfg.eval_every)
+    for task in cfg.eval_tasks:
+        _one_of(task, EVAL_TASKS, "eval_tasks")
+    _validate_parallel(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
+    _validate_optim(cfg.optim)
+    lg = cfg.logging
+    _one_of(lg.wandb, WANDB_MODES, "logging.wandb")
+    _require(lg.stats_every >= 0, "logging.stats_every", "must be >= 0 (0 = never)", lg.stats_every)
+    _require(lg.log_every >= 1, "logging.log_every", "must be >= 1", lg.log_every)
+    tr = cfg.trainer
+    _require(tr.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = never)", tr.ckpt_every)
+    if tr.resume not in ("none", "auto") and not Path(tr.resume).exists():
+        raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path; got {tr.resume!r}")
+    return cfg
+
+
+def _validate_parallel(cfg: TrainConfig) -> None:
+    par = cfg.parallel
+    if par.tensor_parallel_size != 1:
+        raise ConfigError("parallel.tensor_parallel_size: must be 1 (the model has no tensor-parallel layers); "
+                          f"got {par.tensor_parallel_size!r}")
+    sp = par.sequence_parallel_size
+    _require(sp is None or sp >= 1, "parallel.sequence_parallel_size", "must be null (all ranks) or >= 1", sp)
+    try:
+        check_sizes(cfg.world_size, par.tensor_parallel_size, cfg.sp_size)
+        check_divisible(cfg.seq_len, cfg.sp_size)
+    except ParallelConfigError as e:
+        raise ConfigError(str(e)) from None
+    _one_of(par.strategy, STRATEGIES, "parallel.strategy")
+    _one_of(par.backend, BACKENDS, "parallel.backend")
+    if par.backend == "flex" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend: flex has no CPU backward; allowed on CPU: auto, reference, blocked; "
+                          "got 'flex'")
+    _one_of(par.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    _one_of(par.precision, PRECISIONS, "parallel.precision")
+    _require(par.timeout_s > 0, "parallel.timeout_s", "must be > 0 seconds", par.timeout_s)
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    try:
+        model = cfg.model.build()
+        patterns = cfg.patterns()
+    except (PatternError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    for i, p in enumerate(patterns):
+        if p.num_global < model.n_learned_global:
+            raise ConfigError(f"model.n_learned_global: must be <= attention.num_global of every layer "
+                              f"(layer {i} has {p.num_global}); got {model.n_learned_global}")
+    if model.d_model % model.n_heads or model.n_heads % model.n_kv_heads or (model.d_model // model.n_heads) % 2:
+        raise ConfigError(f"model.n_heads: must divide model.d_model={model.d_model} into even head sizes and be "
+                          f"a multiple of model.n_kv_heads={model.n_kv_heads}; got {model.n_heads}")
+    strategy = cfg.parallel.strategy
+    if cfg.sp_size > 1 and (strategy == "ulysses" or (strategy == "auto" and any(p.content_based for p in patterns))):
+        try:
+            check_heads(model.n_kv_heads, cfg.sp_size)
+        except ParallelConfigError as e:
+            raise ConfigError(str(e)) from None
+    if strategy == "halo" and any(p.content_based for p in patterns):
+        raise ConfigError(f"parallel.strategy: halo cannot serve the content-based attention "
+                          f"{cfg.attention.get('name')!r}; allowed here: auto, ulysses; got 'halo'")
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    data = cfg.data
+    try:
+        tok = get_tokenizer(data.tokenizer)
+    except (DataConfigError, NotImplementedError) as e:
+        raise ConfigError(str(e)) from None
+    if data.path not in (None, "") and not Path(data.path).expanduser().is_dir():
+        raise ConfigError(f"data.path: must be an existing directory of text files, or null for the built-in "
+                          f"stdlib corpus; got {data.path!r}")
+    _require(0.0 < data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1) (evaluation needs data)",
+             data.val_fraction)
+    vocab = cfg.model.build().vocab_size
+    _require(vocab >= tok.vocab_size, "model.vocab_size", f"must be >= the tokenizer's {tok.vocab_size}", vocab)
+
+
+def _validate_optim(opt: OptimSection) -> None:
+    _require(opt.lr > 0, "optim.lr", "must be > 0", opt.lr)
+    _require(0 <= opt.min_lr <= opt.lr, "optim.min_lr", f"must be in [0, optim.lr={opt.lr}]", opt.min_lr)
+    _require(opt.weight_decay >= 0, "optim.weight_decay", "must be >= 0", opt.weight_decay)
+    _require(all(0 <= b < 1 for b in opt.betas), "optim.betas", "must be two values in [0, 1)", list(opt.betas))
+    _require(opt.eps > 0, "optim.eps", "must be > 0", opt.eps)
+    _require(opt.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", opt.warmup_steps)
+    _require(opt.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)", opt.grad_clip)
