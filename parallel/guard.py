@@ -82,7 +82,7 @@ def check_sp_attention(pattern: Pattern, ctx: ParallelContext, strategy: str = "
     dist.all_reduce(bad, group=ctx.sp_group)
     if not bad.any():
         return max(errs)
-    chosen = pick_strategy(pattern, ctx, n, H, Hkv, strategy)
+    chosen = pick_strategy(pattern, ctx.sp_size, n, H, Hkv, strategy)
     where = "; ".join(f"{name} differs on SP rank(s) {[int(r) for r in torch.nonzero(row).flatten()]}"
                       for name, row in zip(CHECKS, bad, strict=True) if row.any())
     msg = (f"sp_attention check failed for {pattern!r} (strategy={chosen}, {P} SP ranks): {where}; "

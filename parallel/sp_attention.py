@@ -72,9 +72,10 @@ def resolve_kernel(backend: str | Callable) -> Callable:
     return backend if callable(backend) else functools.partial(sparse_attention, backend=backend)
 
 
-def pick_strategy(pattern: Pattern, ctx: ParallelContext, seq_len: int, heads: int, kv_heads: int,
+def pick_strategy(pattern: Pattern, sp_size: int, seq_len: int, heads: int, kv_heads: int,
                   strategy: str = "auto") -> str:
-    """``halo``, ``topk`` or ``ulysses`` for this call; errors name the setting."""
+    """``halo``, ``topk`` or ``ulysses`` for this call; errors name the setting. Needs no process
+    group, so the trainer validates a config with it before any group starts."""
     if strategy not in STRATEGIES:
         raise ParallelConfigError(f"parallel.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy == "halo" and pattern.content_based:
@@ -83,11 +84,11 @@ def pick_strategy(pattern: Pattern, ctx: ParallelContext, seq_len: int, heads: i
     if strategy == "topk" and not pattern.content_based:
         raise ParallelConfigError(f"parallel.strategy=topk: serves content-based patterns only, got "
                                   f"{type(pattern).__name__}; use strategy=halo or auto")
-    chosen = strategy if strategy != "auto" else _auto_strategy(pattern, ctx.sp_size, seq_len, heads, kv_heads)
+    chosen = strategy if strategy != "auto" else _auto_strategy(pattern, sp_size, seq_len, heads, kv_heads)
     if chosen == "ulysses":
-        check_heads(heads, ctx.sp_size)
+        check_heads(heads, sp_size)
     if chosen == "topk":
-        check_blocks(seq_len // ctx.sp_size, pattern.block_size, ctx.sp_size)
+        check_blocks(seq_len // sp_size, pattern.block_size, sp_size)
     return chosen
 
 
@@ -119,7 +120,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
         raise ParallelConfigError(f"seq_len={n} / parallel.sequence_parallel_size={ctx.sp_size} must equal the "
                                   f"local length {L} of q")
     kernel = resolve_kernel(backend)
-    chosen = pick_strategy(pattern, ctx, n, H, k.shape[1], strategy)
+    chosen = pick_strategy(pattern, ctx.sp_size, n, H, k.shape[1], strategy)
     if chosen == "ulysses":
         out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer)
     elif chosen == "topk":

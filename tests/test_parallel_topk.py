@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.pattern import TopKBlocks, Window
-from parallel.context import ParallelConfigError, ParallelContext
+from parallel.context import ParallelConfigError
 from tests.mp_utils import run_workers
 
 D = 16
@@ -23,11 +23,6 @@ D = 16
 ATOL, RTOL = 2e-5, 1e-5
 
 
-def _fake_ctx(P: int, rank: int = 0) -> ParallelContext:
-    """A context for code paths that fail or decide before any communication."""
-    return ParallelContext(world_size=P, rank=rank, backend="gloo", sp_group=None, sp_rank=rank, sp_size=P,
-                           dp_group=None, dp_rank=0, dp_size=1, tp_group=None, tp_rank=0, tp_size=1)
-
 
 # --- single process --------------------------------------------------------------------------------
 
@@ -35,16 +30,16 @@ def test_strategy_choice_and_errors_name_the_settings():
     from parallel.sp_attention import pick_strategy
 
     topk = TopKBlocks(top_k=2, block_size=16)
-    assert pick_strategy(topk, _fake_ctx(4), 4 * 64, 4, 2) == "topk"
-    assert pick_strategy(topk, _fake_ctx(2), 2 * 40, 4, 2) == "ulysses"  # not whole blocks: heads split
-    assert pick_strategy(topk, _fake_ctx(2), 2 * 40, 4, 2, "ulysses") == "ulysses"
+    assert pick_strategy(topk, 4, 4 * 64, 4, 2) == "topk"
+    assert pick_strategy(topk, 2, 2 * 40, 4, 2) == "ulysses"  # not whole blocks: heads split
+    assert pick_strategy(topk, 2, 2 * 40, 4, 2, "ulysses") == "ulysses"
     with pytest.raises(ParallelConfigError, match=r"attention.block_size=16.*sequence_parallel_size=4|"
                                                   r"sequence_parallel_size=4.*attention.block_size=16"):
-        pick_strategy(topk, _fake_ctx(4), 4 * 40, 4, 2, "topk")
+        pick_strategy(topk, 4, 4 * 40, 4, 2, "topk")
     with pytest.raises(ParallelConfigError, match=r"attention.block_size=16"):  # auto, heads do not split
-        pick_strategy(topk, _fake_ctx(3), 3 * 40, 4, 2)
+        pick_strategy(topk, 3, 3 * 40, 4, 2)
     with pytest.raises(ParallelConfigError, match=r"strategy=topk.*content-based"):
-        pick_strategy(Window(window_left=4), _fake_ctx(2), 128, 4, 2, "topk")
+        pick_strategy(Window(window_left=4), 2, 128, 4, 2, "topk")
 
 
 def test_block_routes_merge_runs_and_skip_own_blocks():

@@ -60,16 +60,13 @@ def test_seq_len_not_divisible_names_the_settings():
         check_divisible(100, 3)
     from parallel.sp_attention import sp_attention
 
-    ctx = _fake_ctx(3)
+    # A context for a path that fails before any communication: no groups needed.
+    ctx = ParallelContext(world_size=3, rank=0, backend="gloo", sp_group=None, sp_rank=0, sp_size=3,
+                          dp_group=None, dp_rank=0, dp_size=1, tp_group=None, tp_rank=0, tp_size=1)
     q, k = torch.randn(1, 4, 33, 16), torch.randn(1, 2, 33, 16)
     with pytest.raises(ParallelConfigError, match=r"seq_len=100.*sequence_parallel_size=3"):
         sp_attention(q, k, k, Window(window_left=4), ctx, seq_len=100)
 
-
-def _fake_ctx(P: int) -> ParallelContext:
-    """A context for code paths that fail before any communication."""
-    return ParallelContext(world_size=P, rank=0, backend="gloo", sp_group=None, sp_rank=0, sp_size=P,
-                           dp_group=None, dp_rank=0, dp_size=1, tp_group=None, tp_rank=0, tp_size=1)
 
 
 def test_strategy_errors_name_the_settings():
@@ -77,13 +74,13 @@ def test_strategy_errors_name_the_settings():
     from parallel.sp_attention import pick_strategy
 
     with pytest.raises(ParallelConfigError, match=r"heads \(4\).*sequence_parallel_size \(3\)"):
-        pick_strategy(Window(window_left=4), _fake_ctx(3), 96, 4, 2, "ulysses")
+        pick_strategy(Window(window_left=4), 3, 96, 4, 2, "ulysses")
     with pytest.raises(ParallelConfigError, match=r"strategy=halo.*content-based"):
-        pick_strategy(TopKBlocks(), _fake_ctx(2), 96, 4, 2, "halo")
+        pick_strategy(TopKBlocks(), 2, 96, 4, 2, "halo")
     with pytest.raises(ParallelConfigError, match=r"parallel.strategy: must be one of"):
-        pick_strategy(Window(window_left=4), _fake_ctx(2), 96, 4, 2, "ring")
-    assert pick_strategy(TopKBlocks(), _fake_ctx(2), 96, 4, 2) == "ulysses"
-    assert pick_strategy(Window(window_left=4), _fake_ctx(4), 96, 4, 2) == "halo"
+        pick_strategy(Window(window_left=4), 2, 96, 4, 2, "ring")
+    assert pick_strategy(TopKBlocks(), 2, 96, 4, 2) == "ulysses"
+    assert pick_strategy(Window(window_left=4), 4, 96, 4, 2) == "halo"
 
 
 def test_world_size_not_divisible_names_the_settings():

@@ -22,8 +22,7 @@ from model.pattern import Pattern, PatternError, from_config
 from model.transformer import ModelConfig, layer_patterns, model_preset
 from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
-from parallel.sp_attention import STRATEGIES
-from parallel.ulysses import check_heads
+from parallel.sp_attention import STRATEGIES, pick_strategy
 from trainer.data import DataConfigError, get_tokenizer
 
 
@@ -292,15 +291,12 @@ def _validate_model(cfg: TrainConfig) -> None:
     if model.d_model % model.n_heads or model.n_heads % model.n_kv_heads or (model.d_model // model.n_heads) % 2:
         raise ConfigError(f"model.n_heads: must divide model.d_model={model.d_model} into even head sizes and be "
                           f"a multiple of model.n_kv_heads={model.n_kv_heads}; got {model.n_heads}")
-    strategy = cfg.parallel.strategy
-    if cfg.sp_size > 1 and (strategy == "ulysses" or (strategy == "auto" and any(p.content_based for p in patterns))):
-        try:
-            check_heads(model.n_kv_heads, cfg.sp_size)
-        except ParallelConfigError as e:
-            raise ConfigError(str(e)) from None
-    if strategy == "halo" and any(p.content_based for p in patterns):
-        raise ConfigError(f"parallel.strategy: halo cannot serve the content-based attention "
-                          f"{cfg.attention.get('name')!r}; allowed here: auto, ulysses; got 'halo'")
+    if cfg.sp_size > 1:  # the very rule sp_attention applies on the first forward, checked now
+        for p in patterns:
+            try:
+                pick_strategy(p, cfg.sp_size, cfg.seq_len, model.n_heads, model.n_kv_heads, cfg.parallel.strategy)
+            except ParallelConfigError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _validate_data(cfg: TrainConfig) -> None:
