@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -43,8 +44,16 @@ def _env(**extra) -> dict:
 def train(*overrides: str, nproc: int = 1, timeout: float = 180, env: dict | None = None, check: bool = True):
     """Run the trainer (torchrun when nproc > 1); the CompletedProcess, stdout and stderr as text."""
     launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else [PY, "-m"]
-    proc = subprocess.run([*launcher, "trainer.train", *overrides], cwd=REPO, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
+    # Own session, so that a timeout kills torchrun's ranks too, not only torchrun.
+    popen = subprocess.Popen([*launcher, "trainer.train", *overrides], cwd=REPO, env=env or _env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.communicate()
+        pytest.fail(f"trainer did not finish within {timeout} s; its process group was killed")
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     if check and proc.returncode != 0:
         pytest.fail(f"trainer exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
