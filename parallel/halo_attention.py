@@ -31,6 +31,7 @@ from kernels.stats import AttnStats, merge_stats, merge_two
 from model.pattern import Pattern
 from parallel import globals as glob
 from parallel.halo import P2PExchange
+from parallel.layer_fn import forward_with_inner_graph, run_layer
 
 
 @dataclass
@@ -56,24 +57,13 @@ class HaloSpec:
 
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: HaloSpec):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        with torch.no_grad():  # inference: the same steps without keeping graphs for backward
-            s = _forward(q, k, v, spec)
-        return s["out"], s["lse"], s["stats"]
-    out, lse, stats = _HaloAttention.apply(q, k, v, spec)
-    return out, lse, (AttnStats(*stats.unbind(-1)) if spec.return_stats else None)
+    return run_layer(_HaloAttention, _forward, q, k, v, spec, spec.return_stats)
 
 
 class _HaloAttention(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, spec):
-        with torch.enable_grad():
-            state = _forward(q, k, v, spec)
-        fctx.spec, fctx.state = spec, state
-        out, lse, stats = state["out"], state["lse"], state["stats"]
-        packed = torch.stack(stats.fields(), -1) if stats is not None else lse.new_zeros(0)
-        fctx.mark_non_differentiable(lse, packed)
-        return out.detach(), lse.detach(), packed.detach()
+        return forward_with_inner_graph(fctx, _forward, q, k, v, spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

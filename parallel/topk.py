@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernels.stats import AttnStats
 from model.pattern import Pattern, _block_mean
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route
+from parallel.layer_fn import forward_with_inner_graph, run_layer
 
 SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
 TAG = 40  # distinct from the halo path's tags (10, 20, 30 and their +1 reverses)
@@ -132,24 +132,13 @@ class TopKSpec:
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopKSpec):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
     check_blocks(q.shape[2], spec.pattern.block_size, spec.ctx.sp_size)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        with torch.no_grad():  # inference: the same steps without keeping graphs for backward
-            s = _forward(q, k, v, spec)
-        return s["out"], s["lse"], s["stats"]
-    out, lse, stats = _TopKAttention.apply(q, k, v, spec)
-    return out, lse, (AttnStats(*stats.unbind(-1)) if spec.return_stats else None)
+    return run_layer(_TopKAttention, _forward, q, k, v, spec, spec.return_stats)
 
 
 class _TopKAttention(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, spec):
-        with torch.enable_grad():
-            state = _forward(q, k, v, spec)
-        fctx.state = state
-        out, lse, stats = state["out"], state["lse"], state["stats"]
-        packed = torch.stack(stats.fields(), -1) if stats is not None else lse.new_zeros(0)
-        fctx.mark_non_differentiable(lse, packed)
-        return out.detach(), lse.detach(), packed.detach()
+        return forward_with_inner_graph(fctx, _forward, q, k, v, spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
