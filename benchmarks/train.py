@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from launch.proc import run_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,20 +40,14 @@ def run_job(nproc: int, seq_len: int, pattern: str, steps: int, timeout: float, 
         env.setdefault("DS_ACCELERATOR", "cpu")
         row = {"seq_len": seq_len, "pattern": pattern, "nproc": nproc, "extra": " ".join(extra)}
         t0 = time.monotonic()
-        # Own session: on a timeout the whole group (torchrun and its ranks) is killed, not only
-        # torchrun, whose ranks would otherwise go on using the cores of the rows after it.
-        proc = subprocess.Popen([*launcher, "trainer.train", *overrides], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
+        try:  # a timeout kills torchrun's ranks too, or they would slow the rows after this one
+            proc = run_process_group([*launcher, "trainer.train", *overrides], cwd=REPO, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
             return {**row, "status": f"timeout>{timeout:.0f}s"}
         row["wall_s"] = round(time.monotonic() - t0, 1)
         metrics = Path(tmp) / "metrics.jsonl"
         if proc.returncode != 0 or not metrics.exists():
-            tail = (stderr.strip().splitlines() or ["?"])[-1][:160]
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
             return {**row, "status": f"failed (rc {proc.returncode}): {tail}"}
         steps_rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         timed = steps_rows[1:] or steps_rows

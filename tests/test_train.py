@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from launch.proc import run_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -44,16 +45,10 @@ def _env(**extra) -> dict:
 def train(*overrides: str, nproc: int = 1, timeout: float = 180, env: dict | None = None, check: bool = True):
     """Run the trainer (torchrun when nproc > 1); the CompletedProcess, stdout and stderr as text."""
     launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else [PY, "-m"]
-    # Own session, so that a timeout kills torchrun's ranks too, not only torchrun.
-    popen = subprocess.Popen([*launcher, "trainer.train", *overrides], cwd=REPO, env=env or _env(), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = popen.communicate(timeout=timeout)
+        proc = run_process_group([*launcher, "trainer.train", *overrides], cwd=REPO, env=env or _env(), timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.communicate()
         pytest.fail(f"trainer did not finish within {timeout} s; its process group was killed")
-    proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     if check and proc.returncode != 0:
         pytest.fail(f"trainer exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
