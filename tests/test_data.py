@@ -1,14 +1,21 @@
 """Data: default corpus, token cache, sampler determinism/resume/DP split, SP shards, settings errors,
-synthetic tasks."""
+synthetic tasks, the BPE tokenizer (round trip, determinism, caches, config rule, bits per byte)."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trainer import data as D
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _text_dir(tmp_path, n_files=3, size=2000):
@@ -62,9 +69,9 @@ def test_bad_settings_name_the_setting(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataConfigError, match="data.path"):
         D.load_corpus(tmp_path / "empty", cache_dir=tmp_path / "c")
-    with pytest.raises(NotImplementedError, match="data.tokenizer.*bytes"):
-        D.get_tokenizer("bpe")
-    with pytest.raises(D.DataConfigError, match="data.tokenizer.*bytes"):
+    with pytest.raises(D.DataConfigError, match="data.bpe_vocab_size.*257"):
+        D.get_tokenizer("bpe", bpe_vocab_size=100)
+    with pytest.raises(D.DataConfigError, match="data.tokenizer.*bytes, bpe"):
         D.get_tokenizer("words")
     with pytest.raises(D.DataConfigError, match="data.val_fraction"):
         D.load_corpus(val_fraction=1.5)
@@ -174,3 +181,170 @@ def test_associative_recall_and_accuracy():
     wrong[0, -1] = wrong[0, -1].roll(1)
     assert D.task_accuracy(wrong, batch) == 0.75
     assert D.task_accuracy(perfect[:, 2:], batch) == 1.0  # logits without the learned global rows
+
+
+# --- the BPE tokenizer ----------------------------------------------------------------------------
+
+WORDS = ("the pass key is green blue sky sun grass here we go there and back again def return class "
+         "import self value lambda yield über naïve 日本 🎉").split()
+
+
+def _words_dir(tmp_path, n_files=4, n_words=3000, seed=0):
+    """Word-like text (BPE has pairs to merge), with a little non-ASCII and one non-UTF-8 byte."""
+    src = tmp_path / "words"
+    src.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n_files):
+        lines = [" ".join(rng.choice(WORDS, size=12)) for _ in range(n_words // 12)]
+        (src / f"doc{i}.txt").write_bytes("\n".join(lines).encode() + b"\n\xff latin-1 \xe9t\xe9\n")
+    return src
+
+
+@pytest.fixture(scope="module")
+def bpe_corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bpe")
+    return D.load_corpus(_words_dir(tmp), "bpe", tmp / "cache", val_fraction=0.1, bpe_vocab_size=300)
+
+
+@given(data=st.binary(max_size=200) | st.text(max_size=100).map(str.encode))
+def test_bpe_round_trips_any_bytes(bpe_corpus, data):
+    tok = bpe_corpus.tokenizer
+    ids = tok.encode(data)
+    assert ids.dtype == np.uint32 and (ids < tok.vocab_size).all()
+    assert int(tok.byte_lengths[ids].sum()) == len(data)  # every byte in exactly one token
+    assert tok.decode(ids) == data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace")
+    assert np.array_equal(tok.encode(text), tok.encode(text.encode()))
+
+
+def test_bpe_compresses_and_keeps_the_separator(bpe_corpus):
+    tok = bpe_corpus.tokenizer
+    text = "the pass key is green\nthe sky is blue über 日本 🎉"
+    ids = tok.encode(text)
+    assert len(ids) < 0.7 * len(text.encode()) and tok.decode(ids) == text
+    assert tok.encode("a\x00b")[1] == D.DOC_SEP and tok.decode([D.DOC_SEP]) == "\x00"
+    assert bpe_corpus.train.dtype == np.uint16 and bpe_corpus.vocab_size == 300
+    stream = np.concatenate([bpe_corpus.train, bpe_corpus.val])
+    assert int((stream == D.DOC_SEP).sum()) == bpe_corpus.n_documents  # one separator per document
+
+
+def test_bpe_trains_deterministically_on_the_train_split_only(tmp_path, bpe_corpus):
+    src = _words_dir(tmp_path)
+    a, b = (D.load_corpus(src, "bpe", tmp_path / name, 0.1, 300) for name in ("a", "b"))
+    assert (a.tokenizer.identity == b.tokenizer.identity == bpe_corpus.tokenizer.identity)
+    (ja,), (jb,) = ((tmp_path / n).glob("bpe-*/tokenizer.json") for n in ("a", "b"))
+    assert ja.read_bytes() == jb.read_bytes()
+    assert np.array_equal(a.val, b.val)
+    # The validation split: the longest suffix of at most int(total · val_fraction) bytes.
+    lengths = a.tokenizer.byte_lengths
+    total = int(lengths[np.concatenate([a.train, a.val])].sum())
+    val_bytes = int(lengths[a.val].sum())
+    assert val_bytes <= int(total * 0.1) < val_bytes + lengths[a.train[-1]]
+    # The tokenizer saw only bytes before it.
+    docs = D.documents(src)
+    assert D.bpe.sample_bytes(docs, 0.1) == total - int(total * 0.1) <= total - val_bytes
+
+
+def test_bpe_cache_reused_and_invalidated(tmp_path, monkeypatch):
+    src, cache = _words_dir(tmp_path, n_files=2), tmp_path / "cache"
+    first = D.load_corpus(src, "bpe", cache, 0.1, 300)
+    (tok_json,) = cache.glob("bpe-*/tokenizer.json")
+    mtime = tok_json.stat().st_mtime_ns
+
+    def no_retrain(*args, **kwargs):
+        raise AssertionError("the tokenizer should have been reused")
+
+    monkeypatch.setattr(D.bpe, "train", no_retrain)
+    second = D.load_corpus(src, "bpe", cache, 0.1, 300)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert tok_json.stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="reused"):  # another vocabulary: another tokenizer
+        D.load_corpus(src, "bpe", cache, 0.1, 400)
+    (src / "doc1.txt").write_bytes(b"changed")
+    with pytest.raises(AssertionError, match="reused"):  # a changed source: retrained
+        D.load_corpus(src, "bpe", cache, 0.1, 300)
+
+
+def test_bytes_and_bpe_caches_do_not_collide(tmp_path):
+    src, cache = _words_dir(tmp_path, n_files=2), tmp_path / "cache"
+    paths = {D.load_corpus(src, name, cache, 0.1, vocab).cache_path
+             for name, vocab in (("bytes", 300), ("bpe", 300), ("bpe", 320))}
+    assert len(paths) == 3
+    again = D.load_corpus(src, "bytes", cache, 0.1)
+    assert again.cache_hit and again.vocab_size == 256 and again.train.dtype == np.uint8
+
+
+def _config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import trainer.train  # noqa: F401  (registers the launch_stamp resolver)
+    from trainer.config import load_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        node = compose(config_name="config", overrides=[*overrides, "seq_len=512", "attention.window_left=128",
+                                                          "trainer.ckpt_dir=unused"])
+    return load_config(node, 1)
+
+
+def test_model_vocab_follows_the_tokenizer(monkeypatch):
+    from trainer.config import ConfigError
+
+    monkeypatch.setattr(D.bpe, "train", lambda *a: pytest.fail("validation must not train the tokenizer"))
+    assert _config().model_config().vocab_size == 256
+    assert _config("model=125m", "model.n_layers=1").model_config().vocab_size == 256  # not the preset's 50304
+    assert _config("data.tokenizer=bpe", "data.bpe_vocab_size=512").model_config().vocab_size == 512
+    assert _config("data.tokenizer=bpe", "model.vocab_size=5000").model_config().vocab_size == 5000
+    with pytest.raises(ConfigError) as e:
+        _config("data.tokenizer=bpe", "model.vocab_size=256")
+    assert str(e.value) == ("model.vocab_size: must be >= the tokenizer's 4096 (data.tokenizer=bpe, "
+                            "data.bpe_vocab_size=4096), got 256")
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: must be >= the tokenizer's 256 "
+                                          r"\(data.tokenizer=bytes\), got 100$"):
+        _config("model.vocab_size=100")
+    with pytest.raises(ConfigError, match="^data.bpe_vocab_size: must be in"):
+        _config("data.tokenizer=bpe", "data.bpe_vocab_size=100")
+    with pytest.raises(ConfigError, match="^eval_tasks: passkey .* data.tokenizer=bytes"):
+        _config("data.tokenizer=bpe", "eval_tasks=[passkey]")
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
+    """A model with loss c nats on every token: bpb = c · n_targets / ln 2 / the targets' bytes, with the
+    learned global slots (positions < 2) scored neither in the loss nor in the bytes."""
+    from types import SimpleNamespace
+
+    from trainer import loop
+
+    lengths = np.array([1, 2, 3, 4])  # bytes of token ids 0..3
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
+
+    def ds(tokens, positions, targets, **_):
+        n = (targets[:, positions >= 2] != D.IGNORE_INDEX).sum()
+        return SimpleNamespace(loss=torch.tensor(0.7, dtype=torch.float64), n_targets=n)
+
+    val = np.random.default_rng(0).integers(0, 4, size=2000)
+    cfg = SimpleNamespace(seq_len=64, batch_size=2, seed=3, eval_batches=3, eval_tasks=[],
+                          model=SimpleNamespace(n_learned_global=2))
+    ctx = SimpleNamespace(device="cpu", dp_rank=0, dp_size=1, sp_rank=0, sp_size=1)
+    row = loop.evaluate(ds, val, cfg, ctx, {}, None, lengths)
+    sampler = D.LongDocSampler(val, 64, 2, seed=3)
+    scored = np.concatenate([val[s + 3: s + 65] for _ in range(3) for s in sampler.next_starts()])
+    assert row["eval/loss"] == pytest.approx(0.7)
+    assert row["eval/bpb"] == pytest.approx(0.7 * len(scored) / math.log(2) / lengths[scored].sum(), rel=1e-12)
+
+
+def test_train_with_bpe_end_to_end(tmp_path):
+    """``data.tokenizer=bpe`` trains and evaluates; eval/bpb is the eval loss per byte of its targets."""
+    from tests.train_utils import _env, rows, train
+
+    src, cache, out = _words_dir(tmp_path, n_files=3, n_words=8000), tmp_path / "cache", tmp_path / "run"
+    data = ["data.tokenizer=bpe", "data.bpe_vocab_size=512", f"data.path={src}", f"data.cache_dir={cache}",
+            "data.val_fraction=0.1"]
+    train(*data, "seq_len=256", "attention.window_left=64", "steps=2", "eval_batches=1", "logging.wandb=disabled", "logging.mask_png=false",
+          f"hydra.run.dir={out}", env=_env(WANDB_MODE="disabled"))
+    last = rows(out)[2]
+    corpus = D.load_corpus(src, "bpe", cache, 0.1, 512)
+    assert corpus.cache_hit  # the run built it
+    _, targets, _ = D.LongDocSampler(corpus.val, 256, 1, seed=0).next_shard()  # the run's one eval batch
+    bytes_per_token = corpus.tokenizer.byte_lengths[targets.numpy()].mean()
+    assert bytes_per_token > 2  # BPE tokens of words: several bytes each
+    assert last["eval/bpb"] == pytest.approx(last["eval/loss"] / math.log(2) / bytes_per_token, rel=1e-6)

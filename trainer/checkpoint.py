@@ -1,11 +1,18 @@
 """Checkpoints: DeepSpeed's engine state plus the sampler, RNG and step, one directory per step.
 
     <trainer.ckpt_dir>/step_00000300/   DeepSpeed's files (model, optimizer, LR schedule, client state)
-                                        + meta.json, written by rank 0 after every rank has saved
+                                        + meta.json (run settings, model shape, every file's size)
 
-A directory without ``meta.json`` is incomplete (the run died while saving) and is never resumed
-from. ``trainer.resume=auto`` takes the complete checkpoint with the highest step; ``PATH`` is one
-checkpoint directory or a directory of them (its latest complete one).
+Atomic: every rank writes into ``.step_00000300.tmp/``; after all have finished, rank 0 writes
+``meta.json`` there and renames the directory to ``step_00000300`` (one rename: it is there whole
+or not at all). A run killed while saving leaves only the ``.tmp`` directory, which is never
+resumed from (and is replaced by the next save of that step). ``trainer.resume=auto`` takes the
+newest checkpoint that checks out (``meta.json`` readable, every file present with its recorded
+size); a corrupt newest one is skipped with a warning, falling back to the one before.
+``PATH`` is one checkpoint directory or a directory of them (its newest good one).
+
+After a torchrun restart (``--max-restarts``; ``TORCHELASTIC_RESTART_COUNT > 0``) ``resume=none``
+acts as ``auto``: the restarted group continues from the run's own last checkpoint.
 
 Resuming with another sequence-parallel size. The model and optimizer state do not depend on how
 a sequence is sharded, and the sampler's state is (epoch, step), so an SP=2 checkpoint resumes at
@@ -14,13 +21,18 @@ SP=1 and vice versa — within these limits, checked before any process group st
 - the same ZeRO stage (DeepSpeed's file layout differs between stages);
 - ZeRO stage >= 1 partitions the optimizer over the gradient-reduce group (data x sequence ranks),
   so its size (world / tensor-parallel size) must stay the same; stage 0 has no such limit;
-- the same seq_len, batch_size and data-parallel size (the sampler's windows depend on them).
+- the same seq_len, batch_size and data-parallel size (the sampler's windows depend on them);
+- the same model shape (every model.* size; the attention pattern may change, it has no weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +42,9 @@ import torch.distributed as dist
 from trainer.config import ConfigError, TrainConfig
 
 META = "meta.json"
+# The model settings that decide the weights' shapes (rope_theta, norm_eps, checkpointing may change).
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "multiple_of", "tie_embeddings",
+              "n_learned_global")
 
 
 def tag(step: int) -> str:
@@ -37,32 +52,71 @@ def tag(step: int) -> str:
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``ckpt_dir``, oldest first."""
+    """Checkpoint directories under ``ckpt_dir`` that have a ``meta.json``, oldest first (by name:
+    the tag is the zero-padded step). Whether they are intact is ``problem``'s question."""
     root = Path(ckpt_dir)
-    found = [p for p in root.glob("step_*") if (p / META).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: json.loads((p / META).read_text())["step"])
+    return sorted(p for p in root.glob("step_*") if (p / META).is_file()) if root.is_dir() else []
 
 
 def read_meta(path: Path) -> dict:
     return json.loads((path / META).read_text())
 
 
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (None: it checks out)."""
+    try:
+        meta = read_meta(path)
+        files = meta.get("files", {})
+        step = int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{META} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if step != int(path.name.removeprefix("step_")):
+        return f"{META} says step {step}, the directory name another"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def newest_intact(candidates: list[Path], warn: bool) -> Path | None:
+    """The newest checkpoint of ``candidates`` (oldest first) without a problem; each corrupt one
+    skipped on the way is reported on stderr (once per job: ``warn`` on rank 0 only)."""
+    for path in reversed(candidates):
+        why = problem(path)
+        if why is None:
+            return path
+        if warn:
+            print(f"warning: checkpoint {path} is corrupt ({why}); falling back to the one before it",
+                  file=sys.stderr, flush=True)
+    return None
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint ``trainer.resume`` asks for (None: start fresh); ConfigError if unusable."""
     resume = cfg.trainer.resume
+    if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # a restarted torchrun group continues from its own last checkpoint
     if resume == "none":
         return None
+    warn = int(os.environ.get("RANK", "0")) == 0
     if resume == "auto":
         found = complete_checkpoints(cfg.trainer.ckpt_dir)
-        path = found[-1] if found else None
+        path = newest_intact(found, warn)
+        if found and path is None:
+            raise ConfigError(f"trainer.resume: every checkpoint in {cfg.trainer.ckpt_dir} is corrupt (see the "
+                              "warnings); resume=none starts over")
     else:
-        path = Path(resume) if (Path(resume) / META).is_file() else None
+        single = (Path(resume) / META).is_file()
+        found = [Path(resume)] if single else complete_checkpoints(resume)
+        if not found:
+            raise ConfigError(f"trainer.resume: {resume!r} is neither a complete checkpoint (with {META}) nor "
+                              "a directory holding one; allowed: none, auto, or such a path")
+        path = newest_intact(found, warn and not single)
         if path is None:
-            found = complete_checkpoints(resume)
-            if not found:
-                raise ConfigError(f"trainer.resume: {resume!r} is neither a complete checkpoint (with {META}) nor "
-                                  "a directory holding one; allowed: none, auto, or such a path")
-            path = found[-1]
+            raise ConfigError(f"trainer.resume: {resume} is corrupt: {problem(found[-1])}")
     if path is not None:
         check_compatible(read_meta(path), cfg, path)
     return path
@@ -71,7 +125,8 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 def run_meta(cfg: TrainConfig, step: int) -> dict:
     return {"step": step, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "dp_size": cfg.dp_size,
             "sp_size": cfg.sp_size, "world_size": cfg.world_size, "zero_stage": cfg.parallel.zero_stage,
-            "reduce_size": cfg.world_size // cfg.parallel.tensor_parallel_size}
+            "reduce_size": cfg.world_size // cfg.parallel.tensor_parallel_size,
+            "model": {k: v for k, v in dataclasses.asdict(cfg.model_config()).items() if k in SHAPE_KEYS}}
 
 
 def check_compatible(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -84,6 +139,11 @@ def check_compatible(saved: dict, cfg: TrainConfig, path: Path) -> None:
         if saved[key] != now[key]:
             raise ConfigError(f"trainer.resume: {path} was saved with {name}={saved[key]}, this run has "
                               f"{now[key]}; resume needs the same value")
+    if "model" in saved and saved["model"] != now["model"]:
+        diff = [f"{k}={saved['model'][k]} (this run {now['model'].get(k)})" for k in saved["model"]
+                if saved["model"][k] != now["model"].get(k)]
+        raise ConfigError(f"trainer.resume: {path} holds a model of another shape: {', '.join(diff)}; resume needs "
+                          "the same model.* sizes (the attention pattern may differ)")
     if saved["step"] > cfg.steps:
         raise ConfigError(f"steps: {path} is at step {saved['step']}, beyond steps={cfg.steps}; raise steps")
 
@@ -99,17 +159,34 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, cfg: TrainConfig, step: int, sampler, rank: int) -> Path:
-    """Every rank writes its DeepSpeed files; then rank 0 marks the directory complete."""
-    path = Path(cfg.trainer.ckpt_dir) / tag(step)
-    client = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
-    engine.save_checkpoint(cfg.trainer.ckpt_dir, tag=tag(step), client_state=client, save_latest=False)
-    dist.barrier()  # every rank's files are on disk before the marker says so
-    if rank == 0:
-        tmp = path / f"{META}.tmp"
-        tmp.write_text(json.dumps(run_meta(cfg, step), indent=1))
-        tmp.replace(path / META)
+    """Every rank writes its DeepSpeed files into ``.step_N.tmp``; rank 0 then adds ``meta.json``
+    and renames the directory into place (``ckpt_dir`` must be on storage every node shares)."""
+    root = Path(cfg.trainer.ckpt_dir)
+    final, tmp = root / tag(step), root / f".{tag(step)}.tmp"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run that died while saving this step
     dist.barrier()
-    return path
+    client = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
+    dist.barrier()  # every rank's files are on disk before the directory is published
+    if rank == 0:
+        _publish(tmp, final, run_meta(cfg, step))
+    dist.barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    meta["files"] = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    with open(tmp / META, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a corrupt checkpoint of this step, skipped at resume: replaced
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
 
 
 def load(engine, path: Path, sampler) -> int:

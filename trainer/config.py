@@ -23,7 +23,7 @@ from model.transformer import ModelConfig, layer_patterns, model_preset
 from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
-from trainer.data import DataConfigError, get_tokenizer
+from trainer.data import DataConfigError, tokenizer_vocab_size
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    vocab_size: int | None = None  # None: the preset's value
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary (TrainConfig.model_config)
     d_model: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
@@ -45,11 +45,12 @@ class ModelSection:
     dense_every: int = 0
     layer_overrides: dict = field(default_factory=dict)
 
-    def build(self) -> ModelConfig:
+    def build(self, tokenizer_vocab: int) -> ModelConfig:
+        """The preset with the fields set here; vocab_size unset is ``tokenizer_vocab``, not the preset's."""
         skip = ("preset", "dense_every", "layer_overrides")
         overrides = {f.name: getattr(self, f.name) for f in fields(self)
                      if f.name not in skip and getattr(self, f.name) is not None}
-        return model_preset(self.preset, **overrides)
+        return model_preset(self.preset, **{"vocab_size": tokenizer_vocab, **overrides})
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ParallelSection:
 class DataSection:
     path: str | None = None
     tokenizer: str = "bytes"
+    bpe_vocab_size: int = 4096
     val_fraction: float = 0.01
     cache_dir: str | None = None
 
@@ -98,6 +100,7 @@ class TrainerSection:
     resume: str = "none"
     ckpt_every: int = 0
     ckpt_dir: str = "checkpoints"
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass
@@ -127,10 +130,15 @@ class TrainConfig:
     def dp_size(self) -> int:
         return self.world_size // (self.sp_size * self.parallel.tensor_parallel_size)
 
+    def model_config(self) -> ModelConfig:
+        """The model to build: model.vocab_size unset follows the tokenizer (256 for bytes,
+        data.bpe_vocab_size for bpe), known from the config alone."""
+        return self.model.build(tokenizer_vocab_size(self.data.tokenizer, self.data.bpe_vocab_size))
+
     def patterns(self) -> list[Pattern]:
         """One validated pattern per layer (the attention group, dense_every, layer_overrides)."""
         base = from_config(self.attention, self.seq_len)
-        n_layers = self.model.build().n_layers
+        n_layers = self.model_config().n_layers
         pats = layer_patterns(base, n_layers, self.model.dense_every,
                               {int(k): v for k, v in self.model.layer_overrides.items()})
         for p in pats:
@@ -251,6 +259,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1", lg.log_every)
     tr = cfg.trainer
     _require(tr.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = never)", tr.ckpt_every)
+    _require(tr.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1",
+             tr.max_consecutive_nonfinite)
     if tr.resume not in ("none", "auto") and not Path(tr.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path; got {tr.resume!r}")
     return cfg
@@ -280,11 +290,15 @@ def _validate_parallel(cfg: TrainConfig) -> None:
 
 def _validate_model(cfg: TrainConfig) -> None:
     try:
-        model = cfg.model.build()
+        model = cfg.model_config()
         patterns = cfg.patterns()
     except (PatternError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     for i, p in enumerate(patterns):
+        for side in ("window_left", "window_right"):  # the kernels accept it; in training it is a mistake
+            if getattr(p, side, 0) >= cfg.seq_len:
+                raise ConfigError(f"attention.{side}: must be < seq_len={cfg.seq_len} (a window that wide is dense "
+                                  f"attention: use attention=dense); got {getattr(p, side)}")
         if p.num_global < model.n_learned_global:
             raise ConfigError(f"model.n_learned_global: must be <= attention.num_global of every layer "
                               f"(layer {i} has {p.num_global}); got {model.n_learned_global}")
@@ -302,16 +316,34 @@ def _validate_model(cfg: TrainConfig) -> None:
 def _validate_data(cfg: TrainConfig) -> None:
     data = cfg.data
     try:
-        tok = get_tokenizer(data.tokenizer)
-    except (DataConfigError, NotImplementedError) as e:
+        tok_vocab = tokenizer_vocab_size(data.tokenizer, data.bpe_vocab_size)
+    except DataConfigError as e:
         raise ConfigError(str(e)) from None
     if data.path not in (None, "") and not Path(data.path).expanduser().is_dir():
         raise ConfigError(f"data.path: must be an existing directory of text files, or null for the built-in "
                           f"stdlib corpus; got {data.path!r}")
+    if data.path not in (None, "") and not _any_nonempty_file(Path(data.path).expanduser()):
+        raise ConfigError(f"data.path: {data.path!r} holds no non-empty (non-hidden) file; it must hold text files, "
+                          "or be null for the built-in stdlib corpus")
     _require(0.0 < data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1) (evaluation needs data)",
              data.val_fraction)
-    vocab = cfg.model.build().vocab_size
-    _require(vocab >= tok.vocab_size, "model.vocab_size", f"must be >= the tokenizer's {tok.vocab_size}", vocab)
+    tok = f"data.tokenizer={data.tokenizer}" + (f", data.bpe_vocab_size={data.bpe_vocab_size}"
+                                                 if data.tokenizer == "bpe" else "")
+    _require(cfg.model_config().vocab_size >= tok_vocab, "model.vocab_size",
+             f"must be >= the tokenizer's {tok_vocab} ({tok})", cfg.model.vocab_size)
+    if data.tokenizer != "bytes" and "passkey" in cfg.eval_tasks:
+        raise ConfigError(f"eval_tasks: passkey is written in byte tokens; it needs data.tokenizer=bytes, "
+                          f"got {data.tokenizer!r}")
+
+
+def _any_nonempty_file(root: Path) -> bool:
+    """Stops at the first one: cheap even for a corpus of millions of files."""
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths = (os.path.join(top, f) for f in files if not f.startswith("."))
+        if any(os.path.isfile(f) and os.path.getsize(f) > 0 for f in paths):  # isfile: no broken links
+            return True
+    return False
 
 
 def _validate_optim(opt: OptimSection) -> None:

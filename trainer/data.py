@@ -1,11 +1,13 @@
 """Token data: corpus -> memory-mapped token cache -> resumable window sampler -> sequence shards.
 
-Corpus. Byte-level tokens by default (vocab 256). Without ``data.path`` the corpus is the Python
-standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``, site-packages and
-__pycache__ left out), so training works with nothing downloaded. Files are taken in sorted path
-order; every top-level package (or single module) of the stdlib becomes one long document, each of
-its files preceded by a header line ``# ==== <relative path> ====``. With ``data.path=DIR`` every
-non-hidden file under DIR (recursively, sorted) is one document.
+Corpus. Byte-level tokens by default (vocab 256); ``data.tokenizer=bpe`` is a byte-level BPE of
+``data.bpe_vocab_size`` tokens (trainer/bpe.py) trained here on the training split. Without
+``data.path`` the corpus is the Python standard library's own ``.py`` sources
+(``sysconfig.get_paths()["stdlib"]``, site-packages and __pycache__ left out), so training works with
+nothing downloaded. Files are taken in sorted path order; every top-level package (or single module)
+of the stdlib becomes one long document, each of its files preceded by a header line
+``# ==== <relative path> ====``. With ``data.path=DIR`` every non-hidden file under DIR (recursively,
+sorted) is one document.
 
 Document separator: every document is followed by the token ``DOC_SEP`` = 0, the NUL byte, which
 text files do not contain. Windows are cut from the concatenated stream and may span a separator;
@@ -13,7 +15,13 @@ the model learns that what follows a NUL is unrelated to what precedes it.
 
 Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
 fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
-source file. The key hashes the tokenizer name and the list of (path, size, mtime) of the sources.
+source file. The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained
+tokenizer.json) and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
+``<cache_dir>/bpe-<key>/tokenizer.json``, keyed on the same listing, the vocab size and the split.
+
+Validation split: the longest suffix of the stream that encodes at most ``int(bytes · val_fraction)``
+bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens). The BPE tokenizer trains on
+bytes before that point only, so it has never seen the validation text.
 
 Sampling. ``LongDocSampler`` cuts the train stream into windows of seq_len + 1 tokens (inputs and
 next-token targets), shuffled per epoch from (seed, epoch) alone, so its state is two integers and a
@@ -24,6 +32,8 @@ global batch; a sequence-parallel rank reads only its own slice of each window (
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import sysconfig
@@ -32,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from trainer import bpe
 
 DOC_SEP = 0
 IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
@@ -48,8 +60,9 @@ class DataConfigError(ValueError):
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocab 256, nothing to train, every text round-trips."""
 
-    name = "bytes"
+    name = identity = "bytes"
     vocab_size = 256
+    byte_lengths = np.ones(256, dtype=np.int64)  # [vocab_size] bytes each id stands for
 
     def encode(self, data: bytes | str) -> np.ndarray:
         return np.frombuffer(data.encode() if isinstance(data, str) else data, dtype=np.uint8)
@@ -58,14 +71,38 @@ class ByteTokenizer:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
-def get_tokenizer(name: str = "bytes") -> ByteTokenizer:
+def tokenizer_vocab_size(name: str, bpe_vocab_size: int = 4096) -> int:
+    """The vocabulary a tokenizer setting gives, known without training (config validation)."""
+    if name == "bytes":
+        return ByteTokenizer.vocab_size
+    if name != "bpe":
+        raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes, bpe")
+    if importlib.util.find_spec("tokenizers") is None:
+        raise DataConfigError("data.tokenizer: 'bpe' needs the `tokenizers` package (a dependency in "
+                              "pyproject.toml: `make setup`); allowed values without it: bytes")
+    if not 257 <= bpe_vocab_size <= 65536:
+        raise DataConfigError(f"data.bpe_vocab_size: must be in [257, 65536] (256 bytes + the document "
+                              f"separator at least), got {bpe_vocab_size}")
+    return bpe_vocab_size
+
+
+def get_tokenizer(name: str = "bytes", docs: list[Document] | None = None, cache_dir: str | Path | None = None,
+                  val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> ByteTokenizer | bpe.BpeTokenizer:
+    """The tokenizer of ``data.tokenizer``. BPE is trained on the training split of ``docs`` (default:
+    the stdlib corpus) unless the cache under ``cache_dir`` already holds it."""
+    vocab = tokenizer_vocab_size(name, bpe_vocab_size)
     if name == "bytes":
         return ByteTokenizer()
-    if name == "bpe":
-        # A BPE tokenizer would be trained offline with the `tokenizers` library, absent from this venv.
-        raise NotImplementedError("data.tokenizer: 'bpe' needs the `tokenizers` package, which is not "
-                                  "installed; allowed values: bytes")
-    raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes")
+    docs = documents(None) if docs is None else docs
+    tokenizers_version = importlib.metadata.version("tokenizers")
+    key = cache_key(docs, f"bpe-{vocab}-{val_fraction!r}-{bpe.SAMPLE_BYTES}-tokenizers{tokenizers_version}")
+    dest = _cache_dir(cache_dir) / f"bpe-{key}" / "tokenizer.json"
+    if not dest.exists():
+        dest.parent.mkdir(exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        bpe.train(docs, val_fraction, vocab, tmp)
+        os.replace(tmp, dest)  # never a half-written tokenizer under the final name
+    return bpe.BpeTokenizer(dest, vocab)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -120,6 +157,11 @@ def directory_documents(path: str | Path) -> list[Document]:
     return [Document([f], root, headers=False) for f in files]
 
 
+def documents(path: str | Path | None) -> list[Document]:
+    """The corpus of ``data.path``: the stdlib when it is null or empty."""
+    return stdlib_documents() if path in (None, "") else directory_documents(path)
+
+
 # --- the memory-mapped cache ----------------------------------------------------------------------
 
 def cache_key(docs: list[Document], tokenizer: str) -> str:
@@ -128,7 +170,13 @@ def cache_key(docs: list[Document], tokenizer: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def build_cache(docs: list[Document], tok: ByteTokenizer, dest: Path) -> int:
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    path = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_cache(docs: list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path) -> int:
     """Tokenize the documents into ``dest`` (written to a temporary name, then renamed, so a crash
     or a concurrent writer never leaves a half-written cache under the final name). Returns the
     token count."""
@@ -151,25 +199,39 @@ class Corpus:
     cache_path: Path
     cache_hit: bool  # True when the cache existed: no source file was read
     n_documents: int
+    tokenizer: ByteTokenizer | bpe.BpeTokenizer
 
 
 def load_corpus(path: str | Path | None = None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
-                val_fraction: float = 0.01) -> Corpus:
-    """Tokens of ``data.path`` (or the stdlib corpus), cached; the last ``val_fraction`` is validation."""
+                val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> Corpus:
+    """Tokens of ``data.path`` (or the stdlib corpus), cached; the last ``val_fraction`` of the bytes is
+    validation. A BPE tokenizer is trained here first when not cached, so the launcher's ordering
+    (rank 0 loads, then the others) covers it too."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
-    tok = get_tokenizer(tokenizer)
-    docs = stdlib_documents() if path in (None, "") else directory_documents(path)
+    docs = documents(path)
+    tok = get_tokenizer(tokenizer, docs, cache_dir, val_fraction, bpe_vocab_size)
     dtype = token_dtype(tok.vocab_size)
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"{cache_key(docs, tok.name)}.{dtype.name}.bin"
+    dest = _cache_dir(cache_dir) / f"{cache_key(docs, tok.identity)}.{dtype.name}.bin"
     hit = dest.exists()
     if not hit:
         build_cache(docs, tok, dest)
     tokens = np.memmap(dest, dtype=dtype, mode="r")
-    n_val = int(len(tokens) * val_fraction)
-    return Corpus(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tok.vocab_size, dest, hit, len(docs))
+    n_train = split_point(tokens, tok.byte_lengths, val_fraction)
+    return Corpus(tokens[:n_train], tokens[n_train:], tok.vocab_size, dest, hit, len(docs), tok)
+
+
+def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float) -> int:
+    """Index of the first validation token: the validation split is the longest suffix of ``tokens``
+    that encodes at most int(total bytes · val_fraction) bytes."""
+    if (byte_lengths == 1).all():
+        total = len(tokens)
+    else:  # in slices: the stream is a memmap, possibly larger than memory
+        total = sum(int(byte_lengths[tokens[i: i + (1 << 24)]].sum()) for i in range(0, len(tokens), 1 << 24))
+    n_val_bytes = int(total * val_fraction)
+    tail = np.asarray(tokens[len(tokens) - min(len(tokens), n_val_bytes):])  # every token is >= 1 byte
+    spans = np.cumsum(byte_lengths[tail[::-1]])  # bytes of the last 1, 2, ... tokens
+    return len(tokens) - int(np.searchsorted(spans, n_val_bytes, side="right"))
 
 
 # --- sampling and sequence shards -----------------------------------------------------------------

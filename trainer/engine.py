@@ -53,14 +53,29 @@ def init_distributed(cfg: TrainConfig) -> ParallelContext:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         # Ranks on one host share its cores: more threads than cores only thrash.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    if "RANK" in os.environ:  # torchrun: env:// rendezvous
-        dist.init_process_group(backend, timeout=timeout)
+    if "RANK" in os.environ:  # a launcher (torchrun, deepspeed, srun + torchrun) set the env:// variables
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=launcher_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     else:  # one process, no launcher: a world of one (DeepSpeed still reads LOCAL_RANK)
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return init_parallel(cfg.parallel.tensor_parallel_size, cfg.sp_size, cfg.parallel.timeout_s)
+
+
+def launcher_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The env:// rendezvous store, its keys prefixed with the torchrun attempt.
+
+    torchrun's agent hosts the store and keeps it across ``--max-restarts``; process groups are
+    named by creation order, so without the prefix a restarted group would read its predecessor's
+    addresses (a dead rank's port) and fail to connect. Other launchers: rank 0 hosts it."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"haloformer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(ctx: ParallelContext | None) -> None:
@@ -98,7 +113,7 @@ class ShardedAttention:
 
 def build_model(cfg: TrainConfig) -> Transformer:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and for every SP size
-    model = Transformer(cfg.model.build(), cfg.patterns())
+    model = Transformer(cfg.model_config(), cfg.patterns())
     # Empty parameters (``global_emb`` [0, C] without learned globals) become buffers: ZeRO-3 cannot
     # gather a parameter with no elements, and nothing is lost (the state dict keeps the key).
     for module in model.modules():

@@ -13,35 +13,56 @@ import torch.distributed as dist
 from parallel.comm import CommCounter
 from trainer import checkpoint, engine
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, LongDocSampler, load_corpus, passkey_batch, shard_bounds
+from trainer.data import (
+    IGNORE_INDEX,
+    LongDocSampler,
+    load_corpus,
+    passkey_batch,
+    shard_bounds,
+)
+from trainer.faults import (
+    FaultInjection,
+    Liveness,
+    NonFiniteGuard,
+    StopSignals,
+    TrainingAborted,
+    write_status,
+)
 from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
 
 
 def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | None) -> str:
-    """Train; return the summary table (empty on ranks > 0)."""
-    ctx = log = None
+    """Train; return the summary table (empty on ranks > 0). On SIGTERM/SIGUSR1 every rank stops
+    after the current step, a checkpoint is saved and the summary returned. Raises TrainingAborted
+    (one line) when a peer stops answering or the loss stays non-finite."""
+    fault = FaultInjection.from_env()
+    signals = StopSignals()
+    ctx = log = alive = None
     try:
         ctx = engine.init_distributed(cfg)
+        alive = Liveness(ctx.rank, ctx.world_size, cfg.parallel.timeout_s)
         counter = CommCounter()
         model = engine.build_model(cfg)
         attention_fn = engine.parallelize(model, ctx, cfg.parallel, counter)
         engine.check_startup(model, ctx, cfg.parallel)
         ds, reduce_group = engine.build_engine(cfg, model, ctx)
-        train_data, val_tokens = load_data(cfg, ctx)
+        train_data, val_tokens, tokenizer = load_data(cfg, ctx)
         step = checkpoint.load(ds, resume_from, train_data) if resume_from else 0
         log = Metrics(cfg, resolved, run_dir, ctx.rank, step)
         if cfg.logging.mask_png and step == 0:
             log.mask_picture(model.patterns[0], cfg.seq_len)
         fwd = dict(attention_fn=attention_fn, seq_len=cfg.seq_len)
         tokens_per_step = cfg.seq_len * cfg.batch_size * ctx.dp_size
-        saved = None
+        guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
+        saved, stopped = None, None
         while step < cfg.steps:
             # stats on the first step and every stats_every-th (counted as completed steps, like the logs)
             with_stats = bool(cfg.logging.stats_every) and (step == 0 or (step + 1) % cfg.logging.stats_every == 0)
             batch = [t.to(ctx.device) for t in train_data.next_shard(ctx.sp_rank, ctx.sp_size)]
             counter.reset()
             t0 = time.perf_counter()
-            row, stats = train_step(ds, batch, fwd, reduce_group, with_stats)
+            poison = fault.poison(step + 1, ctx.rank)
+            row, stats = train_step(ds, batch, fwd, reduce_group, with_stats, guard, step + 1, poison)
             dt = time.perf_counter() - t0
             step += 1
             row.update({"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
@@ -49,28 +70,50 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
             if stats is not None:
                 row.update(attention_metrics(stats, reduce_group))
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                row.update(evaluate(ds, val_tokens, cfg, ctx, fwd, reduce_group))
-            if cfg.trainer.ckpt_every and (step % cfg.trainer.ckpt_every == 0 or step == cfg.steps):
+                row.update(evaluate(ds, val_tokens, cfg, ctx, fwd, reduce_group, tokenizer.byte_lengths))
+            stop = signals.agreed(ctx.device)
+            if stop or (cfg.trainer.ckpt_every and (step % cfg.trainer.ckpt_every == 0 or step == cfg.steps)):
+                t_save = time.perf_counter()
                 saved = checkpoint.save(ds, cfg, step, train_data, ctx.rank)
+                row["perf/ckpt_save_s"] = time.perf_counter() - t_save
             log.log(step, row, cfg.logging.log_every)
-        return log.finish({"checkpoint": str(saved) if saved else "none (trainer.ckpt_every=0)",
-                           "run dir": str(run_dir)})
+            alive.completed(step)
+            fault.after_step(step, ctx.rank)
+            if stop:
+                stopped = (f"step {step} of {cfg.steps} ({signals.received or 'a stop signal to another rank'}); "
+                           "trainer.resume=auto continues")
+                break
+        extra = {"checkpoint": str(saved) if saved else "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
+                 "skipped steps": f"{guard.skipped} (non-finite loss)"}
+        if stopped:
+            extra["stopped at"] = stopped
+        write_status(run_dir, "stopped" if stopped else "finished", step=step, steps=cfg.steps)
+        return log.finish(extra)
+    except RuntimeError as e:  # a failed collective: name the peer that stopped answering, if one did
+        lost = alive.diagnose(e) if alive is not None and not isinstance(e, TrainingAborted) else None
+        if lost is not None:
+            raise lost from e
+        raise
     finally:
+        signals.restore()
+        if alive is not None:
+            alive.close()
         if log is not None:
             log.close(exit_code=1)  # a no-op after finish(); after an error, the W&B run is marked failed
         engine.teardown(ctx)
 
 
 def load_data(cfg: TrainConfig, ctx):
-    """(train sampler, validation tokens). Rank 0 builds the token cache; the others then read it."""
+    """(train sampler, validation tokens, tokenizer). Rank 0 trains the tokenizer (BPE) and builds the
+    token cache; the others then read both."""
     d = cfg.data
     if ctx.rank == 0:
-        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction)
+        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
     dist.barrier()
     if ctx.rank != 0:
-        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction)
+        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
     sampler = LongDocSampler(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
-    return sampler, corpus.val
+    return sampler, corpus.val, corpus.tokenizer
 
 
 def backward_loss(out, group, group_size: int):
@@ -87,13 +130,20 @@ def backward_loss(out, group, group_size: int):
     return loss_sum * (group_size / totals[1].clamp(min=1)), float(totals[0] / totals[1].clamp(min=1))
 
 
-def train_step(ds, batch, fwd: dict, group, with_stats: bool):
-    """One optimizer step; (metrics row, per-layer stat sums or None)."""
+def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGuard, step: int,
+               poison: bool = False):
+    """One optimizer step; (metrics row, per-layer stat sums or None). A non-finite global loss (the
+    same value on every rank: it is all-reduced) skips backward and the optimizer step."""
     tokens, targets, positions = batch
     out = ds(tokens, positions=positions, targets=targets, return_stats=with_stats, **fwd)
+    if poison:  # HALO_FAULT=nan@step
+        out = out._replace(loss=out.loss * float("nan"))
     loss, global_loss = backward_loss(out, group, dist.get_world_size(group))
-    ds.backward(loss)
     lr = ds.get_lr()[0]
+    if guard.check(global_loss, step):
+        return {"train/loss": global_loss, "train/lr": lr, "train/skipped": 1.0,
+                "train/skipped_total": float(guard.skipped)}, None
+    ds.backward(loss)
     # ZeRO and bf16 optimizers report the (pre-clip) norm after step(); fp32 stage 0 does not, and
     # its reduced gradients are still on the parameters here.
     params = [p.grad for p in ds.module.parameters() if p.grad is not None]
@@ -101,22 +151,29 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool):
         if params else float("nan")
     ds.step()
     norm = ds.get_global_grad_norm()
-    row = {"train/loss": global_loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else pre_norm}
+    row = {"train/loss": global_loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else pre_norm,
+           "train/skipped": 0.0, "train/skipped_total": float(guard.skipped)}
     return row, out.stats
 
 
 @torch.no_grad()
-def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group) -> dict:
-    """Mean validation loss (nats/token) and bits per byte over the same eval_batches every time."""
+def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengths: np.ndarray) -> dict:
+    """Mean validation loss (nats/token) and bits per byte over the same eval_batches every time.
+    Bits per byte = (summed nats / ln 2) / the bytes the scored targets encode: nats / ln 2 for byte
+    tokens, and comparable across tokenizers (a BPE token is several bytes). ``byte_lengths``: [vocab]
+    the bytes each token id stands for (the tokenizer's)."""
+    nbytes = torch.from_numpy(byte_lengths).to(ctx.device)
     sampler = LongDocSampler(val_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     for _ in range(cfg.eval_batches):
         tokens, targets, positions = (t.to(ctx.device) for t in sampler.next_shard(ctx.sp_rank, ctx.sp_size))
         out = ds(tokens, positions=positions, targets=targets, **fwd)
-        totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double()])
+        scored = targets[:, positions >= cfg.model.n_learned_global]  # learned global slots carry no loss
+        totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(),
+                               nbytes[scored].sum().double()])
     dist.all_reduce(totals, group=group)
     loss = float(totals[0] / totals[1])
-    row = {"eval/loss": loss, "eval/bpb": loss / math.log(2)}  # byte tokens: bits per byte = nats / ln 2
+    row = {"eval/loss": loss, "eval/bpb": float(totals[0] / totals[2]) / math.log(2)}
     if "passkey" in cfg.eval_tasks:
         for depth in (0.1, 0.5, 0.9):
             row[f"eval/passkey_acc@{depth}"] = passkey_accuracy(ds, cfg, ctx, fwd, depth)

@@ -18,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def launch_stamp() -> str:
-    """``YYYY-MM-DD/HH-MM-SS``: under torchrun the launcher's start time (every rank of the job has
-    the same parent process), so all ranks resolve the same run directory; otherwise now."""
+    """``YYYY-MM-DD/HH-MM-SS``: under a launcher (torchrun, the deepspeed launcher: it sets RANK) the
+    start time of the parent process, which every local rank shares, so they resolve the same run
+    directory; otherwise now. Ranks on other nodes have other parents: multi-node launches set
+    HALO_RUN_DIR (launch/*.sh)."""
     t = time.time()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if "RANK" in os.environ:
         import psutil
 
         t = psutil.Process(os.getppid()).create_time()
@@ -35,23 +37,109 @@ OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
 def main(dcfg: DictConfig) -> None:
     from trainer import checkpoint, engine, loop
     from trainer.config import ConfigError, load_config
+    from trainer.faults import TrainingAborted, write_status
 
     engine.set_environment()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = load_config(dcfg)
         resume_from = checkpoint.resolve_resume(cfg)
     except ConfigError as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds the same error; say it once
-            print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+        config_error(str(e), run_dir)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if int(os.environ.get("RANK", 0)) == 0:
         OmegaConf.save(resolved, run_dir / "config.yaml")
-    summary = loop.run(cfg, resolved, run_dir, resume_from)
+    try:
+        summary = loop.run(cfg, resolved, run_dir, resume_from)
+    except TrainingAborted as e:  # every rank that sees it says it: the rank is in the message
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        write_status(run_dir, "aborted", error=str(e))
+        sys.exit(1)
     if summary:
         print(summary, flush=True)
 
 
+def config_error(message: str, run_dir: str | Path | None) -> None:
+    """Say it once (every rank finds the same error), leave status.json, exit 2."""
+    from trainer.faults import write_status
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"config error: {message}", file=sys.stderr)
+    write_status(run_dir, "config_error", error=message)
+    sys.exit(2)
+
+
+# Hydra flags that take a value (the value is not an override).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def preflight(argv: list[str]) -> str | None:
+    """Compose the config with the command line's overrides as Hydra is about to, and turn a
+    composition error (an unknown option of a group, a key that is not in the config, an override
+    that does not parse) into one line; None when it composes. Hydra's own report of these is
+    several lines with a hint about HYDRA_FULL_ERROR. Sweeps (-m) and custom config paths are left
+    to Hydra."""
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif arg in ("-m", "--multirun") or arg.startswith(("--config", "-cp", "-cn", "-cd")):
+            return None
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra."):
+            overrides.append(arg)
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except MissingConfigException as e:  # attention=foo / model=huge
+        return _missing_option(e)
+    except Exception as e:  # noqa: BLE001 - any composition error is reported, in one line
+        return _composition_error(e, overrides)
+    return None
+
+
+def _missing_option(e) -> str:
+    import re
+
+    m = re.search(r"Could not find '([^']+)'", str(e))
+    group, _, option = (m.group(1) if m else "").rpartition("/")
+    allowed = ", ".join(o for o in (e.options or []) if not o.startswith("_"))
+    if group:
+        return f"{group}={option}: unknown {group} option; allowed: {allowed}"
+    return str(e).strip().splitlines()[0]
+
+
+def _composition_error(e: Exception, overrides: list[str]) -> str:
+    import difflib
+    import re
+
+    text = str(e).strip()
+    m = re.match(r"Could not override '([^']+)'", text)
+    if not m:  # a syntax error: Hydra's message names no override, so name them
+        return f"{' '.join(overrides)}: {' '.join(text.split())[:300]}"
+    key = m.group(1)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        base = OmegaConf.to_container(compose(config_name="config"), resolve=False)
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            yield f"{prefix}{k}"
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+
+    close = difflib.get_close_matches(key, list(flat(base)), n=1)
+    return f"{key}: not a key of the config" + (f"; did you mean {close[0]}?" if close else "")
+
+
 if __name__ == "__main__":
+    if (problem := preflight(sys.argv[1:])) is not None:
+        config_error(problem, os.environ.get("HALO_RUN_DIR"))  # no Hydra run dir yet: the launcher's, if any
     main()
