@@ -181,12 +181,12 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    old = final.with_name(f".{final.name}.old")
     if final.exists():  # a corrupt checkpoint of this step, skipped at resume: replaced
-        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        shutil.rmtree(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(engine, path: Path, sampler) -> int:
