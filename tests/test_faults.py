@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, train
+from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, rows, train
 from trainer import checkpoint
 
 RUN = [*SMALL, "steps=6", "eval_every=3", "trainer.ckpt_every=2", "logging.wandb=disabled", "logging.mask_png=false"]
@@ -26,8 +26,7 @@ RUN = [*SMALL, "steps=6", "eval_every=3", "trainer.ckpt_every=2", "logging.wandb
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Step -> train loss; a step logged twice (replayed after a restart) keeps its last value."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows}
+    return {step: r["train/loss"] for step, r in rows(run_dir).items()}
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -147,10 +146,10 @@ def test_nonfinite_losses_are_skipped_then_abort(runs):
             "trainer.max_consecutive_nonfinite=3"]
     ok = runs / "nan_ok"
     train(*base, f"hydra.run.dir={ok}", env=_env(WANDB_MODE="disabled", HALO_FAULT="nan@2-3"))
-    rows = {r["step"]: r for r in map(json.loads, (ok / "metrics.jsonl").read_text().splitlines())}
-    assert [rows[s]["train/skipped"] for s in range(1, 6)] == [0, 1, 1, 0, 0]
-    assert rows[5]["train/skipped_total"] == 2
-    assert rows[5]["train/loss"] == rows[5]["train/loss"]  # finite again: the weights were never poisoned
+    by_step = rows(ok)
+    assert [by_step[s]["train/skipped"] for s in range(1, 6)] == [0, 1, 1, 0, 0]
+    assert by_step[5]["train/skipped_total"] == 2
+    assert by_step[5]["train/loss"] == by_step[5]["train/loss"]  # finite again: the weights were never poisoned
 
     bad = runs / "nan_abort"
     proc = train(*base, f"hydra.run.dir={bad}", env=_env(WANDB_MODE="disabled", HALO_FAULT="nan@2-4"), check=False)
