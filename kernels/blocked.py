@@ -27,7 +27,7 @@ import torch
 
 from kernels.reference import EmptyRowError
 from kernels.stats import AttnStats
-from model.pattern import Pattern, _block_mean
+from model.pattern import Pattern, block_mean
 
 BLOCK = 128  # query rows per block of positional plans (measured best of 32/64/128 at 16k on CPU)
 CHUNK_ELEMS = 1 << 22  # score elements per chunk (16 MiB fp32): bounds the working set (and was fastest)
@@ -177,7 +177,8 @@ def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
     k_ids, k_inv = torch.unique(k_pos // bs, return_inverse=True)
     with torch.no_grad():
         kf = k.repeat_interleave(G, dim=1)
-        chosen = pattern.select_blocks(_block_mean(q, q_inv, len(q_ids)), _block_mean(kf, k_inv, len(k_ids)), q_ids, k_ids)
+        chosen = pattern.select_blocks(pattern.query_summary(q, q_inv, len(q_ids)), block_mean(kf, k_inv, len(k_ids)),
+                                       q_ids, k_ids)
     nsel = min(pattern.top_k + 2, len(k_ids))
     order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
     sel, sel_ok = order.indices[..., :nsel].cpu(), order.values[..., :nsel].bool().cpu()  # [B, H, nQ, nsel]

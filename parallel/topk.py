@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.pattern import Pattern, _block_mean
+from model.pattern import Pattern, block_mean
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route
@@ -158,7 +158,7 @@ def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, ran
     bs, L = pattern.block_size, q.shape[2]
     nlb, nkb = L // bs, summaries.shape[2]
     with torch.no_grad():
-        q_means = _block_mean(q, torch.arange(L, device=q.device) // bs, nlb)  # (B, H, nLB, D) fp32
+        q_means = pattern.query_summary(q, torch.arange(L, device=q.device) // bs, nlb)  # (B, H, nLB, D) fp32
         k_means = summaries.repeat_interleave(q.shape[1] // summaries.shape[1], dim=1)  # (B, H, nKB, D)
         return pattern.select_blocks(q_means, k_means, torch.arange(rank * nlb, (rank + 1) * nlb), torch.arange(nkb))
 
@@ -172,7 +172,7 @@ def _forward(q, k, v, spec: TopKSpec) -> dict:
     r, L, bs = ctx.sp_rank, q.shape[2], pattern.block_size
     nlb = L // bs
     gather = SummaryExchange(ctx, spec.counter, spec.layer)
-    local_means = _block_mean(k.detach(), torch.arange(L, device=k.device) // bs, nlb)  # (B, Hkv, nLB, D)
+    local_means = block_mean(k.detach(), torch.arange(L, device=k.device) // bs, nlb)  # (B, Hkv, nLB, D)
     summaries = torch.cat(gather.all_gather(local_means, SUMMARY).unbind(0), dim=2)  # (B, Hkv, nKB, D)
 
     need = select_local(pattern, q.detach(), summaries, r).flatten(0, 2).any(0)  # (nKB,) over B, H, query blocks

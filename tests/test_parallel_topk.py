@@ -60,7 +60,7 @@ def test_block_routes_merge_runs_and_skip_own_blocks():
 def test_candidate_set_reproduces_the_global_choice(causal):
     """For each simulated rank: the chosen blocks' union plus the local ones, given to the pattern's
     own ``content_mask`` (what every kernel computes), selects exactly the single-device keys."""
-    from model.pattern import _block_mean
+    from model.pattern import block_mean
     from parallel.topk import select_local
 
     gen = torch.Generator().manual_seed(1)
@@ -74,7 +74,7 @@ def test_candidate_set_reproduces_the_global_choice(causal):
         k = torch.randn(B, Hkv, n, D, generator=gen)
         pos = torch.arange(n)
         full = pattern.content_mask(q, k, pos, pos)  # (B, H, n, n)
-        summaries = _block_mean(k, pos // bs, n // bs)
+        summaries = block_mean(k, pos // bs, n // bs)
         for r in range(P):
             chosen = select_local(pattern, q[:, :, r * L:(r + 1) * L], summaries, r)
             need = chosen.flatten(0, 2).any(0)

@@ -137,6 +137,19 @@ class Pattern:
         """Fraction of all seq_len² (query, key) pairs that are attended."""
         return float(self.key_counts(seq_len).sum()) / float(seq_len) ** 2
 
+    def sees_future(self) -> bool:
+        """Whether some query may attend to a key after its own position. Under a next-token
+        objective that key is the query's target (or a later one), so such a pattern cannot train a
+        causal LM. A bidirectional pattern with globals always does: a global query sees every key."""
+        if self.causal:
+            return False
+        return self.num_global > 0 or self._rule_sees_future()
+
+    def _rule_sees_future(self) -> bool:
+        """Whether ``_rule`` alone allows some j > i (bidirectional only). The default says yes: a
+        pattern that does not know must not pass for causal."""
+        return True
+
     def validate(self, seq_len: int | None = None) -> Pattern:
         """Raise a PatternError naming the setting if this pattern cannot be used at ``seq_len``."""
         if self.num_global < 0:
@@ -178,6 +191,11 @@ class Window(Pattern):
         d = kj - qi
         m = (d >= -self.window_left) & (d <= self.window_right)
         return m & ((d % self.dilation) == 0) if self.dilation > 1 else m
+
+    def _rule_sees_future(self):
+        # The allowed offsets are the multiples of the dilation in [-left, right]: the first future
+        # one is +dilation.
+        return self.window_right >= self.dilation
 
     def _rule_ranges(self, q_start, q_end, seq_len):
         d = self.dilation
@@ -292,6 +310,10 @@ class BigBird(Window):
 
     block_layout = Pattern.block_layout  # the random blocks break the vectorised band
 
+    def _rule_sees_future(self):
+        # Bidirectional random blocks are drawn among all blocks of the sequence, later ones included.
+        return super()._rule_sees_future() or self.random_blocks > 0
+
     def validate(self, seq_len=None):
         super().validate(seq_len)
         if self.block_size < 1:
@@ -320,6 +342,9 @@ class Union(Pattern):
     def _rule_ranges(self, q_start, q_end, seq_len):
         return [r for p in self.parts for r in p.kv_ranges(q_start, q_end, seq_len)]
 
+    def _rule_sees_future(self):
+        return any(p.sees_future() for p in self.parts)
+
     def validate(self, seq_len=None):
         super().validate(seq_len)
         if not self.parts:
@@ -347,7 +372,7 @@ def _random_table(p: BigBird, seq_len: int) -> torch.Tensor:
 
 # The content-based pattern lives beside this file; imported here, after Pattern exists, so that
 # ``model.pattern`` stays the one place every pattern is named from.
-from model.pattern.topk import TopKBlocks, _block_mean  # noqa: E402,F401
+from model.pattern.topk import TopKBlocks, block_mean  # noqa: E402,F401
 
 NAMES = ("dense", "window", "longformer", "sink", "dilated", "strided", "bigbird", "topk", "union")
 _KEYS = {"name", "causal", "window_left", "window_right", "num_global", "dilation", "stride", "variant",

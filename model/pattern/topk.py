@@ -16,7 +16,8 @@ from model.pattern import Pattern, PatternError
 @dataclass(frozen=True)
 class TopKBlocks(Pattern):
     """Content-based: per query block of ``block_size``, the ``top_k`` key blocks with the highest
-    score ``mean(q_block) · mean(k_block)``, plus always its own block and the global/sink block 0
+    score ``summary(q_block) · mean(k_block)`` (``query_summary``: the mean of the block's queries, or
+    its first query when causal), plus always its own block and the global/sink block 0
     (causal: only blocks at or before its own). The positional mask is the union of all blocks the
     content could pick (everything); the data-dependent one is ``content_mask`` from q and k.
     The global tokens live in block 0, which every query keeps; global queries follow the content
@@ -53,13 +54,27 @@ class TopKBlocks(Pattern):
         chosen &= torch.isfinite(scores)  # top-k may have picked -inf entries when few candidates
         return chosen | (forced & allowed)
 
+    def query_summary(self, q: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, H, n, D] fp32: what each of the n query blocks (rows of q [B, H, T, D] grouped by ``inv``
+        [T], ascending positions) selects its key blocks with. Bidirectional: the mean of the block's
+        queries. Causal: the block's first query. The mean would make a query's key set depend on
+        the later queries of its block, hence on later tokens, its own next-token target among them;
+        the first query is the one every query of the block may depend on."""
+        if not self.causal:
+            return block_mean(q, inv, n)
+        idx = torch.arange(inv.numel(), device=inv.device)
+        first = torch.full((n,), inv.numel(), dtype=torch.long, device=inv.device).scatter_reduce(
+            0, inv.to(idx.device), idx, reduce="amin")  # (n,) first row of each block
+        return q[:, :, first.to(q.device)].float()
+
     def content_mask(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """BoolTensor[B, H, Q, K] for q [B, H, Q, D] and k [B, Hkv, K, D] with absolute positions."""
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         bs = self.block_size
         q_ids, q_inv = torch.unique(q_pos // bs, return_inverse=True)
         k_ids, k_inv = torch.unique(k_pos // bs, return_inverse=True)
-        chosen = self.select_blocks(_block_mean(q, q_inv, len(q_ids)), _block_mean(k, k_inv, len(k_ids)), q_ids, k_ids)
+        chosen = self.select_blocks(self.query_summary(q, q_inv, len(q_ids)), block_mean(k, k_inv, len(k_ids)),
+                                    q_ids, k_ids)
         m = chosen[:, :, q_inv][:, :, :, k_inv]  # (B, H, Q, K)
         return m & self.mask(q_pos, k_pos).to(m.device)
 
@@ -74,7 +89,7 @@ class TopKBlocks(Pattern):
         return self
 
 
-def _block_mean(x: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tensor:
+def block_mean(x: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of x [B, H, T, D] over T grouped by ``inv`` [T] into n groups -> [B, H, n, D]."""
     out = torch.zeros(*x.shape[:2], n, x.shape[-1], dtype=torch.float32, device=x.device)
     out.index_add_(2, inv.to(x.device), x.float())
