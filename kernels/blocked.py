@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import EmptyRowError
+from kernels.reference import EmptyRowError, check_docs, document_rule
 from kernels.stats import AttnStats
 from model.pattern import Pattern, block_mean
 
@@ -53,6 +53,7 @@ class Plan:
     chunks: list[Chunk]
     heads_folded: bool  # True: Hg = Hkv with the G sharing query heads folded into the rows
     margin: int = 0  # band rows may reach this far outside [0, K) (see _scatter_band)
+    maybe_empty: bool = False  # document masking may leave a row no key: out 0, lse -inf (see blocked_docs)
 
 
 # --- planning: which key rows each query block gathers --------------------------------------------
@@ -105,6 +106,13 @@ def _block_positions(q_pos: torch.Tensor, nqb: int, block: int = BLOCK) -> torch
     padded = torch.full((nqb * block,), int(q_pos[-1]), dtype=torch.long)
     padded[: q_pos.numel()] = q_pos
     return padded.reshape(nqb, block)
+
+
+def _block_docs(doc: torch.Tensor, nqb: int, block: int = BLOCK) -> torch.Tensor:
+    """[B, nqb, block] document ids of the query blocks; padded rows repeat the last real query's
+    (as ``_block_positions`` repeats its position), so they see its keys."""
+    B, Q = doc.shape
+    return torch.cat([doc, doc[:, -1:].expand(B, nqb * block - Q)], dim=1).view(B, nqb, block)
 
 
 def _band_form(rows: list[torch.Tensor], n_prefix_rows: int, b0: int):
@@ -165,9 +173,10 @@ def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: in
     return Plan(q_pos.numel(), chunks, heads_folded=True, margin=margin)
 
 
-def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
+def _content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=None) -> Plan:
     """Top-k plan: blocks of ``pattern.block_size`` query rows aligned to absolute blocks; each
-    (batch, head, query block) gathers its chosen key blocks. Selection carries no gradient."""
+    (batch, head, query block) gathers its chosen key blocks. Selection carries no gradient; document
+    ids (``docs`` = (q_doc [B, Q], k_doc [B, K])) only narrow the mask of the chosen blocks."""
     bs = pattern.block_size
     if q_pos[0] % bs or not torch.equal(q_pos, torch.arange(int(q_pos[0]), int(q_pos[0]) + q_pos.numel())):
         raise ValueError("top-k blocked kernel: query positions must be one contiguous, block-aligned range")
@@ -190,6 +199,10 @@ def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
     valid = valid.flatten(-2)  # [B, H, nQ, Kc]
     qb_pos = _block_positions(q_pos, len(q_ids), bs)
     mask = pattern.allowed(qb_pos[None, None, :, :, None], k_pos[rows][..., None, :], seq_len) & valid[..., None, :]
+    if docs is not None:
+        qb_doc = _block_docs(docs[0], len(q_ids), bs)[:, None, :, :, None]  # (B, 1, nQ, bs, 1)
+        k_doc = docs[1][torch.arange(B)[:, None, None, None], rows][..., None, :]  # (B, H, nQ, 1, Kc)
+        mask = mask & document_rule(pattern, qb_pos[None, None, :, :, None], k_pos[rows][..., None, :], qb_doc, k_doc)
     head_base = (torch.arange(B)[:, None] * Hkv + torch.arange(H)[None, :] // G) * K  # [B, H]
     idx = rows + head_base[:, :, None, None]
     is_global = (k_pos[rows] < pattern.num_global) & valid
@@ -197,7 +210,7 @@ def _content_plan(pattern, q, k, q_pos, k_pos, seq_len) -> Plan:
     for b0, b1 in _group_blocks([idx.shape[-1]] * len(q_ids), B * H, bs):
         chunks.append(Chunk(b0 * bs, b1 - b0, idx[:, :, b0:b1], _mask_spans(~mask[:, :, b0:b1, None]),
                             is_global[:, :, b0:b1, None, None], None, bs))
-    return Plan(q_pos.numel(), [_to(c, q.device) for c in chunks], heads_folded=False)
+    return Plan(q_pos.numel(), [_to(c, q.device) for c in chunks], heads_folded=False, maybe_empty=docs is not None)
 
 
 def _mask_spans(masked: torch.Tensor):
@@ -228,7 +241,7 @@ def _device_plan(plan: Plan, device: torch.device, B: int, Hkv: int, K: int) -> 
     base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)[None, :]) * K)[:, :, None, None]
     chunks = [_to(Chunk(c.row0, c.nb, c.idx + base, c.masked, c.is_global, c.band, c.block), device)
               for c in plan.chunks]
-    return Plan(plan.q_rows, chunks, plan.heads_folded, plan.margin)
+    return Plan(plan.q_rows, chunks, plan.heads_folded, plan.margin, plan.maybe_empty)
 
 
 # --- the math of one chunk --------------------------------------------------------------------------
@@ -257,9 +270,10 @@ def _apply_mask(s6: torch.Tensor, masked) -> None:
 
 
 def _mask_exp_fwd(s6: torch.Tensor, masked):
-    """In place on s6 [B, Hg, nb, G, BLOCK, Kc]: e = exp(s − rowmax) over allowed keys."""
+    """In place on s6 [B, Hg, nb, G, BLOCK, Kc]: e = exp(s − rowmax) over allowed keys. A row with
+    no allowed key (document masking) gets rowmax 0 instead of −inf, so e = 0 rather than NaN."""
     _apply_mask(s6, masked)
-    mx = s6.amax(-1, keepdim=True)
+    mx = s6.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
     e = s6.sub_(mx).exp_()
     return e, e.sum(-1, keepdim=True), mx
 
@@ -328,6 +342,20 @@ def _scatter(acc: torch.Tensor, c: Chunk, grad: torch.Tensor, margin: int) -> No
         acc[:, start : start + c.nb * c.block].view(BH, c.nb, c.block, D).add_(band[:, :, t])
 
 
+def _chunk_stats(e, l, lse_c, mx, c: Chunk, groups: int, maybe_empty: bool):
+    """(m, max_logit, global_mass) of one chunk from e = exp(s − rowmax) and its row sums l.
+
+    With p = e / l: Σ p·s = lse + Σ p·log p and Σ p·log p = Σ e·log e / l − log l, so the stats need
+    neither the scores nor the normalised probabilities. Empty rows: m 0, max −inf, mass 0."""
+    m = lse_c + torch.special.xlogy(e, e).sum(-1) / l - l.log()
+    gm = (e.view(*e.shape[:3], groups, c.block, -1) * c.is_global).sum(-1).reshape(mx.shape) / l
+    if maybe_empty:
+        empty = torch.isneginf(lse_c)
+        m, gm = m.masked_fill(empty, 0.0), gm.masked_fill(empty, 0.0)
+        mx = mx.masked_fill(empty, float("-inf"))
+    return m, mx, gm
+
+
 class BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float, want_stats: bool):
@@ -344,16 +372,13 @@ class BlockedAttention(torch.autograd.Function):
         for c in plan.chunks:
             kc, vc = kf[c.idx], vf[c.idx]  # [B, Hg, nb, Kc, D]
             e, denom, mx = _probs(_q_chunk(qs, c, groups).to(acc), kc.to(acc), c, groups)
+            lse_c = mx + denom.squeeze(-1).log()  # -inf on a row with no key (mx 0, denom 0)
+            if plan.maybe_empty:
+                denom = denom.clamp_min(torch.finfo(acc).tiny)  # e is 0 there: the output row is 0
             _put_rows(out, torch.matmul(e, vc.to(acc)).div_(denom), c, groups)
-            lse_c = mx + denom.squeeze(-1).log()
             _put_rows(lse, lse_c, c, groups)
             if want_stats:
-                # With p = e / l: Σ p·s = lse + Σ p·log p and Σ p·log p = Σ e·log e / l − log l,
-                # so the stats need neither the scores nor the normalised probabilities.
-                l = denom.squeeze(-1)
-                m = lse_c + torch.special.xlogy(e, e).sum(-1) / l - l.log()
-                gm = (e.view(*e.shape[:3], groups, c.block, -1) * c.is_global).sum(-1).reshape(mx.shape) / l
-                for dst, val in zip(stats, (m, mx, gm)):
+                for dst, val in zip(stats, _chunk_stats(e, denom.squeeze(-1), lse_c, mx, c, groups, plan.maybe_empty)):
                     _put_rows(dst, val, c, groups)
         out, lse = out[:, :, :Q].to(q.dtype), lse[:, :, :Q].contiguous()
         ctx.save_for_backward(q, k, v, out, lse)
@@ -377,6 +402,8 @@ class BlockedAttention(torch.autograd.Function):
             delta = delta - d_lse.to(acc)
         # Padded query rows get lse = +inf so that their recomputed p is 0, not exp(s) · 0 = NaN.
         qs, do, lse_p, delta = pad(q.to(acc)).mul_(scale), pad(d_out.to(acc)), pad(lse, float("inf")), pad(delta)
+        if plan.maybe_empty:  # rows with no key (lse = -inf): p must be 0 there too
+            lse_p = lse_p.masked_fill(torch.isneginf(lse_p), float("inf"))
         kf, vf = k.reshape(-1, D).to(acc), v.reshape(-1, D).to(acc)
         dq = torch.zeros(B, H, Qp, D, dtype=acc, device=q.device)
         # dK/dV accumulate in [B·Hkv, margin + K + margin, D] so band rows outside [0, K) land somewhere.
@@ -396,22 +423,30 @@ class BlockedAttention(torch.autograd.Function):
         return dq, dk.reshape(k.shape).to(k.dtype), dv.reshape(v.shape).to(v.dtype), None, None, None
 
 
-def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False):
-    """(out, lse) or (out, lse, AttnStats); the contract of ``kernels.sparse_attention``."""
+def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
+                      q_doc=None, k_doc=None):
+    """(out, lse) or (out, lse, AttnStats); the contract of ``kernels.sparse_attention``. With document
+    ids the plan gathers only keys some query of each block may see (``kernels.blocked_docs``)."""
     B, H, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     q_pos = torch.arange(Q) if q_pos is None else q_pos.detach().cpu().long()
     k_pos = torch.arange(K) if k_pos is None else k_pos.detach().cpu().long()
     if K > 1 and not bool((k_pos[1:] > k_pos[:-1]).all()):
         order = torch.argsort(k_pos)  # the planner maps ranges by binary search: sort the keys
         k_pos, k, v = k_pos[order], k[:, :, order.to(k.device)], v[:, :, order.to(v.device)]
+        k_doc = None if k_doc is None else k_doc[:, order]
         if K > 1 and not bool((k_pos[1:] > k_pos[:-1]).all()):
             raise ValueError("k_pos: key positions must be distinct")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     seq_len = int(max(q_pos.max(), k_pos.max())) + 1 if seq_len is None else seq_len
-    if pattern.content_based:
+    if q_doc is not None:
+        from kernels.blocked_docs import doc_plan  # it builds on this module's planning helpers
+
+        plan = doc_plan(pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len)
+    elif pattern.content_based:
         plan = _content_plan(pattern, q, k, q_pos, k_pos, seq_len)
     else:
         plan = _positional_plan(pattern, _runs(q_pos), _runs(k_pos), seq_len, B * H)

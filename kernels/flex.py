@@ -14,6 +14,10 @@ Device facts (torch 2.13): CUDA runs the compiled kernel forward and backward. C
 compiled CPU kernel returns no LSE — so this backend refuses CPU inputs that require grad.
 ``lse`` comes back in natural-log units (torch rescales the kernel's base-2 value; tests check it
 against the reference). Statistics are not computed here: ask the blocked backend for them.
+
+Document ids (q_doc [B, Q], k_doc [B, K]) add ``document_rule`` to ``mask_mod`` (plain tensor
+indexing, traceable) and make the block flags per batch element: a key block no query of a query
+block may see is absent from the BlockMask, so short documents skip most blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections import OrderedDict
 
 import torch
 
-from kernels.reference import EmptyRowError
+from kernels.reference import EmptyRowError, check_docs, document_rule
 from model.pattern import Pattern
 
 BLOCK = 128  # FlexAttention's default sparse block size
@@ -44,7 +48,7 @@ def flex_available() -> bool:
 
 
 def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None,
-                           return_stats=False):
+                           return_stats=False, q_doc=None, k_doc=None):
     """(out [B, H, Q, D], lse [B, H, Q] fp32) with FlexAttention; same contract as reference_attention."""
     if pattern.content_based:
         raise ValueError(f"backend=flex takes positional patterns only; {type(pattern).__name__} is content-based "
@@ -57,18 +61,20 @@ def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, sc
     Hkv, K = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    docs = check_docs(q_doc, k_doc, B, Q, K)
+    docs = None if docs[0] is None else docs
     q_pos = torch.arange(Q) if q_pos is None else q_pos.cpu().long()  # CPU copies: a CUDA sync point
     k_pos = torch.arange(K) if k_pos is None else k_pos.cpu().long()
     n = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if pattern not in _UNTRACEABLE:
         try:
-            return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, False), scale, H != Hkv)
+            return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, False, docs), scale, H != Hkv)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:  # Dynamo's Unsupported and vmap errors are RuntimeErrors
             _UNTRACEABLE.add(pattern)
-    return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, True), scale, H != Hkv)
+    return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, True, docs), scale, H != Hkv)
 
 
 def _run(q, k, v, block_mask, scale, gqa):
@@ -83,25 +89,30 @@ def _run(q, k, v, block_mask, scale, gqa):
     return out, aux.lse.float()
 
 
-def _block_mask(pattern, q_pos, k_pos, seq_len, device, table):
-    """The cached BlockMask for these positions (LRU of ``_CACHE_SIZE`` entries)."""
-    digest = hashlib.sha1(q_pos.numpy().tobytes() + b"|" + k_pos.numpy().tobytes()).hexdigest()
+def _block_mask(pattern, q_pos, k_pos, seq_len, device, table, docs=None):
+    """The cached BlockMask for these positions and document ids (LRU of ``_CACHE_SIZE`` entries)."""
+    raw = q_pos.numpy().tobytes() + b"|" + k_pos.numpy().tobytes()
+    if docs is not None:
+        raw += b"|" + docs[0].numpy().tobytes() + b"|" + docs[1].numpy().tobytes() + repr(docs[0].shape).encode()
+    digest = hashlib.sha1(raw).hexdigest()
     key = (pattern, digest, len(q_pos), len(k_pos), seq_len, str(device), table)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    _CACHE[key] = bm = build_block_mask(pattern, q_pos, k_pos, seq_len, device, table)
+    _CACHE[key] = bm = build_block_mask(pattern, q_pos, k_pos, seq_len, device, table, docs)
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return bm
 
 
-def block_flags(pattern, q_pos, k_pos, seq_len):
+def block_flags(pattern, q_pos, k_pos, seq_len, docs=None):
     """(partial [nQB, nKB], full [nQB, nKB], partial block masks [P, BLOCK, BLOCK]) from pattern.allowed.
 
     Per query block, only key blocks whose position span meets ``kv_ranges`` of the block's position
     span are evaluated; a block is full when all BLOCK×BLOCK entries are allowed (so a ragged last
-    block is always partial and the kernel masks its padding), partial when some are.
+    block is always partial and the kernel masks its padding), partial when some are. With ``docs``
+    (q_doc [B, Q], k_doc [B, K]) the flags are [B, nQB, nKB] of the pattern AND ``document_rule``,
+    while the tiles stay the pattern's own (the table ``mask_mod`` ANDs the documents itself).
     """
     Q, K = len(q_pos), len(k_pos)
     nq, nk = math.ceil(Q / BLOCK), math.ceil(K / BLOCK)
@@ -109,6 +120,8 @@ def block_flags(pattern, q_pos, k_pos, seq_len):
     k_lo, k_hi = k_pad.amin(1), k_pad.amax(1)  # (nKB,) position span of each key block
     partial = torch.zeros(nq, nk, dtype=torch.bool)
     full = torch.zeros(nq, nk, dtype=torch.bool)
+    nb = 1 if docs is None else docs[0].shape[0]
+    d_partial, d_full = torch.zeros(nb, nq, nk, dtype=torch.bool), torch.zeros(nb, nq, nk, dtype=torch.bool)
     tiles = []
     for qb in range(nq):
         qp = q_pos[qb * BLOCK : (qb + 1) * BLOCK]
@@ -121,20 +134,56 @@ def block_flags(pattern, q_pos, k_pos, seq_len):
         if not m[: len(qp)].any(1).all():
             first = int(qp[~m[: len(qp)].any(1)][0])
             raise EmptyRowError(f"query at position {first} has no allowed key among the {K} keys given")
+        if docs is not None:
+            _doc_flags(pattern, m, qp, k_pos, idx, ok, docs, qb, cand, d_partial, d_full)
         m = m.view(BLOCK, len(cand), BLOCK).transpose(0, 1)  # (C, BLOCK_q, BLOCK_k)
         some, every = m.flatten(1).any(1), m.flatten(1).all(1)
         partial[qb, cand[some & ~every]] = True
         full[qb, cand[every]] = True
         tiles.append(m[some & ~every])
-    return partial, full, torch.cat(tiles) if tiles else torch.zeros(0, BLOCK, BLOCK, dtype=torch.bool)
+    tiles = torch.cat(tiles) if tiles else torch.zeros(0, BLOCK, BLOCK, dtype=torch.bool)
+    if docs is not None:
+        return d_partial, d_full, tiles
+    return partial, full, tiles
 
 
-def build_block_mask(pattern, q_pos, k_pos, seq_len, device, table=False):
-    """A FlexAttention BlockMask for the pattern at these positions; ``table`` picks the lookup mask_mod."""
-    from torch.nn.attention.flex_attention import BlockMask
+def _doc_flags(pattern, m, qp, k_pos, idx, ok, docs, qb, cand, d_partial, d_full):
+    """Per batch element: the candidate blocks of query block ``qb`` under pattern AND documents."""
+    q_doc, k_doc = docs
+    rows = torch.arange(qb * BLOCK, qb * BLOCK + len(qp))
+    for b in range(q_doc.shape[0]):
+        md = m.clone()  # (BLOCK, C·BLOCK) pattern mask; padded rows/columns stay False
+        md[: len(qp), ok] &= document_rule(pattern, qp[:, None], k_pos[idx[ok]][None, :], q_doc[b, rows][:, None],
+                                           k_doc[b, idx[ok]][None, :])
+        md = md.view(BLOCK, len(cand), BLOCK).transpose(0, 1).flatten(1)  # (C, BLOCK·BLOCK)
+        some, every = md.any(1), md.all(1)
+        d_partial[b, qb, cand[some & ~every]] = True
+        d_full[b, qb, cand[every]] = True
 
+
+def build_block_mask(pattern, q_pos, k_pos, seq_len, device, table=False, docs=None):
+    """A FlexAttention BlockMask for the pattern at these positions; ``table`` picks the lookup mask_mod;
+    ``docs`` (q_doc [B, Q], k_doc [B, K]) adds document masking (block flags per batch element)."""
+    if docs is not None:
+        flags = block_flags(pattern, q_pos, k_pos, seq_len, docs)
+        pattern_mod = _pattern_mod(pattern, q_pos, k_pos, seq_len, device, table)
+        q_doc, k_doc = (d.to(device) for d in docs)
+        q_d, k_d = q_pos.to(device), k_pos.to(device)
+
+        def doc_mod(b, h, q_idx, kv_idx):
+            return pattern_mod(b, h, q_idx, kv_idx) & document_rule(pattern, q_d[q_idx], k_d[kv_idx], q_doc[b, q_idx],
+                                                                    k_doc[b, kv_idx])
+
+        return _from_flags(flags[0], flags[1], doc_mod, q_pos, k_pos, device)
     partial, full, tiles = block_flags(pattern, q_pos, k_pos, seq_len)
+    return _from_flags(partial, full, _pattern_mod(pattern, q_pos, k_pos, seq_len, device, table, (partial, full, tiles)),
+                       q_pos, k_pos, device)
+
+
+def _pattern_mod(pattern, q_pos, k_pos, seq_len, device, table, flags=None):
+    """The pattern's own ``mask_mod``: its rule on looked-up positions, or the table of partial tiles."""
     if table:
+        partial, full, tiles = flags if flags is not None else block_flags(pattern, q_pos, k_pos, seq_len)
         # Tile 0 is all False (absent blocks), tile 1 all True (full blocks): eager CPU flex evaluates
         # mask_mod on every (q, k), not only in partial blocks, so every block needs an answer.
         const = torch.stack([torch.zeros(BLOCK, BLOCK, dtype=torch.bool), torch.ones(BLOCK, BLOCK, dtype=torch.bool)])
@@ -150,11 +199,16 @@ def build_block_mask(pattern, q_pos, k_pos, seq_len, device, table=False):
 
         def mask_mod(b, h, q_idx, kv_idx):
             return pattern.allowed(q_d[q_idx], k_d[kv_idx], seq_len)
+    return mask_mod
 
-    def ordered(dense):  # (nQB, nKB) bool -> counts [1, 1, nQB], column indices [1, 1, nQB, nKB]
-        d = dense.int()
-        return (d.sum(-1).int()[None, None].to(device),
-                torch.argsort(d, dim=-1, descending=True, stable=True).int()[None, None].to(device))
+
+def _from_flags(partial, full, mask_mod, q_pos, k_pos, device):
+    """BlockMask from partial/full block flags [nQB, nKB] (shared by the batch) or [B, nQB, nKB]."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def ordered(dense):  # (B?, nQB, nKB) bool -> counts [B|1, 1, nQB], column indices [B|1, 1, nQB, nKB]
+        d = dense.int().reshape(-1, 1, *dense.shape[-2:])
+        return (d.sum(-1).int().to(device), torch.argsort(d, dim=-1, descending=True, stable=True).int().to(device))
 
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(len(q_pos), len(k_pos)))

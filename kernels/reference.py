@@ -2,6 +2,11 @@
 
 Plain torch, O(Q·K) memory, softmax in fp32 (fp64 for fp64 inputs), differentiable by autograd. Slow on purpose: it builds the
 full boolean mask from the pattern and nothing about it is clever.
+
+Learned sinks are computed the direct way here — one more softmax column of score ``sinks[h]`` whose
+probability is dropped — so that the closed form every fast path uses (``kernels.stats.apply_sinks``)
+is checked against an independent computation. ``document_rule`` is the document-masking rule every
+backend applies on top of the pattern.
 """
 
 from __future__ import annotations
@@ -18,6 +23,33 @@ class EmptyRowError(ValueError):
     """A query has no key it may attend to (its softmax would be 0/0)."""
 
 
+def document_rule(pattern: Pattern, qi: torch.Tensor, kj: torch.Tensor, q_doc: torch.Tensor,
+                  k_doc: torch.Tensor) -> torch.Tensor:
+    """Packed documents: may query i see key j as far as documents go (the pattern decides the rest).
+
+    Same document, or j is a global key (visible to every query), or — bidirectional patterns only —
+    i is a global query (it sees every key). All arguments broadcast; not in place (FlexAttention
+    traces it inside ``mask_mod``)."""
+    ok = (q_doc == k_doc) | (kj < pattern.num_global)
+    if not pattern.causal:
+        ok = ok | (qi < pattern.num_global)
+    return ok
+
+
+def check_docs(q_doc, k_doc, B: int, Q: int, K: int):
+    """(q_doc, k_doc) as [B, Q] / [B, K] LongTensors on the CPU, or (None, None); one error line if wrong."""
+    if q_doc is None and k_doc is None:
+        return None, None
+    if q_doc is None or k_doc is None:
+        raise ValueError("q_doc, k_doc: document ids must be given for both queries and keys, or neither")
+    if tuple(q_doc.shape) != (B, Q) or tuple(k_doc.shape) != (B, K):
+        raise ValueError(f"q_doc, k_doc: must be [B, Q] = [{B}, {Q}] and [B, K] = [{B}, {K}]; got "
+                         f"{list(q_doc.shape)} and {list(k_doc.shape)}")
+    if q_doc.is_floating_point() or k_doc.is_floating_point():
+        raise ValueError("q_doc, k_doc: document ids must be integer tensors")
+    return q_doc.detach().cpu().long(), k_doc.detach().cpu().long()
+
+
 def pattern_mask(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  seq_len: int | None = None) -> torch.Tensor:
     """Boolean mask, [Q, K] for positional patterns or [B, H, Q, K] for content-based ones."""
@@ -28,10 +60,16 @@ def pattern_mask(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, q_pos: torc
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                         q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
-                        scale: float | None = None, seq_len: int | None = None, return_stats: bool = False):
+                        scale: float | None = None, seq_len: int | None = None, return_stats: bool = False,
+                        q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
+                        sinks: torch.Tensor | None = None):
     """(out [B, H, Q, D], lse [B, H, Q] fp32, fp64 for fp64 q) of softmax(scale · q kᵀ + mask) v.
 
     With ``return_stats`` also the per-query statistics partials (``kernels.stats.AttnStats``).
+    ``q_doc`` [B, Q], ``k_doc`` [B, K]: document ids (``document_rule``); a query left with no key by
+    the documents alone (a shard's partial over remote keys) gets out = 0, lse = −inf, while a query
+    the pattern itself leaves empty is an error. ``sinks`` [H]: learned sink logits (softmax over keys
+    plus the sink; ``lse`` and the stats include it).
 
     q [B, H, Q, D]; k, v [B, Hkv, K, D] with H % Hkv == 0 (grouped-query attention). Positions
     default to arange; ``lse`` is the log-sum-exp of the scaled allowed scores of each query.
@@ -43,20 +81,33 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     q_pos = torch.arange(Q) if q_pos is None else q_pos.cpu().long()
     k_pos = torch.arange(K) if k_pos is None else k_pos.cpu().long()
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     mask = pattern_mask(pattern, q, k, q_pos, k_pos, seq_len).to(q.device)
     empty = ~mask.any(-1)
     if empty.any():
         first = int(q_pos[empty.reshape(-1, Q).any(0)][0])
         raise EmptyRowError(f"query at position {first} has no allowed key among the {K} keys given")
+    if q_doc is not None:
+        docs = document_rule(pattern, q_pos[:, None], k_pos[None, :], q_doc[:, :, None], k_doc[:, None, :])
+        mask = mask & docs[:, None].to(q.device)  # (B, 1 or H, Q, K)
     k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, K, D): the oracle may materialise GQA
     v = v.repeat_interleave(H // Hkv, dim=1)
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax; fp64 stays fp64 for gradchecks
     s = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale
     s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Q)
-    p = torch.exp(s - lse[..., None])
-    out = torch.einsum("bhqk,bhkd->bhqd", p, v.to(acc)).to(q.dtype)
+    is_global = k_pos.to(q.device) < pattern.num_global
+    if sinks is not None:  # the sink is one more column, with no value and never masked
+        s = torch.cat([s, sinks.to(acc)[None, :, None, None].expand(B, H, Q, 1)], dim=-1)  # (B, H, Q, K + 1)
+        is_global = torch.cat([is_global, is_global.new_zeros(1)])
+    empty = torch.isneginf(s).all(-1)  # only possible through documents, and only without sinks
+    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1)  # (B, H, Q); finite grads
+    p = torch.exp(s - lse[..., None])  # exactly 0 on an empty row (every s is -inf)
+    lse = lse.masked_fill(empty, float("-inf"))
+    out = torch.einsum("bhqk,bhkd->bhqd", p[..., :K], v.to(acc)).to(q.dtype)
     if return_stats:
         with torch.no_grad():
-            return out, lse, stats_from_probs(s, p, k_pos.to(q.device) < pattern.num_global)
+            st = stats_from_probs(s, p, is_global)
+            if sinks is not None:
+                st.sink_mass = p[..., K]
+            return out, lse, st
     return out, lse

@@ -8,6 +8,15 @@ Two partials over disjoint key sets merge exactly with weights w = exp(lse_part 
   lse = logaddexp(lse_a, lse_b);  m = w_a·m_a + w_b·m_b;  gmass likewise;  max = max(max_a, max_b).
 (Same derivation as merging outputs, e.g. FlashAttention-2 §3.1 / ring-flash-attention's
 ``update_out_and_lse``: every quantity that is an expectation under p merges as the output does.)
+
+Learned sinks (gpt-oss): per head a scalar logit s_h acts as one more key with score s_h and no value.
+Every statistic is then defined over the keys *plus the sink*: p runs over both, the entropy counts
+the sink's share, the max logit is max(max over keys, s_h), and the global mass is the keys' global
+share of the extended softmax. The sink is applied once per query, after all partials over keys are
+merged (``apply_sinks``), with w = sigmoid(lse_keys − s_h) = exp(lse_keys − lse'):
+  lse' = logaddexp(lse_keys, s_h);  out' = w·out;  m' = w·m + (1 − w)·s_h;  gmass' = w·gmass;
+  max' = max(max, s_h);  sink_mass = 1 − w = sigmoid(s_h − lse_keys).
+``sink_mass`` is not a merge partial (it only exists after the merge); it is None without sinks.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ class AttnStats:
     m: torch.Tensor  # Σ p·s
     max_logit: torch.Tensor  # max s
     global_mass: torch.Tensor  # Σ p over global keys
+    sink_mass: torch.Tensor | None = None  # p of the learned sink (after apply_sinks), else None
 
     def fields(self):
+        """The three mergeable partials (``sink_mass`` is not one: the sink joins after merging)."""
         return self.m, self.max_logit, self.global_mass
 
 
@@ -51,22 +62,48 @@ def merge_stats(a: AttnStats, b: AttnStats, w_a: torch.Tensor, w_b: torch.Tensor
     )
 
 
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, stats: AttnStats | None = None):
+    """(out', lse', stats') with the learned sink logits ``sinks`` [H] joined to merged attention over
+    keys (out [B, H, Q, D], lse [B, H, Q]); the identity when ``sinks`` is None. Differentiable in out,
+    lse and sinks. A row with no key (lse = −inf) gets out' = 0, lse' = s_h: all its mass is the sink's."""
+    if sinks is None:
+        return out, lse, stats
+    s = sinks.to(lse.dtype)[None, :, None]  # (1, H, 1)
+    w = torch.sigmoid(lse - s)  # share of the keys; sigmoid keeps lse = -inf finite (w = 0)
+    new_out = (out.to(w.dtype) * w[..., None]).to(out.dtype)
+    new_lse = torch.logaddexp(lse, s)
+    if stats is None:
+        return new_out, new_lse, None
+    with torch.no_grad():
+        w, s = w.detach(), s.detach()
+        m = torch.where(w > 0, w * stats.m, torch.zeros_like(w)) + (1 - w) * s  # w·m is 0·(-inf) when empty
+        new_stats = AttnStats(m=m, max_logit=torch.maximum(stats.max_logit, s.expand_as(w)),
+                              global_mass=w * stats.global_mass, sink_mass=torch.sigmoid(s - lse.detach()))
+    return new_out, new_lse, new_stats
+
+
 def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
     """Per-head sums over batch and queries ([H] each) that add up across sequence shards:
-    ``entropy_sum``, ``global_mass_sum``, ``count`` (queries), and ``max_logit`` (a max)."""
+    ``entropy_sum``, ``global_mass_sum``, ``sink_mass_sum`` (0 without sinks), ``count`` (queries),
+    and ``max_logit`` (a max)."""
+    sink = st.sink_mass.sum(dim=(0, 2)) if st.sink_mass is not None else torch.zeros_like(lse[0, :, 0])
     return {
         "entropy_sum": (lse - st.m).sum(dim=(0, 2)),
         "global_mass_sum": st.global_mass.sum(dim=(0, 2)),
+        "sink_mass_sum": sink,
         "count": torch.full((lse.shape[1],), float(lse.shape[0] * lse.shape[2]), dtype=lse.dtype, device=lse.device),
         "max_logit": st.max_logit.amax(dim=(0, 2)),
     }
 
 
 def head_summary(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-head means [H]: ``entropy``, ``global_mass``, and ``max_logit``."""
+    """Per-head means [H]: ``entropy``, ``global_mass``, ``sink_mass`` (0 without sinks; absent from
+    sums made before sinks existed) and ``max_logit``."""
+    sink = sums.get("sink_mass_sum", torch.zeros_like(sums["count"]))
     return {
         "entropy": sums["entropy_sum"] / sums["count"],
         "global_mass": sums["global_mass_sum"] / sums["count"],
+        "sink_mass": sink / sums["count"],
         "max_logit": sums["max_logit"],
     }
 

@@ -1,0 +1,98 @@
+"""Document masking for the blocked kernel: plans that gather only the keys a query block may see.
+
+Packed documents make the key set of a query block data-dependent: of the rows the pattern allows
+(``Pattern.kv_ranges``), a block needs only the global keys and the keys whose document is one of
+its queries' documents (all of them for a bidirectional global query). The plan keeps exactly those
+rows per query block — the union over the batch — so a dense causal layer over 1k-token documents
+gathers ~1k keys per block instead of the whole prefix: short documents get cheaper, not only
+correct. Inside a block the element mask is the pattern's rule AND ``document_rule`` per batch
+element, so chunk masks carry a batch axis.
+
+A row can be left with no key only by the documents (a shard's partial over its remote keys): such a
+row gets out 0 and lse −inf (``Plan.maybe_empty``), which the LSE merge treats as "no keys here". A
+row the pattern alone leaves empty is still an ``EmptyRowError``.
+
+Plans depend on the document ids, which change every batch but not between the layers of one step,
+so the last few are cached by a digest of the ids (as FlexAttention's block masks are by positions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+
+import torch
+
+from kernels.blocked import (
+    BLOCK,
+    Chunk,
+    Plan,
+    _block_docs,
+    _block_positions,
+    _content_plan,
+    _device_plan,
+    _group_blocks,
+    _mask_spans,
+    _pad_rows,
+    _rows_for,
+    _runs,
+)
+from kernels.reference import EmptyRowError, document_rule
+from model.pattern import Pattern
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def doc_plan(pattern: Pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len: int) -> Plan:
+    """The device plan for these positions and document ids (q_doc [B, Q], k_doc [B, K] on the CPU)."""
+    if pattern.content_based:  # its blocks come from the data anyway: documents narrow the mask only
+        return _content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=(q_doc, k_doc))
+    B, H, Hkv, K = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    digest = hashlib.sha1(q_doc.numpy().tobytes() + b"|" + k_doc.numpy().tobytes()).hexdigest()
+    key = (pattern, _runs(q_pos), _runs(k_pos), seq_len, B, H, Hkv, K, digest, str(q.device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    plan = _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len, B * H)
+    plan = _device_plan.__wrapped__(plan, q.device, B, Hkv, K)  # uncached: the key above is the cache
+    _CACHE[key] = plan
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return plan
+
+
+def _visible_rows(pattern: Pattern, rows: torch.Tensor, k_pos, k_doc, block_pos, block_doc) -> torch.Tensor:
+    """The positional ``rows`` that some query of the block may see in some batch element."""
+    if not pattern.causal and int(block_pos.min()) < pattern.num_global:
+        return rows  # a bidirectional global query sees every key
+    keep = k_pos[rows] < pattern.num_global
+    for b in range(k_doc.shape[0]):
+        keep |= torch.isin(k_doc[b, rows], block_doc[b].unique())
+    return rows[keep]
+
+
+def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: int) -> Plan:
+    """Like ``blocked._positional_plan`` with the rows narrowed by documents; chunk masks [B, 1, nb, 1, BLOCK, Kc]."""
+    nqb = math.ceil(q_pos.numel() / BLOCK)
+    qb_pos, qb_doc = _block_positions(q_pos, nqb), _block_docs(q_doc, nqb)  # (nqb, BLOCK), (B, nqb, BLOCK)
+    rows = [_visible_rows(pattern, _rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)),
+                          k_pos, k_doc, p, qb_doc[:, i]) for i, p in enumerate(qb_pos)]
+    chunks = []
+    for b0, b1 in _group_blocks([len(r) for r in rows], bh):
+        idx, valid = _pad_rows(rows[b0:b1])  # (nb, Kc)
+        idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
+        kp = k_pos[idx]
+        allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
+        real = torch.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK) < q_pos.numel()
+        empty = real & ~allowed.any(-1)
+        if empty.any():
+            raise EmptyRowError(f"query at position {int(qb_pos[b0:b1][empty][0])} has no allowed key among the keys given")
+        docs = document_rule(pattern, qb_pos[b0:b1, :, None], kp[:, None, :], qb_doc[:, b0:b1, :, None],
+                             k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
+        masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
+        is_global = (kp < pattern.num_global) & valid
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], None,
+                            BLOCK))
+    return Plan(q_pos.numel(), chunks, heads_folded=True, margin=0, maybe_empty=True)
