@@ -35,10 +35,11 @@ from kernels.blocked import (
     _group_blocks,
     _mask_spans,
     _pad_rows,
+    _positional_plan,
     _rows_for,
     _runs,
 )
-from kernels.reference import EmptyRowError, document_rule
+from kernels.reference import document_rule
 from model.pattern import Pattern
 
 _CACHE: OrderedDict = OrderedDict()
@@ -55,6 +56,9 @@ def doc_plan(pattern: Pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len: int) -
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
+    # The document-free plan (cached by positions) raises EmptyRowError for a row the pattern leaves
+    # empty; rows emptied by the documents alone are allowed (see the module docstring).
+    _positional_plan(pattern, _runs(q_pos), _runs(k_pos), seq_len, B * H)
     plan = _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len, B * H)
     plan = _device_plan.__wrapped__(plan, q.device, B, Hkv, K)  # uncached: the key above is the cache
     _CACHE[key] = plan
@@ -85,10 +89,6 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
         idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
         kp = k_pos[idx]
         allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
-        real = torch.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK) < q_pos.numel()
-        empty = real & ~allowed.any(-1)
-        if empty.any():
-            raise EmptyRowError(f"query at position {int(qb_pos[b0:b1][empty][0])} has no allowed key among the keys given")
         docs = document_rule(pattern, qb_pos[b0:b1, :, None], kp[:, None, :], qb_doc[:, b0:b1, :, None],
                              k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
         masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
