@@ -27,7 +27,7 @@ from kernels.reference import EmptyRowError, reference_attention
 from kernels.stats import apply_sinks
 from model.pattern import Pattern
 
-BACKENDS = ("auto", "reference", "blocked", "flex")
+BACKENDS = ("auto", "reference", "blocked", "flex", "fused")
 DOC_BACKENDS = ("reference", "blocked", "flex")  # backends that take q_doc / k_doc themselves
 
 
@@ -52,6 +52,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         from kernels.blocked import blocked_attention
 
         res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+    elif backend == "fused":  # C++ band kernel (CPU, fp32, Window); runs blocked where it does not apply
+        from kernels.fused import fused_attention
+
+        res = fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
     else:
         from kernels.flex import flex_attention_backend
 
@@ -64,12 +68,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 
 def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:
     """``flex`` only where it runs forward and backward (CUDA, positional pattern, no stats);
-    ``blocked`` everywhere else. FlexAttention has no CPU backward, so ``auto`` never picks it on CPU."""
+    ``fused`` for fp32 band patterns on CPU (kernels.fused); ``blocked`` everywhere else.
+    FlexAttention has no CPU backward, so ``auto`` never picks it on CPU."""
     if q.is_cuda and not pattern.content_based and not return_stats:
         from kernels.flex import flex_available
 
         if flex_available():
             return "flex"
+    if not q.is_cuda:
+        from kernels.fused import pattern_supported
+
+        if pattern_supported(q, pattern):  # fp32 Window band on CPU: the fused C++ kernel
+            return "fused"
     return "blocked"
 
 

@@ -1,0 +1,51 @@
+// Python binding of the fused band attention (kernels/fused.py checks every argument before this).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "fused_common.h"
+
+static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qpos, const at::Tensor& kpos,
+                      int64_t P, int64_t kbase, int64_t wl, int64_t wr, int64_t ng, bool causal, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && q.is_contiguous() && k.is_contiguous(),
+              "fused attention: q, k, v must be contiguous float32");
+  TORCH_CHECK(q.size(3) % 8 == 0, "fused attention: head_dim must be a multiple of 8");
+  fused::Geo g;
+  g.B = q.size(0), g.H = q.size(1), g.Q = q.size(2), g.D = q.size(3), g.Hkv = k.size(1), g.K = k.size(2);
+  g.P = P, g.L = g.K - P, g.kbase = kbase, g.wl = wl, g.wr = wr, g.ng = ng, g.causal = causal;
+  g.scale = (float)scale;
+  g.qpos = qpos.data_ptr<int64_t>(), g.kpos = kpos.data_ptr<int64_t>();
+  return g;
+}
+
+std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qpos, at::Tensor kpos,
+                                      int64_t P, int64_t kbase, int64_t wl, int64_t wr, int64_t ng, bool causal,
+                                      double scale, bool stats) {
+  fused::Geo g = geo(q, k, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+  at::Tensor out = at::empty_like(q), lse = at::empty({g.B, g.H, g.Q}, q.options());
+  std::vector<at::Tensor> res{out, lse};
+  fused::FwdOut o{out.data_ptr<float>(), lse.data_ptr<float>(), nullptr, nullptr, nullptr};
+  if (stats) {
+    for (int i = 0; i < 3; ++i) res.push_back(at::empty({g.B, g.H, g.Q}, q.options()));
+    o.st_m = res[2].data_ptr<float>(), o.st_max = res[3].data_ptr<float>(), o.st_gm = res[4].data_ptr<float>();
+  }
+  fused::forward(g, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), o);
+  return res;
+}
+
+std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
+                                       at::Tensor delta, at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase,
+                                       int64_t wl, int64_t wr, int64_t ng, bool causal, double scale) {
+  fused::Geo g = geo(q, k, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  fused::BwdIn in{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
+                  lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                  dv.data_ptr<float>()};
+  fused::backward(g, in, at::get_num_threads());
+  dk.mul_(scale);  // the kernel accumulates dS^T Q with the unscaled queries
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fused_forward, "fused band attention forward -> [out, lse(, m, max_logit, global_mass)]");
+  m.def("backward", &fused_backward, "fused band attention backward -> [dq, dk, dv]");
+}

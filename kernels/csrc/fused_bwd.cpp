@@ -1,0 +1,133 @@
+// Backward of the fused band attention, one pass with 5 matmuls per (query tile, key tile):
+//   S^T = K Qsᵀ, P^T = exp(S^T − lse), dV += P^T dO, dP^T = V dOᵀ, dS^T = P^T ∘ (dP^T − Δ'),
+//   dK += dS^T Q, dQ += dS K           with Δ' = rowsum(dO ∘ O) − dlse (the lse gradient:
+//   ∂lse/∂s = p, so dlse enters as dS += p·dlse).
+// Tasks are (batch, kv head, segment of query tiles). A task owns the dQ rows of its queries (all G
+// query heads sharing the kv head) and accumulates dK/dV of the keys they touch: straight into the
+// output when the head has one segment (no atomics, no second pass over the queries as in
+// FlashAttention-2's separate dQ pass), into a private buffer summed afterwards when heads are too
+// few to keep every thread busy and are cut into segments.
+#include <ATen/Parallel.h>
+
+#include "fused_common.h"
+
+namespace fused {
+
+struct BwdWork {
+  std::vector<float> qt, dot, st, dpt;
+  std::vector<Tile> tiles;
+  int32_t lo[TQ], hi[TQ];
+  float lse[TQ], dl[TQ];
+};
+
+// Key rows [0, P) ∪ run indices [jlo, jhi) that query tiles [qt0, qt1) touch.
+static void seg_keys(const Geo& g, int64_t qt0, int64_t qt1, int64_t& jlo, int64_t& jhi, std::vector<Tile>& tiles) {
+  jlo = g.L, jhi = 0;
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    int64_t i0 = qt * TQ, qmin, qmax;
+    query_range(g.qpos + i0, (int)std::min<int64_t>(TQ, g.Q - i0), qmin, qmax);
+    key_tiles(g, qmin, qmax, tiles);
+    for (const Tile& t : tiles)
+      if (!t.prefix) jlo = std::min(jlo, t.k0 - g.P), jhi = std::max(jhi, t.k0 - g.P + t.nc);
+  }
+  if (jlo > jhi) jlo = jhi = 0;
+}
+
+// P^T = exp(S^T − lse) in place (masked −inf → 0); dS^T = P^T ∘ (dP^T − Δ') in place of dP^T.
+static void probs(float* st, int nc, const float* lse) {
+  for (int v = 0; v < TQ / 8; ++v) {
+    __m256 l = _mm256_loadu_ps(lse + 8 * v);
+    for (int kr = 0; kr < nc; ++kr) {
+      float* p = st + kr * TQ + 8 * v;
+      _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), l)));
+    }
+  }
+}
+
+static void dscores(const float* pt, float* dpt, int nc, const float* dl) {
+  for (int v = 0; v < TQ / 8; ++v) {
+    __m256 d = _mm256_loadu_ps(dl + 8 * v);
+    for (int kr = 0; kr < nc; ++kr) {
+      float* p = dpt + kr * TQ + 8 * v;
+      _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(pt + kr * TQ + 8 * v), _mm256_sub_ps(_mm256_loadu_ps(p), d)));
+    }
+  }
+}
+
+// One (query tile of head h) × (its key tiles); dk/dv rows of key row kr live at acc + (kr − off(kr))·D.
+static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64_t qt, float* dk, float* dv,
+                      int64_t off, BwdWork& w) {
+  const int64_t D = g.D, G = g.H / g.Hkv, i0 = qt * TQ, row0 = (b * g.H + h) * g.Q + i0;
+  const int nr = (int)std::min<int64_t>(TQ, g.Q - i0);
+  const int64_t kv = (b * g.Hkv + h / G) * g.K * D;
+  const float *kh = in.k + kv, *vh = in.v + kv, *qh = in.q + row0 * D, *doh = in.dout + row0 * D;
+  float* dqh = in.dq + row0 * D;
+  const int64_t* qp = g.qpos + i0;
+  int64_t qmin, qmax;
+  query_range(qp, nr, qmin, qmax);
+  key_tiles(g, qmin, qmax, w.tiles);
+  pack_t(qh, nr, D, g.scale, w.qt.data());
+  pack_t(doh, nr, D, 1.f, w.dot.data());
+  for (int r = 0; r < TQ; ++r) {  // padded lanes: finite values whose results are never read
+    w.lse[r] = r < nr ? in.lse[row0 + r] : 0.f;
+    w.dl[r] = r < nr ? in.delta[row0 + r] : 0.f;
+  }
+  float *st = w.st.data(), *dpt = w.dpt.data();
+  for (const Tile& t : w.tiles) {
+    const int64_t acc_row = t.k0 - (t.prefix ? 0 : off);
+    gemm(t.nc, TQ, (int)D, kh + t.k0 * D, D, 1, w.qt.data(), TQ, st, TQ, false);  // S^T
+    if (!t.full) {
+      tile_bounds(g, t, qp, nr, w.lo, w.hi);
+      apply_mask(st, t.nc, w.lo, w.hi);
+    }
+    probs(st, t.nc, w.lse);
+    gemm(t.nc, (int)D, nr, st, TQ, 1, doh, D, dv + acc_row * D, D, true);          // dV += P^T dO
+    gemm(t.nc, TQ, (int)D, vh + t.k0 * D, D, 1, w.dot.data(), TQ, dpt, TQ, false);  // dP^T = V dOᵀ
+    dscores(st, dpt, t.nc, w.dl);
+    gemm(t.nc, (int)D, nr, dpt, TQ, 1, qh, D, dk + acc_row * D, D, true);  // dK += dS^T Q (scaled later)
+    gemm(nr, (int)D, t.nc, dpt, 1, TQ, kh + t.k0 * D, D, dqh, D, true);   // dQ += dS K (scaled below)
+  }
+  for (int64_t i = 0; i < nr * D; ++i) dqh[i] *= g.scale;
+}
+
+void backward(const Geo& g, const BwdIn& in, int nthreads) {
+  const int64_t nqt = (g.Q + TQ - 1) / TQ, heads = g.B * g.Hkv, G = g.H / g.Hkv, D = g.D;
+  // Segments per head: 1 when there are at least 2 heads per thread, else enough to give each thread ~2 tasks.
+  const int64_t nseg = std::min<int64_t>(nqt, heads >= 2 * nthreads ? 1 : (2 * nthreads + heads - 1) / heads);
+  std::vector<std::vector<float>> priv(nseg > 1 ? heads * nseg : 0);
+  std::vector<int64_t> jlo(heads * nseg), jhi(heads * nseg);
+  at::parallel_for(0, heads * nseg, 1, [&](int64_t t0, int64_t t1) {
+    thread_local BwdWork w;
+    w.qt.resize(D * TQ), w.dot.resize(D * TQ), w.st.resize(TK * TQ), w.dpt.resize(TK * TQ);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hd = task / nseg, s = task % nseg, b = hd / g.Hkv;
+      const int64_t qt0 = s * nqt / nseg, qt1 = (s + 1) * nqt / nseg;
+      float *dk = in.dk + hd * g.K * D, *dv = in.dv + hd * g.K * D;
+      int64_t off = 0;
+      if (nseg > 1) {
+        seg_keys(g, qt0, qt1, jlo[task], jhi[task], w.tiles);
+        off = jlo[task];
+        priv[task].assign(2 * (g.P + jhi[task] - jlo[task]) * D, 0.f);
+        dk = priv[task].data(), dv = dk + (g.P + jhi[task] - jlo[task]) * D;
+      }
+      for (int64_t qt = qt0; qt < qt1; ++qt)
+        for (int64_t j = 0; j < G; ++j) bwd_qtile(g, in, b, (hd % g.Hkv) * G + j, qt, dk, dv, off, w);
+    }
+  });
+  if (nseg == 1) return;
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {  // sum the segments' private dK/dV
+    for (int64_t hd = h0; hd < h1; ++hd)
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t task = hd * nseg + s, n = g.P + jhi[task] - jlo[task];
+        const float* src = priv[task].data();
+        for (int half = 0; half < 2; ++half, src += n * D) {
+          float* dst = (half ? in.dv : in.dk) + hd * g.K * D;
+          for (int64_t i = 0; i < g.P * D; ++i) dst[i] += src[i];
+          float* run = dst + (g.P + jlo[task]) * D;
+          for (int64_t i = 0; i < (jhi[task] - jlo[task]) * D; ++i) run[i] += src[g.P * D + i];
+        }
+      }
+  });
+}
+
+}  // namespace fused

@@ -1,0 +1,168 @@
+"""Fused CPU attention for band patterns: C++ (AVX2/FMA, ATen's OpenMP threads), forward and backward.
+
+Applies to ``Window`` patterns with dilation 1 (window, sink, longformer, bidirectional windows),
+fp32 CPU tensors with head_dim a multiple of 8, and keys laid out as a shard holds them:
+``[globals | one contiguous run]`` — the keys whose positions are below ``num_global`` first (in
+ascending order), then consecutive positions (``k_pos`` defaults to arange, which is of that form).
+Query positions may be anything. Everything else, and every machine where the extension cannot be
+built, goes to ``kernels.blocked`` (the build failure says so in one warning line).
+
+The kernel (kernels/csrc): 64-query × 64-key tiles; a query tile visits only the global prefix and
+the tiles of its band, and masks only the edge tiles, by comparing positions; keys and values are
+read in place; online softmax with a polynomial exp; scores are held transposed (S^T[key][query])
+so the per-query softmax state is lane-wise. Backward recomputes P from the saved lse (Dao 2023)
+and carries the lse gradient: dS = P ∘ (dP − (Δ − dlse)), Δ = rowsum(dO ∘ O). GQA shares K/V
+between the G query heads without copies. Autograd keeps only q, k, v, out and lse.
+
+The extension is built on first use into ``.cache/torch_extensions/haloformer_fused`` (~1 min,
+then cached); ``HALOFORMER_FUSED=0`` stops ``backend="auto"`` from choosing it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kernels.reference import EmptyRowError
+from kernels.stats import AttnStats
+from model.pattern import Pattern, Window
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("fused_bind.cpp", "fused_fwd.cpp", "fused_bwd.cpp")
+BUILD_DIR = ROOT / ".cache" / "torch_extensions" / "haloformer_fused"
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno"]  # no -ffast-math: the kernel relies on ±inf
+
+_ext = None
+_tried = False
+
+
+def extension():
+    """The compiled extension, built on first call; None (after one warning) where it cannot be."""
+    global _ext, _tried
+    if _tried:
+        return _ext
+    _tried = True
+    why = None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        why = f"CPU capability {torch.backends.cpu.get_cpu_capability()} has no AVX2"
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        why = "no C++ compiler found"
+    else:
+        try:
+            from torch.utils.cpp_extension import load
+
+            BUILD_DIR.mkdir(parents=True, exist_ok=True)
+            _ext = load(name="haloformer_fused", sources=[str(CSRC / s) for s in SOURCES],
+                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR),
+                        verbose=False)
+        except Exception as e:  # any build or load failure: the portable kernel takes over
+            why = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+    if why:
+        warnings.warn(f"kernels.fused: {why}; using the blocked kernel instead", RuntimeWarning, stacklevel=2)
+    return _ext
+
+
+def pattern_supported(q: torch.Tensor, pattern: Pattern) -> bool:
+    """What ``backend="auto"`` checks before choosing ``fused`` (positions are checked per call)."""
+    return (os.environ.get("HALOFORMER_FUSED", "1") != "0" and q.device.type == "cpu" and q.dtype == torch.float32
+            and type(pattern) is Window and pattern.dilation == 1 and q.shape[-1] % 8 == 0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Keys = [P global keys | L keys at positions kbase, kbase+1, ...]; what the C++ side needs."""
+
+    q_pos: torch.Tensor  # [Q] int64
+    k_pos: torch.Tensor  # [K] int64
+    prefix: int
+    kbase: int
+
+    def args(self, pattern: Window) -> tuple:
+        return (self.q_pos, self.k_pos, self.prefix, self.kbase, pattern.window_left, pattern.window_right,
+                pattern.num_global, pattern.causal)
+
+
+def geometry(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_pos, k_pos) -> Geometry | str:
+    """The key layout, or why the fused kernel does not apply (then ``blocked`` runs)."""
+    if not pattern_supported(q, pattern):
+        return "needs fp32 CPU tensors, head_dim % 8 == 0 and a Window pattern with dilation 1"
+    if k.dtype != torch.float32 or k.device.type != "cpu":
+        return "needs fp32 CPU keys and values"
+    Q, K = q.shape[2], k.shape[2]
+    q_pos = torch.arange(Q) if q_pos is None else q_pos.detach().cpu().long().contiguous()
+    k_pos = torch.arange(K) if k_pos is None else k_pos.detach().cpu().long().contiguous()
+    is_global = k_pos < pattern.num_global
+    P = int(is_global.sum())
+    if not bool(is_global[:P].all()) or (P > 1 and not bool((k_pos[1:P] > k_pos[: P - 1]).all())):
+        return "keys below num_global must come first, in ascending order"
+    kbase = int(k_pos[P]) if K > P else pattern.num_global
+    if K > P and not torch.equal(k_pos[P:], torch.arange(kbase, kbase + K - P)):
+        return "keys after the globals must have consecutive positions"
+    return Geometry(q_pos, k_pos, P, kbase)
+
+
+def _check_rows(g: Geometry, pattern: Window, K: int) -> None:
+    """EmptyRowError (before any compute) for a query with no allowed key among those given."""
+    qi = g.q_pos
+    ok = torch.zeros_like(qi, dtype=torch.bool)
+    if g.prefix:
+        ok |= (qi >= g.k_pos[0]) if pattern.causal else torch.ones_like(ok)
+    if not pattern.causal and K:
+        ok |= qi < pattern.num_global
+    L = K - g.prefix
+    if L:
+        hi = qi if pattern.causal else qi + pattern.window_right
+        ok |= torch.maximum(qi - pattern.window_left, torch.tensor(g.kbase)) <= torch.minimum(hi, torch.tensor(g.kbase + L - 1))
+    if not bool(ok.all()):
+        raise EmptyRowError(f"query at position {int(qi[~ok][0])} has no allowed key among the {K} keys given")
+
+
+class FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, args: tuple, scale: float, want_stats: bool):
+        res = extension().forward(q, k, v, *args, scale, want_stats)
+        out, lse = res[0], res[1]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args, ctx.scale = args, scale
+        ctx.mark_non_differentiable(*res[2:])
+        return tuple(res)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_lse, *_):
+        q, k, v, out, lse = ctx.saved_tensors
+        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        delta = (d_out * out).sum(-1)  # Δ = rowsum(dO ∘ O)
+        if d_lse is not None:
+            delta = delta - d_lse  # ∂lse/∂s = p: dlse adds p·dlse to dS
+        dq, dk, dv = extension().backward(q, k, v, d_out, lse, delta.contiguous(), *ctx.args, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False):
+    """(out, lse) or (out, lse, AttnStats): the contract of ``kernels.sparse_attention``; runs
+    ``kernels.blocked`` where the fused kernel does not apply or cannot be built."""
+    B, H, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    g = geometry(q, k, pattern, q_pos, k_pos)
+    if isinstance(g, str) or Q == 0 or extension() is None:
+        from kernels.blocked import blocked_attention
+
+        return blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
+    _check_rows(g, pattern, K)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    res = FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.args(pattern), scale, return_stats)
+    if return_stats:
+        out, lse, m, mx, gm = res
+        return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm)
+    return res
