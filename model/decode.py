@@ -1,0 +1,339 @@
+"""Incremental decoding with a per-layer KV cache chosen from the pattern: equal to a full forward.
+
+    prompt [B, P] ── model.forward (prefill: the training kernels, ``kernels.sparse_attention``) ──┐
+    token  [B]    ── model.forward at position [t] (one query over the cache) ── logits [B, V] ◀──┘
+
+The model is not changed: decoding runs the model's own forward (embedding, learned global slots,
+norms, MLP, head) with an ``AttentionFn`` (``CachedAttention``) that keeps, per layer, the keys and
+values that layer's future queries may still need, and attends each new query over them.
+
+What a layer keeps (``layer_cache``; ``Decoder.describe`` says it per layer):
+
+- bounded positional patterns (window, sink, causal longformer, dilated, unions of them, BigBird
+  without random blocks): the ``num_global`` global keys plus a ring buffer of the last
+  ``reach + 1`` positions (the query's own key and the ``reach`` before it; ``reach`` is
+  window_left, rounded down to a multiple of the dilation) — ``num_global + reach + 1`` slots for
+  any length (``RingCache``);
+- patterns whose reach is unbounded keep every key (``FullCache``): dense and strided (a later query
+  may see any earlier key: every stride-th one), BigBird with random blocks (a later query block
+  draws among *all* earlier blocks), top-k (the content may pick any earlier block).
+
+Positions are absolute (0-indexed from the first token, learned global slots included) and every
+rule is the pattern's own (``Pattern.mask``, ``TopKBlocks.content_mask``), so a sequence may run
+past the length the model was trained at: the pattern applies as it is and rotary angles
+extrapolate to positions the model has never seen. BigBird's causal random blocks depend on the
+query block only (not on the sequence length), so they are well defined there too.
+
+Top-k selects key blocks by the mean query of the query's block. In a full forward over a whole
+sequence that mean includes the later queries of the block, which a decoder cannot know; decoding
+step t therefore equals a full forward over the first t + 1 tokens (the prefix), which is what the
+model's prediction at t means causally. The cache keeps the current block's queries for that mean.
+
+Learned sink logits (``attn.sinks`` [H] where a layer has them) are one more softmax column with no
+value: ``out' = out · sigmoid(lse − sinks[h])`` (``join_sinks``), after the keys.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels import sparse_attention
+from model.pattern import BigBird, Pattern, Union, Window
+
+
+def bounded_reach(pattern: Pattern) -> int | None:
+    """How far before a causal query its farthest non-global key can lie; None when unbounded."""
+    if isinstance(pattern, Union):
+        reaches = [bounded_reach(p) for p in pattern.parts]
+        return None if None in reaches else max(reaches)
+    if isinstance(pattern, BigBird) and pattern.random_blocks:
+        return None  # random blocks are drawn among every earlier block
+    if isinstance(pattern, Window):
+        return pattern.window_left // pattern.dilation * pattern.dilation  # the farthest dilated key
+    return None  # dense, strided, top-k
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class RingCache:
+    """The global keys and a ring of the last ``window`` positions: ``num_global + window`` slots.
+    Position p lives in slot p when global, else in slot ``num_global + (p − num_global) % window``."""
+
+    def __init__(self, num_global: int, window: int):
+        self.num_global, self.window = num_global, window
+        self.k = self.v = self.pos = None  # allocated at the first add, when shapes are known
+        self.filled = 0  # slots [0, filled) hold keys: globals come first, the ring fills in order
+
+    @property
+    def slots(self) -> int:
+        return self.num_global + self.window
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v [B, Hkv, T, D] at ascending ``positions`` [T] (the next T of the sequence)."""
+        g = self.num_global
+        if self.k is None:
+            shape = (*k.shape[:2], self.slots, k.shape[-1])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)  # (B, Hkv, g + w, D)
+            self.pos = torch.full((self.slots,), -1, dtype=torch.long, device=positions.device)
+        keep = (positions < g) | (positions > positions[-1] - self.window)  # older ones are overwritten
+        pos = positions[keep]
+        slots = torch.where(pos < g, pos, g + (pos - g) % self.window)
+        self.k[:, :, slots], self.v[:, :, slots], self.pos[slots] = k[:, :, keep], v[:, :, keep], pos
+        self.filled = max(self.filled, int(slots.max()) + 1)
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v [B, Hkv, K, D], positions [K]) of the held keys, in slot order (not position order)."""
+        n = self.filled
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else _bytes(*self.view())
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.k is None else _bytes(self.k, self.v, self.pos)
+
+    def describe(self) -> str:
+        return f"bounded: {self.num_global} global + ring of {self.window}"
+
+
+class FullCache:
+    """Every key, in position order; capacity doubles when full (amortised O(1) per token).
+    ``block_size`` > 0 (top-k) also keeps the queries of the current query block."""
+
+    def __init__(self, block_size: int = 0):
+        self.block_size = block_size
+        self.k = self.v = self.pos = None
+        self.n = 0
+        self.block_q = self.block_pos = None  # top-k: [B, H, <= block_size, D] queries of the current block
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        T = k.shape[2]
+        if self.k is None or self.n + T > self.k.shape[2]:
+            cap = max(2 * (0 if self.k is None else self.k.shape[2]), self.n + T, 16)
+            shape = (*k.shape[:2], cap, k.shape[-1])  # (B, Hkv, capacity, D)
+            new_k, new_v = k.new_zeros(shape), v.new_zeros(shape)
+            new_pos = torch.full((cap,), -1, dtype=torch.long, device=positions.device)
+            if self.k is not None:
+                new_k[:, :, :self.n], new_v[:, :, :self.n], new_pos[:self.n] = self.view()
+            self.k, self.v, self.pos = new_k, new_v, new_pos
+        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
+        self.pos[self.n:self.n + T] = positions
+        self.n += T
+
+    def add_queries(self, q: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep the queries of ``q`` [B, H, T, D] that share the block of the last position."""
+        block_start = int(positions[-1]) // self.block_size * self.block_size
+        keep = positions >= block_start
+        q, positions = q[:, :, keep], positions[keep]
+        if self.block_pos is not None and int(self.block_pos[0]) >= block_start:  # same block: append
+            q, positions = torch.cat([self.block_q, q], dim=2), torch.cat([self.block_pos, positions])
+        self.block_q, self.block_pos = q, positions
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :self.n], self.v[:, :, :self.n], self.pos[:self.n]
+
+    def nbytes(self) -> int:
+        held = () if self.block_q is None else (self.block_q, self.block_pos)
+        return 0 if self.k is None else _bytes(*self.view(), *held)
+
+    def allocated_bytes(self) -> int:
+        held = () if self.block_q is None else (self.block_q, self.block_pos)
+        return 0 if self.k is None else _bytes(self.k, self.v, self.pos, *held)
+
+    def describe(self) -> str:
+        return "full" + (f" (+ current top-k query block of {self.block_size})" if self.block_size else "")
+
+
+def layer_cache(pattern: Pattern) -> RingCache | FullCache:
+    """The cache a causal layer of this pattern needs (see the module docstring)."""
+    reach = bounded_reach(pattern)
+    if reach is not None:
+        return RingCache(pattern.num_global, reach + 1)
+    return FullCache(pattern.block_size if pattern.content_based else 0)
+
+
+def join_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None):
+    """(out', lse') with one more softmax column of logit ``sinks[h]`` and no value (gpt-oss):
+    out' = out · sigmoid(lse − s_h), lse' = logaddexp(lse, s_h). out [B, H, T, D], lse [B, H, T]."""
+    if sinks is None:
+        return out, lse
+    s = sinks.float()[None, :, None]  # (1, H, 1)
+    w = torch.sigmoid(lse.float() - s)
+    return (out.float() * w[..., None]).to(out.dtype), torch.logaddexp(lse.float(), s)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor):
+    """(out [B, H, 1, D], lse [B, H, 1] fp32): one query per row over the held keys, softmax in fp32.
+    q [B, H, 1, D]; k, v [B, Hkv, K, D] (GQA: query head h reads key head h // (H / Hkv));
+    ``allowed`` [1, K] (positional) or [B, H, 1, K] (content-based)."""
+    B, H, _, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, D).float()  # (B, Hkv, G, D): the G heads sharing a key head
+    s = torch.matmul(qg, k.float().transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, K)
+    mask = allowed.reshape(B, Hkv, H // Hkv, K) if allowed.dim() == 4 else allowed.reshape(1, 1, 1, K)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v.float())  # (B, Hkv, G, D)
+    return out.reshape(B, H, 1, D).to(q.dtype), lse.reshape(B, H, 1)
+
+
+class CachedAttention:
+    """An ``AttentionFn`` (model/attention.py) with one cache per layer. The model calls it once per
+    layer in order, so the layer is the call's index since ``Decoder`` reset ``layer`` to 0.
+    The first call of a layer prefills (the training kernel over the prompt); later calls get one
+    query at the next position and attend it over the cache."""
+
+    def __init__(self, patterns: list[Pattern], sinks: list[torch.Tensor | None], backend: str = "auto"):
+        self.caches = [layer_cache(p) for p in patterns]
+        self.sinks, self.backend = sinks, backend
+        self.layer = 0
+        self.next_pos = [0] * len(patterns)
+
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False):
+        if return_stats:
+            raise ValueError("return_stats: decoding keeps no attention statistics")
+        i, cache = self.layer, self.caches[self.layer]
+        self.layer += 1
+        if int(positions[0]) != self.next_pos[i] or (self.next_pos[i] and q.shape[2] != 1):
+            raise ValueError(f"decode: layer {i} expects one query at position {self.next_pos[i]} after the "
+                             f"prompt, got positions {positions[0]}..{positions[-1]}")
+        self.next_pos[i] = int(positions[-1]) + 1
+        if pattern.content_based:  # a block's mean query includes the earlier queries of its block
+            cache.add_queries(q, positions)
+        if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
+            out, lse = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=self.backend,
+                                        seq_len=seq_len)[:2]
+            cache.add(k, v, positions)
+        else:
+            cache.add(k, v, positions)  # the query sees its own key
+            k_all, v_all, k_pos = cache.view()
+            if pattern.content_based:
+                allowed = pattern.content_mask(cache.block_q, k_all, cache.block_pos, k_pos)[:, :, -1:]  # (B, H, 1, K)
+            else:
+                allowed = pattern.mask(positions, k_pos, seq_len).to(k.device)  # (1, K)
+            out, lse = attend_one(q, k_all, v_all, allowed)
+        out, _ = join_sinks(out, lse, self.sinks[i])
+        return out, None
+
+
+class Decoder:
+    """Prefill a prompt, then one token at a time. ``max_len`` bounds prompt + generated tokens (it
+    is the ``seq_len`` the patterns are asked about; for causal patterns it changes no mask)."""
+
+    def __init__(self, model, max_len: int, backend: str = "auto"):
+        for i, p in enumerate(model.patterns):
+            if not p.causal:
+                raise ValueError(f"attention.causal: layer {i} is bidirectional ({type(p).__name__}); generation "
+                                 "decodes left to right and needs every layer causal")
+        self.model, self.max_len = model, max_len
+        sinks = [getattr(b.attn, "sinks", None) for b in model.blocks]
+        self.attn = CachedAttention(list(model.patterns), [None if s is None else s.detach() for s in sinks], backend)
+        self.pos = 0
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions[-1]) >= self.max_len:
+            raise ValueError(f"max_len: position {int(positions[-1])} is past max_len={self.max_len}")
+        self.attn.layer = 0
+        out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len)
+        self.pos = int(positions[-1]) + 1
+        return out.logits[:, -1].float()  # (B, V)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, P] at positions 0..P-1 (the first n_learned_global are slots) -> next-token logits [B, V]."""
+        g = self.model.cfg.n_learned_global
+        if tokens.shape[1] <= g:
+            raise ValueError(f"prompt: needs more than the {g} learned global slots (model.n_learned_global), got "
+                             f"{tokens.shape[1]} tokens")
+        return self._forward(tokens, torch.arange(tokens.shape[1], device=tokens.device))
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token [B] at the next position -> logits [B, V] for the one after it."""
+        return self._forward(token[:, None], torch.tensor([self.pos], device=token.device))
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.attn.caches)
+
+    def allocated_bytes(self) -> int:
+        return sum(c.allocated_bytes() for c in self.attn.caches)
+
+    def describe(self) -> str:
+        kinds = [c.describe() for c in self.attn.caches]
+        return "; ".join(f"layers {', '.join(str(i) for i, x in enumerate(kinds) if x == kind)}: {kind}"
+                         for kind in dict.fromkeys(kinds))
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
+    seed: int = 0
+
+    def validate(self) -> Sampling:
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] tokens: argmax at temperature 0, else a draw from the filtered softmax."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, P + N]: the prompt and the N generated tokens
+    step_logits: torch.Tensor | None  # [B, N, V]: the logits each generated token was chosen from
+    prefill_s: float
+    decode_s: float  # the N − 1 single-token steps
+    cache_bytes: int
+    cache: str  # what each layer keeps (Decoder.describe)
+
+
+@torch.no_grad()
+def generate(model, tokens: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
+             backend: str = "auto", keep_logits: bool = False) -> Generation:
+    """Continue ``tokens`` [B, P] (positions 0..P-1, learned global slots first) by ``max_new_tokens``."""
+    sampling.validate()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    dec = Decoder(model, tokens.shape[1] + max_new_tokens, backend)
+    gen = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    logits = dec.prefill(tokens)
+    t1 = time.perf_counter()
+    new, kept = [], []
+    for n in range(max_new_tokens):
+        new.append(next_token(logits, sampling, gen))
+        if keep_logits:
+            kept.append(logits)
+        if n + 1 < max_new_tokens:
+            logits = dec.step(new[-1])
+    t2 = time.perf_counter()
+    return Generation(torch.cat([tokens, torch.stack(new, 1)], 1), torch.stack(kept, 1) if keep_logits else None,
+                      t1 - t0, t2 - t1, dec.cache_bytes(), dec.describe())

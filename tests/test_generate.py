@@ -1,0 +1,128 @@
+"""Incremental decoding (model/decode.py) against full forwards, the bounded cache's size, sampling,
+and the ``python -m trainer.generate`` command on a checkpoint the real trainer wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.decode import Decoder, RingCache, Sampling, bounded_reach, generate, next_token
+from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
+from model.transformer import ModelConfig, Transformer
+from tests.train_utils import PY, REPO, _env, train
+
+# Tiny model with GQA (4 query heads on 2 key/value heads) and 2 learned global slots. init_std 0.3
+# (not 0.02) makes attention peaked and its output large in the residual stream, so a key missing
+# from (or wrongly added to) a cache moves the logits far beyond the tolerance below.
+CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_learned_global=2, init_std=0.3)
+# fp32 throughout; the decoder sums over keys in another order (ring slots, one query) than the
+# blocked kernel, which moves logits of magnitude ~1-10 by ~1e-6; 1e-4 is far below what one
+# wrong key changes (test_missing_key_is_detected measures > 1e-2).
+ATOL = 1e-4
+
+PATTERNS = {
+    "dense": Dense(num_global=2),
+    "window": Window(window_left=5),
+    "sink": Window(window_left=5, num_global=2),
+    "dilated": Window(window_left=7, dilation=3, num_global=2),
+    "strided": Strided(stride=4, num_global=2),
+    "bigbird": BigBird(window_left=3, num_global=2, random_blocks=2, block_size=4),
+    "topk": TopKBlocks(top_k=2, block_size=4, num_global=2),
+    "union": Union(parts=(Window(window_left=3, num_global=2), Strided(stride=5)), num_global=2),
+}
+
+
+def tiny_model(pattern, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CFG, **overrides})
+    if pattern.num_global < cfg.n_learned_global:
+        cfg.n_learned_global = pattern.num_global
+    return Transformer(cfg, pattern).eval()
+
+
+def prefix_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, V] of a full forward (the training kernels) over ``tokens`` [B, T]."""
+    with torch.no_grad():
+        return model(tokens).logits[:, -1]
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_greedy_decoding_equals_full_forward(name):
+    """Every step's logits equal a full forward over the prefix, and greedy picks its argmax."""
+    model = tiny_model(PATTERNS[name])
+    prompt = torch.randint(0, 64, (2, 9))
+    out = generate(model, prompt, max_new_tokens=15, keep_logits=True)
+    for n in range(15):
+        ref = prefix_logits(model, out.tokens[:, :9 + n])
+        torch.testing.assert_close(out.step_logits[:, n], ref, atol=ATOL, rtol=0)
+        assert torch.equal(out.tokens[:, 9 + n], ref.argmax(-1))
+
+
+def test_missing_key_is_detected():
+    """The comparison above can fail: a ring one slot too short drops the window's oldest key."""
+    model = tiny_model(PATTERNS["sink"])
+    dec = Decoder(model, 40)
+    dec.attn.caches[0] = RingCache(2, bounded_reach(PATTERNS["sink"]))  # reach, not reach + 1
+    tokens = torch.randint(0, 64, (1, 30))
+    dec.prefill(tokens[:, :8])
+    worst = 0.0
+    for t in range(8, 30):
+        logits = dec.step(tokens[:, t])
+        worst = max(worst, float((logits - prefix_logits(model, tokens[:, :t + 1])).abs().max()))
+    assert worst > 100 * ATOL
+
+
+def test_bounded_cache_never_exceeds_its_bound():
+    """Sink (window 5, 2 globals): 2 + 6 slots per layer from the 8th token on, whatever the length."""
+    pattern = PATTERNS["sink"]
+    model = tiny_model(pattern)
+    dec = Decoder(model, 60)
+    logits = dec.prefill(torch.randint(0, 64, (1, 4)))
+    bound = pattern.num_global + bounded_reach(pattern) + 1
+    per_key = 2 * model.cfg.n_kv_heads * model.blocks[0].attn.head_dim * 4 + 8  # k and v fp32, position int64
+    sizes = []
+    for _ in range(50):
+        logits = dec.step(logits.argmax(-1))
+        for cache in dec.attn.caches:
+            assert cache.k.shape[2] == bound and cache.view()[0].shape[2] <= bound
+        sizes.append(dec.cache_bytes())
+    assert max(sizes) == sizes[-1] == model.cfg.n_layers * bound * per_key
+    assert dec.allocated_bytes() == sizes[-1]
+
+
+def test_union_of_windows_is_bounded_and_strided_is_not():
+    assert bounded_reach(Union(parts=(Window(window_left=3), Window(window_left=9, dilation=4)))) == 8
+    assert bounded_reach(PATTERNS["union"]) is None
+    assert bounded_reach(BigBird(window_left=3, random_blocks=0)) == 3
+    assert bounded_reach(PATTERNS["bigbird"]) is None
+
+
+def test_bidirectional_is_refused():
+    model = tiny_model(Window(window_left=3, window_right=3, causal=False, num_global=2))
+    with pytest.raises(ValueError, match="attention.causal: layer 0 is bidirectional"):
+        Decoder(model, 10)
+
+
+def test_sampling_reproducible_from_seed():
+    model = tiny_model(PATTERNS["sink"])
+    prompt = torch.randint(0, 64, (2, 6))
+    hot = Sampling(temperature=1.5, top_k=40, top_p=0.95, seed=7)
+    a = generate(model, prompt, 20, hot).tokens
+    assert torch.equal(a, generate(model, prompt, 20, hot).tokens)
+    assert not torch.equal(a, generate(model, prompt, 20, Sampling(temperature=1.5, top_k=40, top_p=0.95, seed=8)).tokens)
+    greedy = generate(model, prompt, 20).tokens
+    assert torch.equal(generate(model, prompt, 20, Sampling(temperature=1.0, top_k=1, seed=3)).tokens, greedy)
+
+
+def test_top_k_and_top_p_filter():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])  # probabilities ≈ .72, .26, .013, .005
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(next_token(logits, Sampling(temperature=1.0, top_k=2), gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(next_token(logits, Sampling(temperature=1.0, top_p=0.5), gen)) for _ in range(50)}
+    assert draws == {0}  # the first token alone already holds 0.72 >= 0.5
