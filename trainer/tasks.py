@@ -239,3 +239,8 @@ def shard(full: np.ndarray, answers: np.ndarray, sp_rank: int, sp_size: int):
 def depth_bin(start: np.ndarray, seq_len: int) -> np.ndarray:
     """Which fifth of the sequence each needle start lies in (0..DEPTH_BINS-1)."""
     return np.minimum(start * DEPTH_BINS // seq_len, DEPTH_BINS - 1)
+
+
+def task_params(data) -> TaskParams:
+    """The TaskParams of a config's ``data`` section (trainer/config.py DataSection)."""
+    return TaskParams(task=data.task, passkey=data.passkey, recall=data.recall, mix=data.mix)
