@@ -15,13 +15,16 @@ from model.decode import Decoder, RingCache, Sampling, bounded_reach, generate, 
 from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
+from trainer.config import ConfigError
+from trainer.data import IGNORE_INDEX, ByteTokenizer, LongDocSampler, load_corpus
+from trainer.generate import generate_passkey_accuracy, load_model, resolve_checkpoint, run_config
 
 # Tiny model with GQA (4 query heads on 2 key/value heads) and 2 learned global slots. init_std 0.3
 # (not 0.02) makes attention peaked and its output large in the residual stream, so a key missing
 # from (or wrongly added to) a cache moves the logits far beyond the tolerance below.
 CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_learned_global=2, init_std=0.3)
 # fp32 throughout; the decoder sums over keys in another order (ring slots, one query) than the
-# blocked kernel, which moves logits of magnitude ~1-10 by ~1e-6; 1e-4 is far below what one
+# training kernels, which moves logits of magnitude ~5 by up to ~8e-6 (measured); 1e-4 is far below what one
 # wrong key changes (test_missing_key_is_detected measures > 1e-2).
 ATOL = 1e-4
 
@@ -35,6 +38,15 @@ PATTERNS = {
     "topk": TopKBlocks(top_k=2, block_size=4, num_global=2),
     "union": Union(parts=(Window(window_left=3, num_global=2), Strided(stride=5)), num_global=2),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny single-token ops: threads only contend on the shared 2-core machine (5x slower measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model(pattern, **overrides) -> Transformer:
@@ -126,3 +138,59 @@ def test_top_k_and_top_p_filter():
     assert draws == {0, 1}
     draws = {int(next_token(logits, Sampling(temperature=1.0, top_p=0.5), gen)) for _ in range(50)}
     assert draws == {0}  # the first token alone already holds 0.72 >= 0.5
+
+
+def test_passkey_hook_scores_generated_answers():
+    """Answers the model generates itself score 1; one wrong digit in one of two rows scores 0.5."""
+    model = tiny_model(PATTERNS["sink"])
+    seq = generate(model, torch.randint(0, 64, (2, 20)), max_new_tokens=5).tokens  # (2, 25)
+    inputs, targets = seq[:, :-1], torch.full((2, 24), IGNORE_INDEX)
+    targets[:, -5:] = seq[:, -5:]  # the last 5 targets are the answers, as in passkey_batch
+    assert generate_passkey_accuracy(model, inputs, targets) == 1.0
+    targets[1, -2] = (targets[1, -2] + 1) % 64
+    assert generate_passkey_accuracy(model, inputs, targets) == 0.5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real training run (1 step, sink pattern, GQA, 2 learned global slots) with its checkpoint."""
+    run = tmp_path_factory.mktemp("gen") / "run"
+    train("seq_len=128", "steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run}", "eval_every=0", "eval_batches=1",
+          "logging.wandb=disabled", "logging.mask_png=false", "attention.window_left=16", "attention.num_global=4",
+          "model.n_learned_global=2", timeout=240)
+    return run
+
+
+def test_checkpoint_rebuilds_the_trained_model(run_dir):
+    """The model rebuilt from the checkpoint alone scores the trainer's own final eval loss."""
+    model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
+    assert [p.window_left for p in model.patterns] == [16, 16] and model.cfg.n_learned_global == 2
+    corpus = load_corpus(None, "bytes", None, cfg.data.val_fraction)
+    tokens, targets, positions = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed).next_shard()
+    with torch.no_grad():
+        loss = float(model(tokens, positions=positions, targets=targets).loss)
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
+    assert loss == pytest.approx(logged, abs=1e-5)  # fp32, same batch and weights; kernels may differ in sum order
+
+
+def test_generate_cli(run_dir):
+    proc = subprocess.run([PY, "-m", "trainer.generate", f"trainer.resume={run_dir}", "prompt='def f(x):'",
+                           "max_new_tokens=24"], cwd=REPO, env=_env(), capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "tokens/s decoding" in err and "4 global + ring of 17" in err
+    model, _ = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
+    prompt = torch.tensor([[0, 0, *b"def f(x):"]])  # 2 learned global slots, then the prompt
+    text = ByteTokenizer().decode(generate(model, prompt, 24).tokens[0, 2:])  # greedy, as the CLI by default
+    assert text.startswith("def f(x):") and len(text) > len("def f(x):")
+    assert proc.stdout == (text + "\n").encode()
+
+
+def test_bidirectional_checkpoint_refused(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = (run / "config.yaml").read_text().replace("causal: true", "causal: false")
+    (run / "config.yaml").write_text(config.replace("window_right: 0", "window_right: 16"))
+    with pytest.raises(ConfigError, match=r"^attention.causal: .* needs causal patterns") as e:
+        run_config(resolve_checkpoint(str(run)))
+    assert "\n" not in str(e.value)
