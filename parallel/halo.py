@@ -57,9 +57,10 @@ class P2PExchange:
     """Send ``sends`` rows of a tensor to peers and receive ``recvs`` rows from peers, and back."""
 
     def __init__(self, ctx: ParallelContext, sends: list[Route], recvs: list[Route], tag: int,
-                 counter: CommCounter | None = None, layer: str | int = 0):
+                 counter: CommCounter | None = None, layer: str | int = 0, kind: str | None = None):
         self.ctx, self.sends, self.recvs, self.tag = ctx, sends, recvs, tag
         self.counter, self.layer = counter, layer
+        self.kind = kind  # counted under this kind instead of the routes' (e.g. document ids along K/V routes)
 
     @property
     def recv_count(self) -> int:
@@ -111,7 +112,7 @@ class P2PExchange:
         for routes, side in ((out_routes, "sent"), (in_routes, "recv")):
             for route in routes:
                 for lo, hi, kind in route.rows:
-                    self.counter.add(self.layer, direction, kind, **{side: (hi - lo) * row_bytes})
+                    self.counter.add(self.layer, direction, self.kind or kind, **{side: (hi - lo) * row_bytes})
 
 
 def _gather_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -1,8 +1,15 @@
 """Sequence-parallel sparse attention: this rank's shard of q, k, v in, this rank's output out.
 
-    sp_attention(q, k, v, pattern, ctx, return_stats=False, strategy="auto", backend="auto")
+    sp_attention(q, k, v, pattern, ctx, return_stats=False, strategy="auto", backend="auto",
+                 sinks=None, doc_ids=None)
 
 q [B, H, L, D] and k, v [B, Hkv, L, D] hold positions [r·L, (r+1)·L) of a sequence of n = L·P.
+``sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
+gradient each rank returns for them is its own queries' share (Ulysses: its heads' slice), so the
+sum over the SP group — what the trainer's gradient all-reduce computes — is the single-device one.
+``doc_ids`` [B, L]: this shard's document ids (``kernels.reference.document_rule``); the ids of
+received keys travel with them (halo, top-k) or are all-gathered once per call (Ulysses, which moves
+O(n) anyway); counted as ``doc_ids``.
 Strategies:
 
 - ``halo`` (``parallel.halo_attention``): receive only the keys the pattern needs (window halo,
@@ -42,7 +49,8 @@ from parallel.topk import TopKSpec, check_blocks, topk_attention
 from parallel.ulysses import check_heads, ulysses_attention
 
 STRATEGIES = ("auto", "halo", "topk", "ulysses")
-_TAGS = {"kv": 10, "q": 20, "partial": 30}  # distinct tags: these exchanges can be in flight together
+_TAGS = {"kv": 10, "q": 20, "partial": 30, "doc": 50}  # distinct tags: these exchanges can be in flight together
+DOC_KIND = "doc_ids"
 
 
 @dataclass
@@ -109,12 +117,18 @@ def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads:
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,
                  return_stats: bool = False, strategy: str = "auto", backend: str | Callable = "auto",
                  seq_len: int | None = None, counter: CommCounter | None = None, layer: str | int = 0,
-                 scale: float | None = None):
+                 scale: float | None = None, sinks: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
     """Attention of this rank's queries; ``out`` or ``(out, ShardStats)``. See the module docstring."""
     H, L = q.shape[1], q.shape[2]
     if k.shape[2] != L or v.shape != k.shape:
         raise ValueError(f"k and v must be this rank's shard like q: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks: must be [H] = [{H}] (one logit per query head), got {list(sinks.shape)}")
+    if doc_ids is not None and (tuple(doc_ids.shape) != (q.shape[0], L) or doc_ids.is_floating_point()):
+        raise ValueError(f"doc_ids: must be this shard's integer document ids [B, L] = [{q.shape[0]}, {L}], "
+                         f"got {doc_ids.dtype} {list(doc_ids.shape)}")
+    doc_ids = None if doc_ids is None else doc_ids.long()
     n = L * ctx.sp_size if seq_len is None else seq_len
     if check_divisible(n, ctx.sp_size) != L:
         raise ParallelConfigError(f"seq_len={n} / parallel.sequence_parallel_size={ctx.sp_size} must equal the "
@@ -122,18 +136,20 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
     kernel = resolve_kernel(backend)
     chosen = pick_strategy(pattern, ctx.sp_size, n, H, k.shape[1], strategy)
     if chosen == "ulysses":
-        out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer)
+        out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer,
+                                            sinks, doc_ids)
     elif chosen == "topk":
-        spec = TopKSpec(pattern, n, ctx, kernel, scale, return_stats, counter, layer)
-        out, lse, stats = topk_attention(q, k, v, spec)
+        spec = TopKSpec(pattern, n, ctx, kernel, scale, return_stats, counter, layer, doc_ids)
+        out, lse, stats = topk_attention(q, k, v, spec, sinks)
     else:
-        spec = halo_spec(pattern, ctx, n, q.device, kernel, scale, return_stats, counter, layer)
-        out, lse, stats = halo_attention(q, k, v, spec)
+        spec = halo_spec(pattern, ctx, n, q.device, kernel, scale, return_stats, counter, layer, doc_ids)
+        out, lse, stats = halo_attention(q, k, v, spec, sinks)
     return (out, ShardStats(lse, stats)) if return_stats else out
 
 
 def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torch.device, kernel: Callable,
-              scale: float | None, return_stats: bool, counter: CommCounter | None, layer: str | int) -> HaloSpec:
+              scale: float | None, return_stats: bool, counter: CommCounter | None, layer: str | int,
+              doc_ids: torch.Tensor | None = None) -> HaloSpec:
     """The static description of one halo call on this rank (plan, rows, exchanges)."""
     P, r = ctx.sp_size, ctx.sp_rank
     plan = build_plan(pattern, seq_len, P)
@@ -149,8 +165,10 @@ def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torc
         remote_rows=None if len(rows) == start + L - qs else rows.to(device),
         kernel=kernel, scale=scale, return_stats=return_stats,
         kv_exchange=P2PExchange(ctx, sends, recvs, _TAGS["kv"], counter, layer),
-        num_global_queries=g, sp_size=P, sp_rank=r,
+        num_global_queries=g, sp_size=P, sp_rank=r, doc_ids=doc_ids,
     )
+    if doc_ids is not None:  # the received keys' document ids: the same routes, one int64 column
+        spec.doc_exchange = P2PExchange(ctx, sends, recvs, _TAGS["doc"], counter, layer, kind=DOC_KIND)
     if g:
         spec.q_exchange = P2PExchange(ctx, *glob.query_routes(g, L, P, r), _TAGS["q"], counter, layer)
         spec.partial_exchange = P2PExchange(ctx, *glob.partial_routes(g, L, P, r), _TAGS["partial"], counter, layer)

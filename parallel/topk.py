@@ -8,6 +8,9 @@ On rank r (queries = its shard [r·L, (r+1)·L), L a multiple of ``block_size``)
     needs     = all-gather(need)                                   who wants which of my blocks, "requests"
     fetched   = point-to-point K/V rows of the needed blocks from their owners (async), "blocks"
     out       = kernel(local queries, keys = fetched ∪ local in position order, true positions)
+    out, lse  = apply_sinks(out, lse, sinks)                       learned sinks, once per query
+
+Document ids of the fetched rows travel beside them on the same routes (one int64 column, ``doc_ids``).
 
 Why the kernel's own re-selection reproduces the global choice: every backend recomputes the top-k
 from the q and k it is given (block means grouped by absolute block id). The block means of the
@@ -43,14 +46,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kernels.stats import apply_sinks
 from model.pattern import Pattern, block_mean
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route
-from parallel.layer_fn import forward_with_inner_graph, run_layer
+from parallel.layer_fn import forward_with_inner_graph, run_layer, sink_leaf
 
 SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
-TAG = 40  # distinct from the halo path's tags (10, 20, 30 and their +1 reverses)
+TAG = 40  # distinct from the halo path's tags (10, 20, 30, 50 and their +1 reverses)
+DOC_TAG = 60
 
 
 def check_blocks(local_len: int, block_size: int, sp_size: int) -> int:
@@ -127,28 +132,31 @@ class TopKSpec:
     return_stats: bool
     counter: CommCounter | None = None
     layer: str | int = 0
+    doc_ids: torch.Tensor | None = None  # [B, L] this shard's document ids (None: no document masking)
 
 
-def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopKSpec):
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopKSpec,
+                   sinks: torch.Tensor | None = None):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
     check_blocks(q.shape[2], spec.pattern.block_size, spec.ctx.sp_size)
-    return run_layer(_TopKAttention, _forward, q, k, v, spec, spec.return_stats)
+    return run_layer(_TopKAttention, _forward, q, k, v, sinks, spec, spec.return_stats)
 
 
 class _TopKAttention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, spec):
-        return forward_with_inner_graph(fctx, _forward, q, k, v, spec)
+    def forward(fctx, q, k, v, sinks, spec):
+        return forward_with_inner_graph(fctx, _forward, q, k, v, sinks, spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(fctx, g_out, _g_lse, _g_stats):
         s, fctx.state = fctx.state, None
-        inputs = [s["q"], s["k"], s["v"], s["recv_kv"]]
+        inputs = [s["q"], s["k"], s["v"], s["recv_kv"]] + ([s["sinks"]] if s["sinks"] is not None else [])
         got = torch.autograd.grad([s["out"]], inputs, [g_out], allow_unused=True)
-        gq, gk, gv, g_recv = (torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True))
+        gq, gk, gv, g_recv, *g_sinks = (torch.zeros_like(x) if g is None else g
+                                        for x, g in zip(inputs, got, strict=True))
         g_kv = s["exchange"].start_reverse(g_recv, like=s["kv"]).wait()  # fetched rows' grads, summed at home
-        return gq, gk + g_kv[0], gv + g_kv[1], None
+        return gq, gk + g_kv[0], gv + g_kv[1], (g_sinks[0] if g_sinks else None), None
 
 
 def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, rank: int) -> torch.Tensor:
@@ -167,7 +175,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(torch.is_grad_enabled())
 
 
-def _forward(q, k, v, spec: TopKSpec) -> dict:
+def _forward(q, k, v, sinks, spec: TopKSpec) -> dict:
     ctx, pattern = spec.ctx, spec.pattern
     r, L, bs = ctx.sp_rank, q.shape[2], pattern.block_size
     nlb = L // bs
@@ -181,9 +189,13 @@ def _forward(q, k, v, spec: TopKSpec) -> dict:
     needs = gather.all_gather(need.to(torch.uint8), REQUESTS).bool()  # (P, nKB)
     sends, recvs = block_routes(needs, r, nlb, bs)
 
-    s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v)}
+    s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v), "sinks": sink_leaf(sinks)}
     s["kv"] = torch.stack([s["k"], s["v"]])  # (2, B, Hkv, L, D): one message per peer for K and V
     s["exchange"] = P2PExchange(ctx, sends, recvs, TAG, spec.counter, spec.layer)
+    docs = spec.doc_ids
+    if docs is not None:  # the fetched rows' document ids, same routes: (B, L, 1) -> (B, R, 1)
+        doc_exchange = P2PExchange(ctx, sends, recvs, DOC_TAG, spec.counter, spec.layer, kind="doc_ids")
+        pend_doc = doc_exchange.start(docs[..., None])
     s["recv_kv"] = _leaf(s["exchange"].start(s["kv"].detach()).wait())  # (2, B, Hkv, R, D)
 
     # keys in position order: [fetched from lower ranks | local | fetched from higher ranks]
@@ -195,8 +207,11 @@ def _forward(q, k, v, spec: TopKSpec) -> dict:
     local_pos = torch.arange(r * L, (r + 1) * L)
     k_pos = torch.cat([remote_pos[:n_low], local_pos, remote_pos[n_low:]]).to(q.device)
 
+    doc_kw = {}
+    if docs is not None:
+        recv_doc = pend_doc.wait()[..., 0]  # (B, R)
+        doc_kw = {"q_doc": docs, "k_doc": torch.cat([recv_doc[:, :n_low], docs, recv_doc[:, n_low:]], dim=1)}
     res = spec.kernel(s["q"], keys[0], keys[1], pattern, q_pos=local_pos.to(q.device), k_pos=k_pos,
-                      return_stats=spec.return_stats, scale=spec.scale, seq_len=spec.seq_len)
-    s["out"], s["lse"] = res[0], res[1]
-    s["stats"] = res[2] if spec.return_stats else None
+                      return_stats=spec.return_stats, scale=spec.scale, seq_len=spec.seq_len, **doc_kw)
+    s["out"], s["lse"], s["stats"] = apply_sinks(res[0], res[1], s["sinks"], res[2] if spec.return_stats else None)
     return s

@@ -8,6 +8,11 @@ Heads: H must be a multiple of P. When the KV heads are not (GQA with Hkv % P !=
 repeated to H heads first (more bytes, same result) rather than using DeepSpeed's uneven-head path,
 which needs DeepSpeed's own sequence-parallel group registry.
 
+Learned sinks: rank r holds heads [r·H/P, (r+1)·H/P) after the all-to-all, so its kernel gets that
+slice of ``sinks`` and its gradient lands in that slice only. Document ids: the kernel sees the whole
+sequence, so every rank's ids are all-gathered (8 bytes per token and batch element, ``doc_ids``) —
+small beside the O(n·H·D) the all-to-all already moves.
+
 DeepSpeed's collectives go through ``deepspeed.comm``; if the DeepSpeed engine has not initialised
 it yet, ``ensure_deepspeed_comm`` wraps the existing torch.distributed group (on CPU DeepSpeed builds
 its shared-memory op once, ~1–2 min, cached under ``TORCH_EXTENSIONS_DIR``).
@@ -16,6 +21,7 @@ its shared-memory op once, ~1–2 min, cached under ``TORCH_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from kernels.stats import AttnStats
 from model.pattern import Pattern
@@ -63,7 +69,8 @@ def _count(counter, layer, direction, x, sp_size):
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,
                       kernel, seq_len: int, scale: float | None = None, return_stats: bool = False,
-                      counter: CommCounter | None = None, layer: str | int = 0):
+                      counter: CommCounter | None = None, layer: str | int = 0, sinks: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None):
     """(out [B, H, L, D], lse [B, H, L], stats | None) for this rank's shard via head all-to-all."""
     from deepspeed.sequence.layer import DistributedAttention, single_all_to_all
 
@@ -73,12 +80,19 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         k, v = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
     ensure_deepspeed_comm(ctx)
     side = {}
+    extra = {}
+    if sinks is not None:
+        h = H // P
+        extra["sinks"] = sinks[ctx.sp_rank * h:(ctx.sp_rank + 1) * h]  # this rank's heads after the all-to-all
+    if doc_ids is not None:
+        full = _gather_docs(doc_ids, ctx, counter, layer)  # (B, n)
+        extra["q_doc"], extra["k_doc"] = full, full
 
     def local_attention(q_bnhd, k_bnhd, v_bnhd, *_args, **_kwargs):
         pos = torch.arange(seq_len, device=q_bnhd.device)
         qt, kt, vt = (x.transpose(1, 2) for x in (q_bnhd, k_bnhd, v_bnhd))  # (B, h, n, D)
         res = kernel(qt, kt, vt, pattern, q_pos=pos, k_pos=pos, return_stats=return_stats, scale=scale,
-                     seq_len=seq_len)
+                     seq_len=seq_len, **extra)
         side["lse"], side["stats"] = res[1], (res[2] if return_stats else None)
         return res[0].transpose(1, 2).contiguous()  # (B, n, h, D)
 
@@ -92,9 +106,20 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     out = _CountBackward.apply(out, counter, layer, P).transpose(1, 2)  # (B, H, L, D)
     if not return_stats:
         return out, None, None
-    cols = [side["lse"]] + ([*side["stats"].fields()])
-    local = torch.stack([c.detach().float() for c in cols], dim=-1).transpose(1, 2).contiguous()  # (B, n, h, 4)
+    st = side["stats"]
+    cols = [side["lse"], *st.fields()] + ([st.sink_mass] if st.sink_mass is not None else [])
+    local = torch.stack([c.detach().float() for c in cols], dim=-1).transpose(1, 2).contiguous()  # (B, n, h, 4|5)
     _count(counter, layer, "forward", local, P)
-    back = single_all_to_all(local, 1, 2, 0, ctx.sp_group).transpose(1, 2)  # (B, H, L, 4)
-    lse, m, mx, gm = back.unbind(-1)
-    return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm)
+    back = single_all_to_all(local, 1, 2, 0, ctx.sp_group).transpose(1, 2)  # (B, H, L, 4|5)
+    lse, m, mx, gm, *sink = back.unbind(-1)
+    return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink[0] if sink else None)
+
+
+def _gather_docs(doc_ids: torch.Tensor, ctx: ParallelContext, counter, layer) -> torch.Tensor:
+    """[B, n]: every rank's document ids [B, L] in SP-rank (= position) order."""
+    parts = [torch.empty_like(doc_ids) for _ in range(ctx.sp_size)]
+    dist.all_gather(parts, doc_ids.contiguous(), group=ctx.sp_group, async_op=True).wait(ctx.timeout)
+    if counter is not None:
+        moved = doc_ids.numel() * doc_ids.element_size() * (ctx.sp_size - 1)
+        counter.add(layer, "forward", "doc_ids", sent=moved, recv=moved)
+    return torch.cat(parts, dim=1)
