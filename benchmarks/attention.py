@@ -3,7 +3,7 @@
     python -m benchmarks.attention --seq-lens 4096,16384,65536 --json out.json
 
 Backends: ``sdpa_dense`` (torch SDPA, dense causal: what you would run without sparsity),
-``reference`` (naive masked oracle, seq_len <= 4096), ``blocked`` and ``flex`` (kernels.sparse_attention).
+``reference`` (naive masked oracle, seq_len <= 4096), ``blocked``, ``fused`` and ``flex`` (kernels.sparse_attention).
 Each (backend, seq_len) row runs in a fresh child process (``--one``) so that its peak memory is its own:
 on CPU peak RSS (``ru_maxrss``) minus the RSS after the inputs were allocated, on CUDA
 ``max_memory_allocated`` minus the allocation after the inputs. Times are the min over ``--repeats``
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "flex")
-SPARSE = ("blocked", "blocked_compiled")  # the backends measured against the targets
+BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "fused", "flex")
+SPARSE = ("blocked", "blocked_compiled", "fused")  # the backends measured against the targets
 BWD_FACTOR = 2.5  # backward ≈ 2.5 × forward FLOPs (FlashAttention convention: 5 matmuls vs 2, ×1.25 recompute)
 FLOPS_CONVENTION = ("useful FLOPs = attended pairs (pattern.key_counts(n).sum() x B x H) x 4*D per pair forward "
                     "(QK^T and PV, 2 FLOPs per multiply-add); backward = 2.5 x forward (FlashAttention convention); "
@@ -86,6 +86,12 @@ def attention_fn(backend, pattern):
 
     if backend == "sdpa_dense":
         return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal)
+    if backend == "fused":
+        from kernels.fused import extension
+
+        if extension() is None:  # (build here, outside the timing; no silent fallback to blocked)
+            raise ImportError("the fused extension could not be built")
+        return lambda q, k, v: sparse_attention(q, k, v, pattern, backend="fused")[0]
     if backend in SPARSE:
         import kernels.blocked  # (fail here, as an ImportError, not inside the timing)
 

@@ -1,0 +1,162 @@
+"""The fused C++ band kernel against the dense reference: out, lse, stats, dq/dk/dv with the lse
+gradient, GQA, shard-shaped keys, lengths that are not multiples of the 64-row tiles.
+
+The kernel computes in fp32; the reference runs on the same values in fp64, so the comparison
+measures the kernel's own error. The first test in a fresh checkout compiles the extension (~1 min).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import kernels.fused as fused
+from kernels import EmptyRowError, pick_backend, sparse_attention
+from model.pattern import BigBird, Window
+
+PATTERNS = {
+    "window": Window(window_left=37),
+    "sink": Window(window_left=70, num_global=4),
+    "wide_sink": Window(window_left=150, num_global=70),  # globals span two key tiles
+    "longformer": Window(causal=False, window_left=30, window_right=45, num_global=5),
+    "bidir": Window(causal=False, window_left=64, window_right=10),
+    "whole": Window(window_left=1000, num_global=2),  # the window covers every earlier key
+}
+NAMES = ("out", "lse", "stat_m", "max_logit", "global_mass", "dq", "dk", "dv")
+# fp32 rounding (~6e-8 relative per operation) accumulated over dot products of length D and sums
+# over up to a few hundred keys or queries stays below ~1e-5 of the values' scale; a mis-masked key
+# or a missing gradient term moves them by ~1e-2.
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Compile (or load the cached) extension once; every test below must run the C++ kernel."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the fused kernel falls back to blocked (tested in test_fallback_*)")
+    assert fused.extension() is not None, "the fused extension did not build"
+
+
+def _inputs(B, H, Hkv, Q, K, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+            ((B, H, Q, D), (B, Hkv, K, D), (B, Hkv, K, D))]
+
+
+def _run(backend, qkv, pattern, q_pos, k_pos, dtype):
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
+    out, lse, st = sparse_attention(q, k, v, pattern, q_pos, k_pos, backend=backend, return_stats=True)
+    # A loss that uses out and lse non-trivially, so that the lse gradient path is exercised too.
+    loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()
+    return (out, lse, st.m, st.max_logit, st.global_mass, *torch.autograd.grad(loss, (q, k, v)))
+
+
+def _assert_match(qkv, pattern, q_pos=None, k_pos=None, backend="fused"):
+    q, k = (t.float() for t in qkv[:2])
+    assert isinstance(fused.geometry(q, k, pattern, q_pos, k_pos), fused.Geometry), "fused kernel not used"
+    ref = _run("reference", qkv, pattern, q_pos, k_pos, torch.float64)
+    got = _run(backend, qkv, pattern, q_pos, k_pos, torch.float32)
+    for name, a, b in zip(NAMES, ref, got):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("seq_len", [200, 333])
+@pytest.mark.parametrize("shape", [(2, 4, 2), (2, 2, 2), (1, 2, 1)], ids=["gqa", "mha", "one_kv_head"])
+def test_fused_matches_reference(name, seq_len, shape):
+    # (1, 2, 1): a single kv head is cut into query segments whose private dK/dV are summed after;
+    # (2, 2, 2) and (2, 4, 2) write dK/dV in place (on 1–2 threads).
+    B, H, Hkv = shape
+    _assert_match(_inputs(B, H, Hkv, seq_len, seq_len, 16, seed=seq_len), PATTERNS[name])
+
+
+@pytest.mark.parametrize("name", ["window", "sink", "wide_sink", "longformer", "bidir"])
+def test_fused_shard_shaped(name):
+    """Queries a sub-range, keys [globals | halo + local]: what a sequence shard computes."""
+    pattern, n = PATTERNS[name], 400
+    q_pos = torch.arange(150, 281)  # not tile-aligned on either side
+    k_pos = torch.cat([torch.arange(s, e) for s, e in pattern.kv_ranges(150, 281, n)])
+    _assert_match(_inputs(1, 4, 2, len(q_pos), len(k_pos), 8, seed=7), pattern, q_pos, k_pos)
+
+
+def test_fused_global_queries_against_a_shard():
+    """Bidirectional global queries see every key: their partial over another rank's keys."""
+    pattern = PATTERNS["longformer"]
+    q_pos, k_pos = torch.arange(pattern.num_global), torch.arange(100, 260)
+    _assert_match(_inputs(2, 4, 2, len(q_pos), len(k_pos), 8, seed=3), pattern, q_pos, k_pos)
+
+
+def test_fused_scattered_query_positions():
+    """Query positions need not be contiguous (the remote rows of a halo shard are a subset)."""
+    pattern = PATTERNS["sink"]
+    q_pos = torch.tensor([3, 90, 91, 150, 151, 152, 260, 299] * 10).sort().values.unique()
+    _assert_match(_inputs(1, 2, 1, len(q_pos), 300, 8, seed=5), pattern, q_pos, torch.arange(300))
+
+
+def test_auto_picks_fused_for_fp32_bands_on_cpu(monkeypatch):
+    q32, q64 = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16, dtype=torch.float64)
+    assert pick_backend(q32, PATTERNS["sink"], return_stats=True) == "fused"
+    assert pick_backend(q64, PATTERNS["sink"], return_stats=False) == "blocked"
+    assert pick_backend(q32, Window(window_left=9, dilation=2), return_stats=False) == "blocked"
+    assert pick_backend(torch.zeros(1, 2, 8, 12), PATTERNS["sink"], return_stats=False) == "blocked"
+    monkeypatch.setenv("HALOFORMER_FUSED", "0")
+    assert pick_backend(q32, PATTERNS["sink"], return_stats=False) == "blocked"
+    monkeypatch.delenv("HALOFORMER_FUSED")
+    _assert_match(_inputs(1, 2, 2, 200, 200, 16, seed=1), PATTERNS["sink"], backend="auto")
+
+
+@pytest.mark.parametrize("case", ["dilated", "bigbird", "two_runs", "unsorted"])
+def test_fallback_to_blocked_where_fused_does_not_apply(case):
+    """What the fused kernel cannot take runs ``blocked`` and still matches the reference."""
+    n, pattern, k_pos = 300, PATTERNS["sink"], None
+    if case == "dilated":
+        pattern = Window(window_left=60, dilation=3, num_global=2)
+    elif case == "bigbird":
+        pattern = BigBird(window_left=40, num_global=3, random_blocks=2, block_size=32)
+    elif case == "two_runs":
+        k_pos = torch.cat([torch.arange(0, 100), torch.arange(150, 300)])
+    else:
+        k_pos = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    qkv = _inputs(1, 2, 2, n, n if k_pos is None else len(k_pos), 16, seed=2)
+    assert isinstance(fused.geometry(qkv[0].float(), qkv[1].float(), pattern, None, k_pos), str)
+    ref = _run("reference", qkv, pattern, None, k_pos, torch.float64)
+    got = _run("fused", qkv, pattern, None, k_pos, torch.float32)
+    for name, a, b in zip(NAMES, ref, got):
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fallback_without_compiler_warns_once(monkeypatch):
+    monkeypatch.setattr(fused, "_tried", False)
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    qkv = [t.float() for t in _inputs(1, 2, 2, 100, 100, 16)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, lse = sparse_attention(*qkv, PATTERNS["sink"], backend="fused")
+        sparse_attention(*qkv, PATTERNS["sink"], backend="fused")
+    assert [str(w.message) for w in caught] == ["kernels.fused: no C++ compiler found; using the blocked kernel instead"]
+    ref_out, ref_lse = sparse_attention(*qkv, PATTERNS["sink"], backend="blocked")
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)  # it is the blocked kernel
+
+
+def test_fused_empty_row_is_an_error():
+    q, k, v = (t.float() for t in _inputs(1, 1, 1, 1, 10, 8))
+    with pytest.raises(EmptyRowError, match="position 100"):
+        sparse_attention(q, k, v, Window(window_left=3), torch.tensor([100]), torch.arange(10), backend="fused")
+
+
+def test_fused_saves_only_inputs_out_and_lse_and_leaves_inputs_untouched():
+    """FlashAttention-style memory: autograd keeps q, k, v, out, lse — nothing of size n·w."""
+    n, D = 1024, 16
+    q, k, v = (t.float().requires_grad_() for t in _inputs(1, 2, 2, n, n, D))
+    before = [t.detach().clone() for t in (q, k, v)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out, lse = sparse_attention(q, k, v, Window(window_left=256), backend="fused")
+    assert sum(saved) <= 4 * (2 * n * D) + 2 * n, f"saved {saved}: more than q, k, v, out and lse"
+    (out.sum() + lse.sum()).backward()
+    assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))
