@@ -29,8 +29,8 @@ sequence that mean includes the later queries of the block, which a decoder cann
 step t therefore equals a full forward over the first t + 1 tokens (the prefix), which is what the
 model's prediction at t means causally. The cache keeps the current block's queries for that mean.
 
-Learned sink logits (``attn.sinks`` [H] where a layer has them) are one more softmax column with no
-value: ``out' = out · sigmoid(lse − sinks[h])`` (``join_sinks``), after the keys.
+Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
+no value: ``out' = out · sigmoid(lse − sinks[h])``, joined after the keys (``kernels.stats.apply_sinks``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import sparse_attention
+from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, Union, Window
 
 
@@ -81,6 +82,12 @@ class RingCache:
             shape = (*k.shape[:2], self.slots, k.shape[-1])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)  # (B, Hkv, g + w, D)
             self.pos = torch.full((self.slots,), -1, dtype=torch.long, device=positions.device)
+        if k.shape[2] == 1:  # one decoding step: no boolean indexing
+            p = int(positions[0])
+            s = p if p < g else g + (p - g) % self.window
+            self.k[:, :, s], self.v[:, :, s], self.pos[s] = k[:, :, 0], v[:, :, 0], p
+            self.filled = max(self.filled, s + 1)
+            return
         keep = (positions < g) | (positions > positions[-1] - self.window)  # older ones are overwritten
         pos = positions[keep]
         slots = torch.where(pos < g, pos, g + (pos - g) % self.window)
@@ -158,16 +165,6 @@ def layer_cache(pattern: Pattern) -> RingCache | FullCache:
     return FullCache(pattern.block_size if pattern.content_based else 0)
 
 
-def join_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None):
-    """(out', lse') with one more softmax column of logit ``sinks[h]`` and no value (gpt-oss):
-    out' = out · sigmoid(lse − s_h), lse' = logaddexp(lse, s_h). out [B, H, T, D], lse [B, H, T]."""
-    if sinks is None:
-        return out, lse
-    s = sinks.float()[None, :, None]  # (1, H, 1)
-    w = torch.sigmoid(lse.float() - s)
-    return (out.float() * w[..., None]).to(out.dtype), torch.logaddexp(lse.float(), s)
-
-
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor):
     """(out [B, H, 1, D], lse [B, H, 1] fp32): one query per row over the held keys, softmax in fp32.
     q [B, H, 1, D]; k, v [B, Hkv, K, D] (GQA: query head h reads key head h // (H / Hkv));
@@ -187,17 +184,18 @@ class CachedAttention:
     """An ``AttentionFn`` (model/attention.py) with one cache per layer. The model calls it once per
     layer in order, so the layer is the call's index since ``Decoder`` reset ``layer`` to 0.
     The first call of a layer prefills (the training kernel over the prompt); later calls get one
-    query at the next position and attend it over the cache."""
+    query at the next position and attend it over the cache. ``sinks`` [H], when the layer passes
+    them, join once per query after the keys (``kernels.stats.apply_sinks``), as in training."""
 
-    def __init__(self, patterns: list[Pattern], sinks: list[torch.Tensor | None], backend: str = "auto"):
+    def __init__(self, patterns: list[Pattern], backend: str = "auto"):
         self.caches = [layer_cache(p) for p in patterns]
-        self.sinks, self.backend = sinks, backend
+        self.backend = backend
         self.layer = 0
         self.next_pos = [0] * len(patterns)
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False):
-        if return_stats:
-            raise ValueError("return_stats: decoding keeps no attention statistics")
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, sinks=None, doc_ids=None):
+        if return_stats or doc_ids is not None:
+            raise ValueError("decode: one sequence, no attention statistics (return_stats and doc_ids are unsupported)")
         i, cache = self.layer, self.caches[self.layer]
         self.layer += 1
         if int(positions[0]) != self.next_pos[i] or (self.next_pos[i] and q.shape[2] != 1):
@@ -208,7 +206,7 @@ class CachedAttention:
             cache.add_queries(q, positions)
         if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
             out, lse = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=self.backend,
-                                        seq_len=seq_len)[:2]
+                                        seq_len=seq_len)
             cache.add(k, v, positions)
         else:
             cache.add(k, v, positions)  # the query sees its own key
@@ -218,7 +216,7 @@ class CachedAttention:
             else:
                 allowed = pattern.mask(positions, k_pos, seq_len).to(k.device)  # (1, K)
             out, lse = attend_one(q, k_all, v_all, allowed)
-        out, _ = join_sinks(out, lse, self.sinks[i])
+        out, _, _ = apply_sinks(out, lse, sinks)
         return out, None
 
 
@@ -232,8 +230,7 @@ class Decoder:
                 raise ValueError(f"attention.causal: layer {i} is bidirectional ({type(p).__name__}); generation "
                                  "decodes left to right and needs every layer causal")
         self.model, self.max_len = model, max_len
-        sinks = [getattr(b.attn, "sinks", None) for b in model.blocks]
-        self.attn = CachedAttention(list(model.patterns), [None if s is None else s.detach() for s in sinks], backend)
+        self.attn = CachedAttention(list(model.patterns), backend)
         self.pos = 0
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

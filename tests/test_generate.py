@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.decode import Decoder, RingCache, Sampling, bounded_reach, generate, next_token
+from kernels import sparse_attention
+from model.decode import CachedAttention, Decoder, RingCache, Sampling, bounded_reach, generate, next_token
 from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
@@ -73,6 +74,27 @@ def test_greedy_decoding_equals_full_forward(name):
         ref = prefix_logits(model, out.tokens[:, :9 + n])
         torch.testing.assert_close(out.step_logits[:, n], ref, atol=ATOL, rtol=0)
         assert torch.equal(out.tokens[:, 9 + n], ref.argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_cached_attention_with_sinks_equals_kernel(name):
+    """Learned sink logits: each decoded query's output equals the training kernel's with the same
+    sinks over the prefix (GQA, 4 query heads on 2 key/value heads); without them it would not."""
+    pattern, T, P = PATTERNS[name], 24, 7
+    q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8)
+    sinks = torch.randn(4) * 2
+    attn = CachedAttention([pattern])
+    out = [attn(q[:, :, :P], k[:, :, :P], v[:, :, :P], pattern, torch.arange(P), T, sinks=sinks)[0][:, :, -1]]
+    for t in range(P, T):
+        attn.layer = 0
+        out.append(attn(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pattern, torch.tensor([t]), T,
+                        sinks=sinks)[0][:, :, 0])
+    for t in range(P - 1, T):
+        ref = sparse_attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, seq_len=T, sinks=sinks)[0]
+        # fp32, O(1) values: summation order alone differs (~1e-7)
+        torch.testing.assert_close(out[t - P + 1], ref[:, :, -1], atol=1e-5, rtol=0)
+        no_sink = sparse_attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, seq_len=T)[0]
+        assert (no_sink[:, :, -1] - ref[:, :, -1]).abs().max() > 1e-3
 
 
 def test_missing_key_is_detected():
