@@ -216,3 +216,18 @@ def test_bidirectional_checkpoint_refused(run_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"^attention.causal: .* needs causal patterns") as e:
         run_config(resolve_checkpoint(str(run)))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sink", "dense", "bigbird", "topk"])
+def test_cuda_decoding_equals_full_forward(name):
+    """On CUDA the prefill and the full forwards run FlexAttention (top-k: blocked)."""
+    model = tiny_model(PATTERNS[name]).cuda()
+    prompt = torch.randint(0, 64, (2, 9), device="cuda")
+    out = generate(model, prompt, max_new_tokens=15, keep_logits=True)
+    for n in range(15):
+        ref = prefix_logits(model, out.tokens[:, :9 + n])
+        # fp32 on both sides, but cuBLAS / Flex reduction orders differ from the CPU's: 10x the CPU tolerance
+        torch.testing.assert_close(out.step_logits[:, n], ref, atol=10 * ATOL, rtol=0)
+        assert torch.equal(out.tokens[:, 9 + n], ref.argmax(-1))
