@@ -24,6 +24,7 @@ from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
 from trainer.data import DataConfigError, tokenizer_vocab_size
+from trainer.mlm import MlmSpec
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,11 @@ class LoggingSection:
 
 
 @dataclass
+class MlmSection:
+    mask_prob: float = 0.15  # fraction of (non-global) positions chosen; trainer/mlm.py says what happens to them
+
+
+@dataclass
 class TrainerSection:
     resume: str = "none"
     ckpt_every: int = 0
@@ -112,6 +118,8 @@ class TrainConfig:
     optim: OptimSection
     logging: LoggingSection
     trainer: TrainerSection
+    mlm: MlmSection = field(default_factory=MlmSection)
+    objective: str = "clm"
     seq_len: int = 4096
     batch_size: int = 1
     steps: int = 100
@@ -130,10 +138,20 @@ class TrainConfig:
     def dp_size(self) -> int:
         return self.world_size // (self.sp_size * self.parallel.tensor_parallel_size)
 
+    def tokenizer_vocab(self) -> int:
+        """The tokenizer's vocabulary (256 for bytes, data.bpe_vocab_size for bpe), from the config alone."""
+        return tokenizer_vocab_size(self.data.tokenizer, self.data.bpe_vocab_size)
+
     def model_config(self) -> ModelConfig:
-        """The model to build: model.vocab_size unset follows the tokenizer (256 for bytes,
-        data.bpe_vocab_size for bpe), known from the config alone."""
-        return self.model.build(tokenizer_vocab_size(self.data.tokenizer, self.data.bpe_vocab_size))
+        """The model to build: model.vocab_size unset follows the tokenizer, plus the mask token
+        (id = the tokenizer's vocabulary size) under objective=mlm."""
+        return self.model.build(self.tokenizer_vocab() + int(self.objective == "mlm"))
+
+    def mlm_spec(self) -> MlmSpec:
+        """What trainer/mlm.py needs: never chosen are the global positions of any layer."""
+        return MlmSpec(mask_prob=self.mlm.mask_prob, mask_id=self.tokenizer_vocab(),
+                       tokenizer_vocab=self.tokenizer_vocab(), num_global=max(p.num_global for p in self.patterns()),
+                       seed=self.seed)
 
     def patterns(self) -> list[Pattern]:
         """One validated pattern per layer (the attention group, dense_every, layer_overrides)."""
@@ -146,6 +164,7 @@ class TrainConfig:
         return pats
 
 
+OBJECTIVES = ("clm", "mlm")
 EVAL_TASKS = ("passkey",)
 WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -249,6 +268,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = only after the last step)", cfg.eval_every)
     for task in cfg.eval_tasks:
         _one_of(task, EVAL_TASKS, "eval_tasks")
+    _one_of(cfg.objective, OBJECTIVES, "objective")
+    _require(0.0 < cfg.mlm.mask_prob < 1.0, "mlm.mask_prob", "must be in (0, 1)", cfg.mlm.mask_prob)
+    if cfg.objective == "mlm" and "passkey" in cfg.eval_tasks:
+        raise ConfigError("eval_tasks: passkey scores next-token answers; it needs objective=clm, got objective=mlm")
     _validate_parallel(cfg)
     _validate_model(cfg)
     _validate_data(cfg)
@@ -299,6 +322,10 @@ def _validate_model(cfg: TrainConfig) -> None:
             if getattr(p, side, 0) >= cfg.seq_len:
                 raise ConfigError(f"attention.{side}: must be < seq_len={cfg.seq_len} (a window that wide is dense "
                                   f"attention: use attention=dense); got {getattr(p, side)}")
+        if cfg.objective == "clm" and p.sees_future():
+            raise ConfigError(f"objective: clm (next-token loss) needs causal attention, but layer {i}'s pattern {p} "
+                              "lets queries see later keys, their own targets among them; use objective=mlm "
+                              "(masked tokens), or a causal pattern (attention.causal=true, attention.window_right=0)")
         if p.num_global < model.n_learned_global:
             raise ConfigError(f"model.n_learned_global: must be <= attention.num_global of every layer "
                               f"(layer {i} has {p.num_global}); got {model.n_learned_global}")
@@ -329,8 +356,9 @@ def _validate_data(cfg: TrainConfig) -> None:
              data.val_fraction)
     tok = f"data.tokenizer={data.tokenizer}" + (f", data.bpe_vocab_size={data.bpe_vocab_size}"
                                                  if data.tokenizer == "bpe" else "")
-    _require(cfg.model_config().vocab_size >= tok_vocab, "model.vocab_size",
-             f"must be >= the tokenizer's {tok_vocab} ({tok})", cfg.model.vocab_size)
+    need, plus = (tok_vocab + 1, " + the mask token of objective=mlm") if cfg.objective == "mlm" else (tok_vocab, "")
+    _require(cfg.model_config().vocab_size >= need, "model.vocab_size",
+             f"must be >= {need}: the tokenizer's {tok_vocab} ({tok}){plus}", cfg.model.vocab_size)
     if data.tokenizer != "bytes" and "passkey" in cfg.eval_tasks:
         raise ConfigError(f"eval_tasks: passkey is written in byte tokens; it needs data.tokenizer=bytes, "
                           f"got {data.tokenizer!r}")

@@ -239,7 +239,7 @@ def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: floa
 def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
     """(start, length L) of SP rank ``sp_rank``'s positions [r·L, (r+1)·L) in a window of seq_len."""
     if sp_size < 1 or seq_len % sp_size:
-        raise DataConfigError(f"data.seq_len: must be divisible by the sequence-parallel size {sp_size}, "
+        raise DataConfigError(f"seq_len: must be divisible by the sequence-parallel size {sp_size}, "
                               f"got {seq_len}")
     if not 0 <= sp_rank < sp_size:
         raise ValueError(f"sp_rank: must be in [0, {sp_size}), got {sp_rank}")
@@ -268,13 +268,13 @@ class LongDocSampler:
         if not 0 <= rank_in_dp < dp_size:
             raise ValueError(f"rank_in_dp: must be in [0, dp_size={dp_size}), got {rank_in_dp}")
         if seq_len < 1 or batch_size < 1:
-            raise DataConfigError(f"data.seq_len and data.batch_size: must be >= 1, got {seq_len}, {batch_size}")
+            raise DataConfigError(f"seq_len and batch_size: must be >= 1, got {seq_len}, {batch_size}")
         worst = (len(tokens) - seq_len) // seq_len  # fewest windows any epoch offset leaves
         if worst < batch_size * dp_size:
             raise DataConfigError(
-                f"data.seq_len: {len(tokens)} tokens give only {max(worst, 0)} windows of {seq_len + 1}, fewer "
-                f"than one global batch (data.batch_size={batch_size} × dp_size={dp_size}); use more data or "
-                "a shorter data.seq_len")
+                f"seq_len: {len(tokens)} tokens give only {max(worst, 0)} windows of {seq_len + 1}, fewer "
+                f"than one global batch (batch_size={batch_size} × dp_size={dp_size}); use more data or "
+                "a shorter seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.dp_size = seed, rank_in_dp, dp_size
         self.epoch = self.step = 0
@@ -299,7 +299,7 @@ class LongDocSampler:
         self.step += 1
         return offset + perm[lo: lo + self.batch_size] * self.seq_len
 
-    def _read(self, starts: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+    def read(self, starts: np.ndarray, lo: int, hi: int) -> torch.Tensor:
         rows = [np.asarray(self.tokens[s + lo: s + hi]) for s in starts]  # memmap: only these pages
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
@@ -308,12 +308,12 @@ class LongDocSampler:
 
     def __next__(self) -> torch.Tensor:
         """The next batch of whole windows, LongTensor [B, seq_len + 1]."""
-        return self._read(self.next_starts(), 0, self.seq_len + 1)
+        return self.read(self.next_starts(), 0, self.seq_len + 1)
 
     def next_shard(self, sp_rank: int = 0, sp_size: int = 1):
         """Like ``shard_for_sp(next(self), ...)``, reading only this SP rank's L + 1 tokens per window."""
         lo, L = shard_bounds(self.seq_len, sp_rank, sp_size)
-        chunk = self._read(self.next_starts(), lo, lo + L + 1)
+        chunk = self.read(self.next_starts(), lo, lo + L + 1)
         return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
 
     def state_dict(self) -> dict:

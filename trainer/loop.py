@@ -29,6 +29,7 @@ from trainer.faults import (
     write_status,
 )
 from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
+from trainer.mlm import MaskedLMSampler
 
 
 def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | None) -> str:
@@ -83,7 +84,8 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
                 stopped = (f"step {step} of {cfg.steps} ({signals.received or 'a stop signal to another rank'}); "
                            "trainer.resume=auto continues")
                 break
-        extra = {"checkpoint": str(saved) if saved else "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
+        extra = {"objective": OBJECTIVE_NAMES[cfg.objective], "checkpoint": str(saved) if saved else
+                 "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
                  "skipped steps": f"{guard.skipped} (non-finite loss)"}
         if stopped:
             extra["stopped at"] = stopped
@@ -103,6 +105,9 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
         engine.teardown(ctx)
 
 
+OBJECTIVE_NAMES = {"clm": "clm (next-token loss)", "mlm": "mlm (masked-token loss, trainer/mlm.py)"}
+
+
 def load_data(cfg: TrainConfig, ctx):
     """(train sampler, validation tokens, tokenizer). Rank 0 trains the tokenizer (BPE) and builds the
     token cache; the others then read both."""
@@ -112,8 +117,13 @@ def load_data(cfg: TrainConfig, ctx):
     dist.barrier()
     if ctx.rank != 0:
         corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
-    sampler = LongDocSampler(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
-    return sampler, corpus.val, corpus.tokenizer
+    return sampler_for(cfg, corpus.train, ctx), corpus.val, corpus.tokenizer
+
+
+def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | MaskedLMSampler:
+    """The batches of the objective: next-token windows (clm) or their masked-LM corruption (mlm)."""
+    sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
+    return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
 
 
 def backward_loss(out, group, group_size: int):
@@ -158,21 +168,27 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
 
 @torch.no_grad()
 def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengths: np.ndarray) -> dict:
-    """Mean validation loss (nats/token) and bits per byte over the same eval_batches every time.
-    Bits per byte = (summed nats / ln 2) / the bytes the scored targets encode: nats / ln 2 for byte
-    tokens, and comparable across tokenizers (a BPE token is several bytes). ``byte_lengths``: [vocab]
-    the bytes each token id stands for (the tokenizer's)."""
+    """Validation over the same eval_batches every time (the same masks too, under mlm).
+
+    clm: mean loss (nats/token) and bits per byte = (summed nats / ln 2) / the bytes the scored
+    targets encode: nats / ln 2 for byte tokens, and comparable across tokenizers (a BPE token is
+    several bytes). ``byte_lengths``: [vocab] the bytes each token id stands for (the tokenizer's).
+    mlm: loss and accuracy of the masked-token predictions (bits per byte would mean nothing: only
+    the chosen positions are scored, each given both of its neighbours)."""
     nbytes = torch.from_numpy(byte_lengths).to(ctx.device)
-    sampler = LongDocSampler(val_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    sampler = sampler_for(cfg, val_tokens, ctx)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, targets, bytes (clm) | hits (mlm)
     for _ in range(cfg.eval_batches):
         tokens, targets, positions = (t.to(ctx.device) for t in sampler.next_shard(ctx.sp_rank, ctx.sp_size))
         out = ds(tokens, positions=positions, targets=targets, **fwd)
         scored = targets[:, positions >= cfg.model.n_learned_global]  # learned global slots carry no loss
-        totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(),
-                               nbytes[scored].sum().double()])
+        third = (((out.logits.argmax(-1) == scored) & (scored != IGNORE_INDEX)).sum() if cfg.objective == "mlm"
+                 else nbytes[scored].sum())
+        totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(), third.double()])
     dist.all_reduce(totals, group=group)
-    loss = float(totals[0] / totals[1])
+    loss = float(totals[0] / totals[1].clamp(min=1))
+    if cfg.objective == "mlm":
+        return {"eval/mlm_loss": loss, "eval/mlm_acc": float(totals[2] / totals[1].clamp(min=1))}
     row = {"eval/loss": loss, "eval/bpb": float(totals[0] / totals[2]) / math.log(2)}
     if "passkey" in cfg.eval_tasks:
         for depth in (0.1, 0.5, 0.9):

@@ -96,7 +96,7 @@ class Metrics:
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
         self.rows.append({"step": step, **row})
-        if step % every and "eval/loss" not in row:
+        if step % every and not any(k.startswith("eval/") for k in row):
             return
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
@@ -130,13 +130,16 @@ def _last(rows: list[dict], key: str):
 
 
 def summary_table(rows: list[dict], extra: dict) -> str:
-    """Final loss, eval loss / bits per byte, throughput, and attention entropy per layer."""
+    """Final loss, eval loss / bits per byte (clm) or masked-token loss / accuracy (mlm), throughput,
+    and attention entropy per layer. Rows of the other objective's metrics are left out."""
     timed = [r["perf/tokens_per_s"] for r in rows[1:]] or [r["perf/tokens_per_s"] for r in rows]
-    eval_loss = _last(rows, "eval/loss")
+    evals = [("final eval loss", "eval/loss"), ("eval bits/byte", "eval/bpb"), ("eval mlm loss", "eval/mlm_loss"),
+             ("eval mlm accuracy", "eval/mlm_acc")]
+    extra = dict(extra)
     lines = [
+        *([("objective", extra.pop("objective"))] if "objective" in extra else []),  # says what the losses are
         ("final train loss", _last(rows, "train/loss")),
-        ("final eval loss", eval_loss),
-        ("eval bits/byte", _last(rows, "eval/bpb")),
+        *((name, _last(rows, key)) for name, key in evals if _last(rows, key) is not None),
         ("tokens/s (mean)", f"{sum(timed) / len(timed):,.0f}" if timed else None),
         ("peak memory GiB", _last(rows, "perf/peak_mem_gb")),
         ("comm bytes/step", f"forward {_last(rows, 'comm/forward_bytes'):,.0f}, backward "
