@@ -147,3 +147,51 @@ def test_bad_settings_give_one_line(params, seq, match):
 def test_tasks_need_byte_tokens():
     with pytest.raises(DataConfigError, match="^data.tokenizer: task 'passkey'"):
         check(_params(), SEQ, tokenizer="bpe")
+
+
+def _eval_on_rank(rank, world, wrong):
+    """evaluate_task on SP rank ``rank`` of ``world`` with an oracle model that predicts every target
+    except those at the (row, position) pairs in ``wrong``."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from trainer.tasks import evaluate_task
+
+    seq, K = 24, 8
+    cfg = SimpleNamespace(data=SimpleNamespace(task="passkey", passkey=PasskeyParams(key_len=K), recall=RecallParams(),
+                                               mix=MixParams()),
+                          seq_len=seq, batch_size=4, seed=5, eval_batches=2, model=SimpleNamespace(n_learned_global=0))
+    ctx = SimpleNamespace(sp_rank=rank, sp_size=world, sp_group=dist.group.WORLD, dp_rank=0, dp_size=1,
+                          device=torch.device("cpu"))
+    calls = []
+
+    def oracle(tokens, positions, targets):
+        guess = torch.where(targets == IGNORE_INDEX, 0, targets).clone()  # (B, L) the right answers
+        batch = len(calls)
+        calls.append(1)
+        for b, p, step in wrong:
+            if step == batch and p in positions.tolist():
+                guess[b, positions.tolist().index(p)] += 1
+        logits = F.one_hot(guess, 256).float() * 10  # (B, L, V)
+        loss = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        n = (targets != IGNORE_INDEX).sum()
+        return SimpleNamespace(logits=logits, loss=loss / n.clamp(min=1), n_targets=n)
+
+    return evaluate_task(oracle, None, cfg, ctx, {}, dist.group.WORLD)
+
+
+def test_task_eval_is_exact_under_sequence_parallelism():
+    from tests.mp_utils import run_workers
+
+    # row 0 of batch 0 misses one answer on each of SP ranks 2 and 3 (positions 17 and 23): one row;
+    # row 2 of batch 1 misses one answer at position 22 (rank 3).
+    wrong = [(0, 17, 0), (0, 23, 0), (2, 22, 1)]
+    one = run_workers(_eval_on_rank, 1, wrong, timeout_s=120)[0]
+    four = run_workers(_eval_on_rank, 4, wrong, timeout_s=120)
+    assert one["eval/task_acc"] == 6 / 8  # 8 rows, two of them with a miss
+    assert one["eval/task_token_acc"] == 1 - 3 / 64  # 8 rows x 8 answers, 3 wrong
+    for r in four:  # every rank reports the single-device numbers; sums of exact integers: equal exactly
+        assert {k: v for k, v in r.items() if k != "eval/loss"} == {k: v for k, v in one.items() if k != "eval/loss"}
+        assert r["eval/loss"] == pytest.approx(one["eval/loss"], rel=1e-6)  # fp32 per-shard cross-entropy sums
