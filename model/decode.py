@@ -263,8 +263,8 @@ class Decoder:
 
     def describe(self) -> str:
         kinds = [c.describe() for c in self.attn.caches]
-        return "; ".join(f"layers {', '.join(str(i) for i, x in enumerate(kinds) if x == kind)}: {kind}"
-                         for kind in dict.fromkeys(kinds))
+        groups = {kind: [str(i) for i, x in enumerate(kinds) if x == kind] for kind in kinds}
+        return "; ".join(f"layer{'s' * (len(ids) > 1)} {', '.join(ids)}: {kind}" for kind, ids in groups.items())
 
 
 # --- sampling ---------------------------------------------------------------------------------------

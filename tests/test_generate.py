@@ -76,6 +76,16 @@ def test_greedy_decoding_equals_full_forward(name):
         assert torch.equal(out.tokens[:, 9 + n], ref.argmax(-1))
 
 
+def test_layers_with_different_patterns():
+    """Each layer gets the cache of its own pattern (dense_every / layer_overrides make mixed models)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CFG), [PATTERNS["sink"], PATTERNS["topk"]]).eval()
+    out = generate(model, torch.randint(0, 64, (1, 9)), max_new_tokens=12, keep_logits=True)
+    for n in range(12):
+        torch.testing.assert_close(out.step_logits[:, n], prefix_logits(model, out.tokens[:, :9 + n]), atol=ATOL, rtol=0)
+    assert out.cache == "layer 0: bounded: 2 global + ring of 6; layer 1: full (+ current top-k query block of 4)"
+
+
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_cached_attention_with_sinks_equals_kernel(name):
     """Learned sink logits: each decoded query's output equals the training kernel's with the same

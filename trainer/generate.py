@@ -178,8 +178,8 @@ def main(dcfg: DictConfig) -> None:
                               "cpu" if cfg.device == "auto" else cfg.device)
         model, train_cfg = load_model(ckpt, device)
         tok = tokenizer_of(train_cfg)
-    except ConfigError as e:
-        config_error(str(e), None)
+    except (ConfigError, DataConfigError) as e:
+        config_error(str(e).splitlines()[0], None)
     g = model.cfg.n_learned_global
     tokens = prompt_tokens(cfg.prompt, tok, g).to(device)
     total = tokens.shape[1] + cfg.max_new_tokens
