@@ -84,21 +84,21 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None
 
 def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
     """Per-head sums over batch and queries ([H] each) that add up across sequence shards:
-    ``entropy_sum``, ``global_mass_sum``, ``sink_mass_sum`` (0 without sinks), ``count`` (queries),
-    and ``max_logit`` (a max)."""
-    sink = st.sink_mass.sum(dim=(0, 2)) if st.sink_mass is not None else torch.zeros_like(lse[0, :, 0])
-    return {
+    ``entropy_sum``, ``global_mass_sum``, ``count`` (queries), ``max_logit`` (a max), and with
+    learned sinks ``sink_mass_sum`` (the key is absent without sinks)."""
+    sums = {
         "entropy_sum": (lse - st.m).sum(dim=(0, 2)),
         "global_mass_sum": st.global_mass.sum(dim=(0, 2)),
-        "sink_mass_sum": sink,
         "count": torch.full((lse.shape[1],), float(lse.shape[0] * lse.shape[2]), dtype=lse.dtype, device=lse.device),
         "max_logit": st.max_logit.amax(dim=(0, 2)),
     }
+    if st.sink_mass is not None:
+        sums["sink_mass_sum"] = st.sink_mass.sum(dim=(0, 2))
+    return sums
 
 
 def head_summary(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-head means [H]: ``entropy``, ``global_mass``, ``sink_mass`` (0 without sinks; absent from
-    sums made before sinks existed) and ``max_logit``."""
+    """Per-head means [H]: ``entropy``, ``global_mass``, ``sink_mass`` (0 without sinks) and ``max_logit``."""
     sink = sums.get("sink_mass_sum", torch.zeros_like(sums["count"]))
     return {
         "entropy": sums["entropy_sum"] / sums["count"],

@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings on absolute positions.
+"""Causal self-attention with grouped-query heads, rotary embeddings and optional learned sinks.
 
 The module projects x to q, k, v, rotates q and k by their *absolute* positions (a ``positions``
 LongTensor [T]), and hands the attention itself to an injected function. So a sequence shard that
@@ -8,7 +8,7 @@ with the same signature that exchanges halo and global keys first).
 
 The injection contract, in one place (``AttentionFn``)::
 
-    attention_fn(q, k, v, pattern, positions, seq_len, return_stats) -> (out, sums)
+    attention_fn(q, k, v, pattern, positions, seq_len, return_stats[, sinks=..., doc_ids=...]) -> (out, sums)
 
     q          [B, H, T, D]    this rank's queries, rotated
     k, v       [B, Hkv, T, D]  this rank's keys/values (GQA when Hkv < H), k rotated
@@ -18,8 +18,21 @@ The injection contract, in one place (``AttentionFn``)::
     return_stats bool
     out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
                                wherever those keys live
+    sinks      keyword, passed only when the layer has them: [H] fp32 learned sink logits (gpt-oss),
+               one extra softmax column per head with no value, joined once per query after all
+               its keys (``kernels.stats.apply_sinks``); differentiable
+    doc_ids    keyword, passed only for packed documents: LongTensor [B, T] document ids of the
+               T rows; a query sees a key only in its own document, except global keys and (when
+               bidirectional) global queries (``kernels.reference.document_rule``)
+    out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
+                               wherever those keys live
     sums       None, or per-head sums over this rank's queries (``kernels.stats.head_sums``:
-               entropy_sum, global_mass_sum, count, max_logit — each [H]) when return_stats
+               entropy_sum, global_mass_sum, sink_mass_sum, count, max_logit — each [H]) when
+               return_stats; with sinks every statistic is over the keys plus the sink
+
+Rotary angles come from ``rope_positions`` when given (e.g. restarting at every document: [T] or
+[B, T]), otherwise from ``positions``; the pattern always sees the absolute ``positions``, so the
+halo plan of a sequence shard does not depend on where documents start.
 """
 
 from __future__ import annotations
@@ -40,17 +53,18 @@ class AttentionFn(Protocol):
     """The attention function the model calls; see the module docstring for the contract."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                 positions: torch.Tensor, seq_len: int, return_stats: bool
-                 ) -> tuple[torch.Tensor, StatSums | None]: ...
+                 positions: torch.Tensor, seq_len: int, return_stats: bool, *, sinks: torch.Tensor | None = None,
+                 doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]: ...
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                     positions: torch.Tensor, seq_len: int, return_stats: bool = False,
-                    backend: str = "auto") -> tuple[torch.Tensor, StatSums | None]:
-    """Single-device ``AttentionFn``: every key is local, so queries and keys share ``positions``.
-    Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
+                    backend: str = "auto", sinks: torch.Tensor | None = None,
+                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]:
+    """Single-device ``AttentionFn``: every key is local, so queries and keys share ``positions``
+    (and ``doc_ids``). Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
     res = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=backend,
-                           return_stats=return_stats, seq_len=seq_len)
+                           return_stats=return_stats, seq_len=seq_len, sinks=sinks, q_doc=doc_ids, k_doc=doc_ids)
     if not return_stats:
         return res[0], None
     out, lse, stats = res
@@ -60,14 +74,14 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
 # --- rotary embeddings ----------------------------------------------------------------------------
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [T, head_dim/2] fp32, for absolute ``positions`` [T] (RoFormer, Su et al. 2021).
+    """(cos, sin), each [..., T, head_dim/2] fp32, for ``positions`` [..., T] (RoFormer, Su et al. 2021).
 
     Computed from the positions on every call rather than from a table of max length: a shard of a
     1M-token sequence needs only its own rows, and no maximum length has to be fixed up front.
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
     # fp64 product: positions up to millions times frequencies keep their phase to well under 1e-6 rad.
-    ang = (positions.to(torch.float64)[:, None] * inv_freq[None, :]).float()  # (T, D/2)
+    ang = (positions.to(torch.float64)[..., None] * inv_freq).float()  # (..., T, D/2)
     return ang.cos(), ang.sin()
 
 
@@ -80,9 +94,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class Attention(nn.Module):
     """q/k/v projections (GQA: ``n_kv_heads`` key/value heads shared by groups of query heads),
-    rotary on absolute positions, an injected attention function, and the output projection."""
+    rotary on absolute positions, an injected attention function, and the output projection.
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0):
+    ``sink_logits``: a learned fp32 logit per query head (``self.sinks`` [H]), initialised to
+    ``SINK_INIT`` = 0.0 — a sink that starts as one more key scoring 0, i.e. about as likely as an
+    average key of the near-zero initial scores; gpt-oss learns them from such zero-ish values."""
+
+    SINK_INIT = 0.0
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0,
+                 sink_logits: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.n_heads: must divide model.d_model={d_model}, got {n_heads}")
@@ -97,17 +118,28 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.sinks = nn.Parameter(torch.full((n_heads,), self.SINK_INIT)) if sink_logits else None  # (H,) fp32
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: Pattern, attention_fn: AttentionFn,
-                seq_len: int, return_stats: bool = False) -> tuple[torch.Tensor, StatSums | None]:
-        """x [B, T, C] at absolute ``positions`` [T] -> (y [B, T, C], per-head stat sums or None)."""
+                seq_len: int, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]:
+        """x [B, T, C] at absolute ``positions`` [T] -> (y [B, T, C], per-head stat sums or None).
+        ``doc_ids`` [B, T] and ``rope_positions`` [T] or [B, T]: see the module docstring."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        cos, sin = rotary_angles(positions, self.head_dim, self.rope_theta)
+        rope = positions if rope_positions is None else rope_positions
+        cos, sin = rotary_angles(rope, self.head_dim, self.rope_theta)  # (T, D/2) or (B, T, D/2)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): one set of angles per batch row
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats)  # y: (B, H, T, D)
+        extra = {}  # passed only when used, so attention functions without these features keep working
+        if self.sinks is not None:
+            extra["sinks"] = self.sinks
+        if doc_ids is not None:
+            extra["doc_ids"] = doc_ids
+        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, **extra)  # y: (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.wo(y), sums
 

@@ -11,6 +11,11 @@ Learned global tokens: with ``n_learned_global = g`` the first g positions of th
 global slots. Whatever token sits there is replaced by a learned embedding, and those rows give no
 logits and no loss (T' = number of positions >= g). The slots are part of the sequence, so shards
 stay equal in length, the pattern's ``num_global`` counts them, and the data pipeline is unchanged.
+
+Packed documents: ``doc_ids`` [B, T] make every layer's attention stay inside a document (global
+keys excepted), and ``rope_positions`` ([T] or [B, T], e.g. restarting at each document) replace
+the absolute positions in the rotary angles only; the patterns keep the absolute ones.
+``ModelConfig.sink_logits`` gives every layer its own learned sink logit per head (``Attention``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     n_learned_global: int = 0
+    sink_logits: bool = False  # a learned [n_heads] sink logit per layer (gpt-oss), initialised to 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -123,12 +129,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats):
-        a, sums = self.attn(self.attn_norm(x), positions, pattern, attention_fn, seq_len, return_stats)
+    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids=None, rope_positions=None):
+        a, sums = self.attn(self.attn_norm(x), positions, pattern, attention_fn, seq_len, return_stats, doc_ids,
+                            rope_positions)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, sums
@@ -169,6 +176,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("attn.sinks"):
+                nn.init.constant_(p, Attention.SINK_INIT)
             elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
@@ -188,10 +197,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_fn: AttentionFn | None = None, seq_len: int | None = None,
-                targets: torch.Tensor | None = None, return_stats: bool = False) -> LMOutput:
+                targets: torch.Tensor | None = None, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> LMOutput:
         """tokens [B, T] at ascending absolute ``positions`` [T] (default arange) of a sequence of
         ``seq_len`` (default: last position + 1, right only for the last shard or a whole sequence).
-        ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss."""
+        ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss. ``doc_ids`` [B, T] and
+        ``rope_positions`` [T] or [B, T]: packed documents (see the module docstring)."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device) if positions is None else positions
         attention_fn = local_attention if attention_fn is None else attention_fn
@@ -199,7 +210,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens, positions)
         stats = [] if return_stats else None
         for block, pattern in zip(self.blocks, self.patterns):
-            args = (x, positions, pattern, attention_fn, seq_len, return_stats)
+            args = (x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids, rope_positions)
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x, sums = checkpoint(block, *args, use_reentrant=False)  # recomputed in backward
             else:
