@@ -24,6 +24,8 @@ from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
 from trainer.data import DataConfigError, tokenizer_vocab_size
+from trainer.tasks import MixParams, PasskeyParams, RecallParams, task_params
+from trainer.tasks import check as check_task
 from trainer.mlm import MlmSpec
 
 
@@ -72,6 +74,10 @@ class DataSection:
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.01
     cache_dir: str | None = None
+    task: str = "text"  # text | passkey | recall | mix: trainer/tasks.py (loss on the answers only)
+    passkey: PasskeyParams = field(default_factory=PasskeyParams)
+    recall: RecallParams = field(default_factory=RecallParams)
+    mix: MixParams = field(default_factory=MixParams)
 
 
 @dataclass
@@ -359,6 +365,13 @@ def _validate_data(cfg: TrainConfig) -> None:
     need, plus = (tok_vocab + 1, " + the mask token of objective=mlm") if cfg.objective == "mlm" else (tok_vocab, "")
     _require(cfg.model_config().vocab_size >= need, "model.vocab_size",
              f"must be >= {need}: the tokenizer's {tok_vocab} ({tok}){plus}", cfg.model.vocab_size)
+    try:
+        check_task(task_params(data), cfg.seq_len, cfg.model.n_learned_global, data.tokenizer)
+    except DataConfigError as e:
+        raise ConfigError(str(e)) from None
+    if data.task != "text" and cfg.objective != "clm":
+        raise ConfigError(f"data.task: {data.task} scores next-token answers; it needs objective=clm, "
+                          f"got objective={cfg.objective}")
     if data.tokenizer != "bytes" and "passkey" in cfg.eval_tasks:
         raise ConfigError(f"eval_tasks: passkey is written in byte tokens; it needs data.tokenizer=bytes, "
                           f"got {data.tokenizer!r}")

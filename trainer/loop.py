@@ -30,6 +30,7 @@ from trainer.faults import (
 )
 from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
 from trainer.mlm import MaskedLMSampler
+from trainer.tasks import TaskSampler, evaluate_task, task_params
 
 
 def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | None) -> str:
@@ -121,7 +122,11 @@ def load_data(cfg: TrainConfig, ctx):
 
 
 def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | MaskedLMSampler:
-    """The batches of the objective: next-token windows (clm) or their masked-LM corruption (mlm)."""
+    """The batches of the objective: next-token windows (clm) or their masked-LM corruption (mlm);
+    with data.task != text the task's sequences (trainer/tasks.py; ``tokens`` only for mix's text)."""
+    if cfg.data.task != "text":
+        return TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
+                           reserved=cfg.model.n_learned_global, text_tokens=tokens)
     sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
     return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
 
@@ -175,6 +180,8 @@ def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengt
     several bytes). ``byte_lengths``: [vocab] the bytes each token id stands for (the tokenizer's).
     mlm: loss and accuracy of the masked-token predictions (bits per byte would mean nothing: only
     the chosen positions are scored, each given both of its neighbours)."""
+    if cfg.data.task != "text":  # the task's own eval stream: answer loss and accuracy (trainer/tasks.py)
+        return evaluate_task(ds, val_tokens, cfg, ctx, fwd, group)
     nbytes = torch.from_numpy(byte_lengths).to(ctx.device)
     sampler = sampler_for(cfg, val_tokens, ctx)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, targets, bytes (clm) | hits (mlm)
