@@ -140,10 +140,8 @@ class FusedAttention(torch.autograd.Function):
     def backward(ctx, d_out, d_lse, *_):
         q, k, v, out, lse = ctx.saved_tensors
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        delta = (d_out * out).sum(-1)  # Δ = rowsum(dO ∘ O)
-        if d_lse is not None:
-            delta = delta - d_lse  # ∂lse/∂s = p: dlse adds p·dlse to dS
-        dq, dk, dv = extension().backward(q, k, v, d_out, lse, delta.contiguous(), *ctx.args, ctx.scale)
+        d_lse = None if d_lse is None else d_lse.float().contiguous()  # ∂lse/∂s = p: dlse adds p·dlse to dS
+        dq, dk, dv = extension().backward(q, k, v, d_out, out, lse, d_lse, *ctx.args, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -32,14 +32,16 @@ std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, 
   return res;
 }
 
-std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
-                                       at::Tensor delta, at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase,
+std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor out,
+                                       at::Tensor lse, c10::optional<at::Tensor> dlse, at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase,
                                        int64_t wl, int64_t wr, int64_t ng, bool causal, double scale) {
   fused::Geo g = geo(q, k, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && (!dlse || dlse->is_contiguous()),
+              "fused attention backward: dout, out and dlse must be contiguous");
   fused::BwdIn in{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
-                  lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                  dv.data_ptr<float>()};
+                  out.data_ptr<float>(), lse.data_ptr<float>(), dlse ? dlse->data_ptr<float>() : nullptr,
+                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
   fused::backward(g, in, at::get_num_threads());
   dk.mul_(scale);  // the kernel accumulates dS^T Q with the unscaled queries
   return {dq, dk, dv};

@@ -1,7 +1,7 @@
 // Backward of the fused band attention, one pass with 5 matmuls per (query tile, key tile):
 //   S^T = K Qsᵀ, P^T = exp(S^T − lse), dV += P^T dO, dP^T = V dOᵀ, dS^T = P^T ∘ (dP^T − Δ'),
-//   dK += dS^T Q, dQ += dS K           with Δ' = rowsum(dO ∘ O) − dlse (the lse gradient:
-//   ∂lse/∂s = p, so dlse enters as dS += p·dlse).
+//   dK += dS^T Q, dQ += dS K           with Δ' = rowsum(dO ∘ O) − dlse computed per query tile (the
+//   lse gradient: ∂lse/∂s = p, so dlse enters as dS += p·dlse).
 // Tasks are (batch, kv head, segment of query tiles). A task owns the dQ rows of its queries (all G
 // query heads sharing the kv head) and accumulates dK/dV of the keys they touch: straight into the
 // output when the head has one segment (no atomics, no second pass over the queries as in
@@ -54,6 +54,15 @@ static void dscores(const float* pt, float* dpt, int nc, const float* dl) {
   }
 }
 
+// Δ = rowsum(dO ∘ O) of one query row.
+static float delta(const float* dout, const float* out, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(dout + d), _mm256_loadu_ps(out + d), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 // One (query tile of head h) × (its key tiles); dk/dv rows of key row kr live at acc + (kr − off(kr))·D.
 static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64_t qt, float* dk, float* dv,
                       int64_t off, BwdWork& w) {
@@ -70,7 +79,7 @@ static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64
   pack_t(doh, nr, D, 1.f, w.dot.data());
   for (int r = 0; r < TQ; ++r) {  // padded lanes: finite values whose results are never read
     w.lse[r] = r < nr ? in.lse[row0 + r] : 0.f;
-    w.dl[r] = r < nr ? in.delta[row0 + r] : 0.f;
+    w.dl[r] = r < nr ? delta(doh + r * D, in.out + (row0 + r) * D, D) - (in.dlse ? in.dlse[row0 + r] : 0.f) : 0.f;
   }
   float *st = w.st.data(), *dpt = w.dpt.data();
   for (const Tile& t : w.tiles) {

@@ -41,7 +41,8 @@ struct FwdOut {
 };
 
 struct BwdIn {
-  const float *q, *k, *v, *dout, *lse, *delta;  // delta = Δ' = rowsum(dO ∘ O) − dlse, [B, H, Q]
+  const float *q, *k, *v, *dout, *out, *lse;
+  const float* dlse;                            // [B, H, Q] or null (no lse gradient)
   float *dq, *dk, *dv;                          // outputs, zero-initialised
 };
 
