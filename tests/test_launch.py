@@ -279,4 +279,4 @@ def test_launch_stamp_is_the_parent_start_under_any_launcher(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("RANK", "1")
     parent = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(psutil.Process(os.getppid()).create_time()))
-    assert launch_stamp() == parent
+    assert launch_stamp() == f"{parent}-{os.getppid()}"

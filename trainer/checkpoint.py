@@ -28,6 +28,7 @@ SP=1 and vice versa — within these limits, checked before any process group st
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -39,9 +40,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer import integrity
 from trainer.config import ConfigError, TrainConfig
+from trainer.faults import TrainingAborted
 
 META = "meta.json"
+SCHEMA = 2  # 1: files -> size; 2: files -> {size, sha256}
 # The model settings that decide the weights' shapes (rope_theta, norm_eps, checkpointing may change).
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "multiple_of", "tie_embeddings",
               "n_learned_global")
@@ -63,21 +67,30 @@ def read_meta(path: Path) -> dict:
 
 
 def problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from (None: it checks out)."""
+    """Why the checkpoint at ``path`` cannot be resumed from (None: it checks out): ``meta.json``
+    unreadable or not of this schema, a file missing, of another size or another sha256."""
     try:
         meta = read_meta(path)
-        files = meta.get("files", {})
-        step = int(meta["step"])
+        if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+            raise ValueError(f"not a checkpoint record: {str(meta)[:60]}")
+        step, schema = int(meta["step"]), int(meta.get("schema", 1))
+        if schema > SCHEMA:
+            raise ValueError(f"schema {schema}, this trainer reads <= {SCHEMA}")
+        files = {name: rec if isinstance(rec, dict) else {"size": rec} for name, rec in meta["files"].items()}
+        sizes = {name: int(rec["size"]) for name, rec in files.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{META} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if step != int(path.name.removeprefix("step_")):
         return f"{META} says step {step}, the directory name another"
-    for name, size in files.items():
+    for name, size in sizes.items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for name, rec in files.items():  # schema 1 (before checksums) recorded sizes only
+        if "sha256" in rec and integrity.sha256_file(path / name) != rec["sha256"]:
+            return f"{name} has other bytes than were written (sha256 differs)"
     return None
 
 
@@ -148,6 +161,16 @@ def check_compatible(saved: dict, cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"steps: {path} is at step {saved['step']}, beyond steps={cfg.steps}; raise steps")
 
 
+def check_data(path: Path, cfg: TrainConfig, n_train: int) -> None:
+    """The sampler's state counts windows of this training split: resuming on other data would
+    continue with other windows (and break at load, after the setup). Checked in the preflight."""
+    saved = (read_meta(path).get("data") or {}).get("n_tokens")
+    if saved is not None and getattr(cfg.data, "task", "text") == "text" and saved != n_train:
+        raise ConfigError(f"trainer.resume: {path} was trained on a training split of {saved:,} tokens, this run's "
+                          f"data gives {n_train:,}; resume needs the same data (data.path, data.tokenizer, "
+                          "data.val_fraction)")
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -160,23 +183,85 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, cfg: TrainConfig, step: int, sampler, rank: int) -> Path:
     """Every rank writes its DeepSpeed files into ``.step_N.tmp``; rank 0 then adds ``meta.json``
-    and renames the directory into place (``ckpt_dir`` must be on storage every node shares)."""
+    and renames the directory into place (``ckpt_dir`` must be on storage every node shares).
+
+    A rank whose write fails (disk full, I/O error) removes the temporary directory and raises
+    TrainingAborted naming the path and the error; the published checkpoints are not touched. Its
+    peers learn of it through the failed collective that follows (``faults.Liveness``)."""
     root = Path(cfg.trainer.ckpt_dir)
     final, tmp = root / tag(step), root / f".{tag(step)}.tmp"
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run that died while saving this step
-    dist.barrier()
-    client = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
-    dist.barrier()  # every rank's files are on disk before the directory is published
-    if rank == 0:
-        _publish(tmp, final, run_meta(cfg, step))
-    dist.barrier()
+    try:
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # left by a run that died while saving this step
+        dist.barrier()
+        client = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
+        dist.barrier()  # every rank's files are on disk before the directory is published
+        if rank == 0:
+            _publish(tmp, final, {**run_meta(cfg, step), "data": {"n_tokens": client["sampler"].get("n_tokens")}})
+        dist.barrier()
+    except (OSError, RuntimeError) as e:
+        if not _is_write_error(e, root):
+            raise  # e.g. a collective that failed: the loop diagnoses it
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(root)
+        raise TrainingAborted(f"rank {rank}: saving checkpoint step {step} failed: {_describe_write_error(e, root)}; "
+                              f"removed {tmp}; the published checkpoints are untouched (newest: "
+                              f"{kept[-1] if kept else 'none'})") from None
+    if rank == 0 and cfg.trainer.keep_last:
+        for old in complete_checkpoints(root)[:-cfg.trainer.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _is_write_error(e: BaseException, root: Path) -> bool:
+    """An OSError, or torch.save's RuntimeError (its stream writer reports no errno)."""
+    return isinstance(e, OSError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e)
+
+
+def _describe_write_error(e: BaseException, root: Path) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"[Errno {e.errno}] {errno.errorcode.get(e.errno, '?')}: {e.strerror} ({e.filename or root})"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    free = _free_bytes(root)
+    full = f" [Errno {errno.ENOSPC}] ENOSPC: {free} bytes free on {root}" if free is not None and free < 1 << 20 else ""
+    return f"{first}{full}"
+
+
+def check_writable(cfg: TrainConfig, model_params: int) -> None:
+    """Before any process group: ``trainer.ckpt_dir`` can be created and written, and has room for
+    one checkpoint (weights + Adam's two moments: 12 bytes per fp32 parameter, a lower bound)."""
+    root = Path(cfg.trainer.ckpt_dir)
+    probe = root / f".write_probe.{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"trainer.ckpt_dir: cannot write to {root}: [Errno {e.errno}] {e.strerror}; it must be a "
+                          "writable directory (checkpoints and stop-signal saves go there)") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    need, free = 12 * model_params, _free_bytes(root)
+    if free is not None and free < need:
+        raise ConfigError(f"trainer.ckpt_dir: {root} has {free / 2**20:.1f} MiB free, one checkpoint of this model "
+                          f"needs at least {need / 2**20:.1f} MiB; free some space or point trainer.ckpt_dir elsewhere")
+
+
 def _publish(tmp: Path, final: Path, meta: dict) -> None:
-    meta["files"] = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    meta["schema"] = SCHEMA
+    meta["files"] = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": integrity.sha256_file(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
     with open(tmp / META, "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()

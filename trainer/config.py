@@ -9,11 +9,14 @@ trainer receives these dataclasses (or the ``ModelConfig`` / ``Pattern`` objects
 
 from __future__ import annotations
 
+import math
+import netrc
 import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -24,9 +27,9 @@ from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
 from trainer.data import DataConfigError, tokenizer_vocab_size
+from trainer.mlm import MlmSpec
 from trainer.tasks import MixParams, PasskeyParams, RecallParams, task_params
 from trainer.tasks import check as check_task
-from trainer.mlm import MlmSpec
 
 
 class ConfigError(ValueError):
@@ -112,6 +115,7 @@ class TrainerSection:
     resume: str = "none"
     ckpt_every: int = 0
     ckpt_dir: str = "checkpoints"
+    keep_last: int = 0  # keep the newest N checkpoints, delete older ones after each save; 0 = keep all
     max_consecutive_nonfinite: int = 5
 
 
@@ -267,10 +271,39 @@ def _one_of(value, allowed, key: str) -> None:
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+def _check_finite(node, prefix: str = "") -> None:
+    """Every float setting is a finite number (inf passes a check like lr > 0; nan fails every comparison, with a message that misleads)."""
+    for f in fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if is_dataclass(value):
+            _check_finite(value, key + ".")
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+
+
+def wandb_mode(cfg: TrainConfig) -> str:
+    """The W&B mode the run will use: ``WANDB_MODE`` when set (W&B's own rule), else logging.wandb."""
+    return os.environ.get("WANDB_MODE") or cfg.logging.wandb
+
+
+def _wandb_has_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError (one line, naming the setting) for anything that cannot run."""
+    _check_finite(cfg)
     for key in ("seq_len", "batch_size", "steps", "eval_batches"):
         _require(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
+    _require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63) (numpy and torch seeds are non-negative)", cfg.seed)
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = only after the last step)", cfg.eval_every)
     for task in cfg.eval_tasks:
         _one_of(task, EVAL_TASKS, "eval_tasks")
@@ -284,10 +317,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_optim(cfg.optim)
     lg = cfg.logging
     _one_of(lg.wandb, WANDB_MODES, "logging.wandb")
+    _one_of(wandb_mode(cfg), WANDB_MODES, "WANDB_MODE (environment)")
+    if wandb_mode(cfg) == "online" and not _wandb_has_credentials():
+        raise ConfigError("logging.wandb: online needs a W&B API key (WANDB_API_KEY, or `wandb login`); allowed "
+                          "without one: offline (sync later), disabled")
     _require(lg.stats_every >= 0, "logging.stats_every", "must be >= 0 (0 = never)", lg.stats_every)
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1", lg.log_every)
     tr = cfg.trainer
     _require(tr.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = never)", tr.ckpt_every)
+    _require(tr.keep_last >= 0, "trainer.keep_last", "must be >= 0 (0 = keep every checkpoint)", tr.keep_last)
     _require(tr.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1",
              tr.max_consecutive_nonfinite)
     if tr.resume not in ("none", "auto") and not Path(tr.resume).exists():
@@ -335,6 +373,9 @@ def _validate_model(cfg: TrainConfig) -> None:
         if p.num_global < model.n_learned_global:
             raise ConfigError(f"model.n_learned_global: must be <= attention.num_global of every layer "
                               f"(layer {i} has {p.num_global}); got {model.n_learned_global}")
+    _require(model.ffn_dim >= 1, "model.d_ff", "must be >= 1 (null: 8/3 of d_model)", model.d_ff)
+    _require(model.rope_theta > 0, "model.rope_theta", "must be > 0 (the rotary base; null: the preset's)",
+             model.rope_theta)
     if model.d_model % model.n_heads or model.n_heads % model.n_kv_heads or (model.d_model // model.n_heads) % 2:
         raise ConfigError(f"model.n_heads: must divide model.d_model={model.d_model} into even head sizes and be "
                           f"a multiple of model.n_kv_heads={model.n_kv_heads}; got {model.n_heads}")
@@ -362,9 +403,11 @@ def _validate_data(cfg: TrainConfig) -> None:
              data.val_fraction)
     tok = f"data.tokenizer={data.tokenizer}" + (f", data.bpe_vocab_size={data.bpe_vocab_size}"
                                                  if data.tokenizer == "bpe" else "")
-    need, plus = (tok_vocab + 1, " + the mask token of objective=mlm") if cfg.objective == "mlm" else (tok_vocab, "")
-    _require(cfg.model_config().vocab_size >= need, "model.vocab_size",
-             f"must be >= {need}: the tokenizer's {tok_vocab} ({tok}){plus}", cfg.model.vocab_size)
+    what = f"the tokenizer's {tok_vocab} ({tok})"
+    if cfg.objective == "mlm":
+        what = f"{tok_vocab + 1}: {what} + the mask token of objective=mlm"
+    _require(cfg.model_config().vocab_size >= tok_vocab + int(cfg.objective == "mlm"), "model.vocab_size",
+             f"must be >= {what}", cfg.model.vocab_size)
     try:
         check_task(task_params(data), cfg.seq_len, cfg.model.n_learned_global, data.tokenizer)
     except DataConfigError as e:

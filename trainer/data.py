@@ -15,7 +15,8 @@ the model learns that what follows a NUL is unrelated to what precedes it.
 
 Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
 fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
-source file. The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained
+source file. Its size and block checksums are recorded beside it (``trainer/integrity.py``); a cache
+that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line. The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained
 tokenizer.json) and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
 ``<cache_dir>/bpe-<key>/tokenizer.json``, keyed on the same listing, the vocab size and the split.
 
@@ -36,6 +37,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import bpe
+from trainer import bpe, integrity
 
 DOC_SEP = 0
 IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
@@ -214,8 +216,12 @@ def load_corpus(path: str | Path | None = None, tokenizer: str = "bytes", cache_
     dtype = token_dtype(tok.vocab_size)
     dest = _cache_dir(cache_dir) / f"{cache_key(docs, tok.identity)}.{dtype.name}.bin"
     hit = dest.exists()
+    if hit and (why := integrity.block_sums_problem(dest)) is not None:
+        print(f"warning: token cache {dest}: {why}; rebuilding it", file=sys.stderr, flush=True)
+        hit = False
     if not hit:
         build_cache(docs, tok, dest)
+        integrity.write_block_sums(dest)
     tokens = np.memmap(dest, dtype=dtype, mode="r")
     n_train = split_point(tokens, tok.byte_lengths, val_fraction)
     return Corpus(tokens[:n_train], tokens[n_train:], tok.vocab_size, dest, hit, len(docs), tok)

@@ -124,6 +124,12 @@ def build_model(cfg: TrainConfig) -> Transformer:
     return model
 
 
+def count_params(cfg: TrainConfig) -> int:
+    """The model's parameter count, from a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return Transformer(cfg.model_config(), cfg.patterns()).num_params()
+
+
 def parallelize(model: Transformer, ctx: ParallelContext, par: ParallelSection, counter: CommCounter) -> AttentionFn:
     """The attention function this rank's model calls (torchtitan's ``parallelize_model`` idea)."""
     if ctx.sp_size == 1:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -48,19 +49,34 @@ def write_status(run_dir: str | os.PathLike | None, state: str, **info) -> None:
 # --- preemption signals -----------------------------------------------------------------------------
 
 class StopSignals:
-    """SIGTERM/SIGUSR1 handlers that only record the signal; ``agreed`` is collective."""
+    """SIGTERM/SIGUSR1/SIGINT handlers that only record the signal; ``agreed`` is collective.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Ctrl-C (SIGINT, which a terminal sends to torchrun and every rank) stops like a preemption: the
+    step finishes, a checkpoint is saved. A second Ctrl-C exits at once, without one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: str | None = None
+        self._first_sigint: float | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
 
+    # torchrun forwards the SIGINT it gets to its workers, which also got the terminal's own: one
+    # Ctrl-C arrives twice within milliseconds. A SIGINT this long after the first is a second one.
+    REPEAT_S = 1.0
+
     def _handler(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self._first_sigint is not None and time.monotonic() - self._first_sigint > self.REPEAT_S:
+                print(f"rank {os.environ.get('RANK', '0')}: interrupted again: exiting now, without a checkpoint",
+                      file=sys.stderr, flush=True)
+                os._exit(130)  # 128 + SIGINT, the shell's convention
+            self._first_sigint = self._first_sigint or time.monotonic()
+        if self.received is None:
+            self.received = signal.Signals(signum).name
 
     def agreed(self, device) -> bool:
         """True on every rank when any rank received a stop signal (a collective: call on all ranks)."""
@@ -138,12 +154,32 @@ class Liveness:
             steps[r] = store.get(k).decode() if store.check([k]) else "none"
         return silent, steps
 
+    def report_error(self, line: str) -> None:
+        """Leave this rank's one-line error in the store, so that a peer whose next collective fails
+        because of it says this rank raised, not that it stopped answering."""
+        if self.store is not None:
+            try:
+                self.store.set(self._key("error", self.rank), line[:500])
+            except Exception:  # noqa: BLE001 - the store is gone: the peers will say so themselves
+                pass
+
+    def peer_errors(self, store) -> dict[int, str]:
+        keys = {r: self._key("error", r) for r in range(self.world_size) if r != self.rank}
+        return {r: store.get(k).decode() for r, k in keys.items() if store.check([k])}
+
     def diagnose(self, error: BaseException) -> TrainingAborted | None:
-        """The one-line error naming the peers that stopped answering, or None when every peer is
-        alive (then ``error`` was something else and is re-raised as it is)."""
+        """The one-line error naming the peers that raised (their own line) or stopped answering, or
+        None when every peer is alive and well (then ``error`` was something else and is re-raised)."""
         if self.store is None:
             return None
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        try:
+            raised = self.peer_errors(self._connect(10.0))
+        except Exception:  # noqa: BLE001 - unreachable store: handled below
+            raised = {}
+        if raised:
+            who = "; ".join(f"rank {r} failed: {line}" for r, line in sorted(raised.items()))
+            return TrainingAborted(f"rank {self.rank}: {who}")
         try:
             silent, steps = self.silent_ranks()
         except Exception:  # noqa: BLE001 - the store is unreachable: its host (torchrun's node 0) is gone

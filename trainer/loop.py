@@ -92,10 +92,16 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
             extra["stopped at"] = stopped
         write_status(run_dir, "stopped" if stopped else "finished", step=step, steps=cfg.steps)
         return log.finish(extra)
-    except RuntimeError as e:  # a failed collective: name the peer that stopped answering, if one did
+    except RuntimeError as e:  # a failed collective: name the peer that raised or stopped answering, if one did
         lost = alive.diagnose(e) if alive is not None and not isinstance(e, TrainingAborted) else None
         if lost is not None:
             raise lost from e
+        if alive is not None:  # this rank's own error: its peers will read it instead of blaming silence
+            alive.report_error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise
+    except Exception as e:
+        if alive is not None:
+            alive.report_error(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         raise
     finally:
         signals.restore()

@@ -18,36 +18,62 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def launch_stamp() -> str:
-    """``YYYY-MM-DD/HH-MM-SS``: under a launcher (torchrun, the deepspeed launcher: it sets RANK) the
-    start time of the parent process, which every local rank shares, so they resolve the same run
-    directory; otherwise now. Ranks on other nodes have other parents: multi-node launches set
-    HALO_RUN_DIR (launch/*.sh)."""
-    t = time.time()
+    """``YYYY-MM-DD/HH-MM-SS-PID``: under a launcher (torchrun, the deepspeed launcher: it sets RANK)
+    the start time and pid of the parent process, which every local rank shares, so they resolve the
+    same run directory; otherwise now and this process. The pid keeps two jobs started in the same
+    second apart. Ranks on other nodes have other parents: multi-node launches set HALO_RUN_DIR
+    (launch/*.sh)."""
+    t, pid = time.time(), os.getpid()
     if "RANK" in os.environ:
         import psutil
 
-        t = psutil.Process(os.getppid()).create_time()
-    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(t))
+        pid = os.getppid()
+        t = psutil.Process(pid).create_time()
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(t)) + f"-{pid}"
+
+
+def run_dir_of(run_name: str | None) -> str:
+    """The default run directory: ``outputs/<logging.run_name>`` when the run is named (one stable
+    folder, so ``trainer.resume=auto`` with the same name continues it), else ``outputs/<stamp>``."""
+    return f"outputs/{run_name}" if run_name else f"outputs/{launch_stamp()}"
 
 
 OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
+OmegaConf.register_new_resolver("run_dir_of", run_dir_of, replace=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from trainer import checkpoint, engine, loop
+    from trainer import checkpoint, engine, loop, preflight
     from trainer.config import ConfigError, load_config
     from trainer.faults import TrainingAborted, write_status
 
     engine.set_environment()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    rank = int(os.environ.get("RANK", 0))
     try:
         cfg = load_config(dcfg)
-        resume_from = checkpoint.resolve_resume(cfg)
     except ConfigError as e:
         config_error(str(e), run_dir)
+    try:  # before anything of this run is written there: the directory may be another job's
+        lock = preflight.RunDirLock(run_dir, rank)
+    except ConfigError as e:
+        config_error(str(e), None)
+    try:
+        resume_from = checkpoint.resolve_resume(cfg)
+        facts = preflight.prepare_data(cfg, rank)
+        checkpoint.check_writable(cfg, engine.count_params(cfg))
+        if resume_from is not None:
+            checkpoint.check_data(resume_from, cfg, facts.n_train)
+    except ConfigError as e:
+        lock.release() if rank == 0 else None
+        config_error(str(e), run_dir)
+    if rank == 0 and cfg.trainer.resume != "none":
+        print(f"resuming from {resume_from} (step {checkpoint.read_meta(resume_from)['step']})" if resume_from else
+              f"trainer.resume={cfg.trainer.resume}: no checkpoint in {cfg.trainer.ckpt_dir}; starting at step 0",
+              file=sys.stderr, flush=True)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         OmegaConf.save(resolved, run_dir / "config.yaml")
     try:
         summary = loop.run(cfg, resolved, run_dir, resume_from)
@@ -55,6 +81,9 @@ def main(dcfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         write_status(run_dir, "aborted", error=str(e))
         sys.exit(1)
+    finally:
+        if rank == 0:
+            lock.release()
     if summary:
         print(summary, flush=True)
 
