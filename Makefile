@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	mkdir -p .cache/torch_extensions .cache/inductor .cache/wandb .cache/matplotlib
+	$(VENV)/bin/python -c "import kernels.fused as f; f.extension()"  # build the fused CPU kernel once (~1 min)
 	touch $(STAMP)
 
 test: setup
