@@ -167,7 +167,7 @@ def load_candidates(names: list[str], cand_kv: dict, seq_len: int) -> dict[str, 
         if name not in allowed:
             raise CoverageError(f"candidates: unknown pattern {name!r}; allowed: {', '.join(allowed)}")
         node = yaml.safe_load((CONF / "attention" / f"{name}.yaml").read_text())
-        node.update({k: v for k, v in cand_kv.items() if k in node or k in ("num_global",)})
+        node.update({k: v for k, v in cand_kv.items() if k in node})  # every shipped yaml lists num_global
         try:
             out[name] = from_config(node, seq_len)
         except PatternError as e:

@@ -1,0 +1,276 @@
+"""The long-context study: does a model trained with Haloformer use long context, and what does
+each pattern buy and cost? Five claims, each an experiment run through the real trainer.
+
+    python -m benchmarks.longctx [--quick] [--only global_memory,content_vs_position]
+                                 [--json benchmarks/longctx.json] [--report benchmarks/LONGCTX.md]
+
+Every training is ``torchrun --nproc_per_node 2 -m trainer.train parallel=sp2`` on CPU (two ranks
+share each sequence), W&B offline with one group per study (``WANDB_RUN_GROUP``), run directories
+under ``.cache/longctx/<stamp>/<experiment>/<pattern>``. ``--quick`` runs experiments 1 and 2 only,
+with fewer steps. Results: ``--json`` ({"rows": [{experiment, pattern, metric, value, ...}],
+"wall_s", "quick"}), the Markdown report and PNG figures (benchmarks/longctx_report.py).
+
+1. global_memory: passkey inside the first num_global positions, question at the end (seq_len far
+   beyond n_layers x window): window vs sink vs dense; metric ``acc`` (exact match of the key).
+2. content_vs_position: the key at a random depth in [0.25, 0.75]: sink vs topk vs dense; ``acc``.
+3. stability: text, a 10x learning rate: window vs sink vs learned sink logits (when the trainer has
+   ``attention.sink_logits``) vs dense; ``spikes`` (steps whose loss exceeds 1.5x the median of the
+   previous 20), ``entropy_std`` (std over logged steps of the per-head entropy, averaged over layers
+   and heads), ``max_logit``, ``final_loss`` (eval nats/byte).
+4. coverage: train dense on text; ``python -m trainer.coverage`` for sink, window, bigbird:
+   ``coverage`` per layer and ``eval_loss`` with the pattern substituted, before and after a short
+   sparse fine-tune of the dense checkpoint with that pattern.
+5. cost: text at 4k and 16k, sink vs dense: ``bpb_equal_steps``, and ``bpb_equal_time`` (the sparse
+   run given the dense run's wall time, in steps at its own measured step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.proc import run_process_group
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+EXPERIMENTS = ("global_memory", "content_vs_position", "stability", "coverage", "cost")
+QUICK = ("global_memory", "content_vs_position")
+COMMON = ["parallel=sp2", "logging.wandb=offline", "logging.project=haloformer-longctx", "logging.mask_png=false",
+          "trainer.ckpt_every=0", "parallel.timeout_s=300"]
+WINDOW, GLOBALS = 32, 16  # the window of every sparse pattern here, and the sink/global tokens
+
+
+class Study:
+    """Runs jobs (each a torchrun of the trainer) and collects rows."""
+
+    def __init__(self, root: Path, group: str, timeout: float, steps: int | None = None):
+        self.root, self.group, self.timeout, self.steps = root, group, timeout, steps
+        self.rows: list[dict] = []
+        self.curves: dict[str, dict[str, list[dict]]] = {}  # experiment -> label -> metrics rows
+
+    def env(self) -> dict:
+        env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true",
+                   WANDB_RUN_GROUP=self.group, HYDRA_FULL_ERROR="0",
+                   TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HALO_RUN_DIR"):
+            env.pop(key, None)
+        return env
+
+    def train(self, experiment: str, label: str, overrides: list[str]) -> tuple[dict | None, Path]:
+        """One training job; (metrics rows by step or None on failure, run dir)."""
+        run_dir = self.root / experiment / label
+        argv = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trainer.train", *COMMON,
+                f"logging.run_name={experiment}-{label}", f"hydra.run.dir={run_dir}", *overrides]
+        t0 = time.monotonic()
+        print(f"[{time.strftime('%H:%M:%S')}] {experiment}/{label}: {' '.join(overrides)}", flush=True)
+        try:
+            proc = run_process_group(argv, cwd=REPO, env=self.env(), timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  timeout after {self.timeout:.0f} s", flush=True)
+            return None, run_dir
+        wall = time.monotonic() - t0
+        metrics = run_dir / "metrics.jsonl"
+        if proc.returncode != 0 or not metrics.exists():
+            print(f"  failed (rc {proc.returncode}): {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}", flush=True)
+            return None, run_dir
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        self.curves.setdefault(experiment, {})[label] = rows
+        last_eval = next((r for r in reversed(rows) if "eval/loss" in r), {})
+        print(f"  {wall:.0f} s; final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()
+                                                           if k.startswith("eval/")), flush=True)
+        rows[-1]["_wall_s"] = wall
+        return rows, run_dir
+
+    def add(self, experiment: str, pattern: str, metric: str, value: float, **extra) -> None:
+        self.rows.append({"experiment": experiment, "pattern": pattern, "metric": metric, "value": float(value), **extra})
+
+
+def _last(rows: list[dict], key: str):
+    return next((r[key] for r in reversed(rows) if key in r), None)
+
+
+def _train_time(rows: list[dict]) -> float:
+    return sum(r["perf/step_time_s"] for r in rows)
+
+
+# --- experiments 1 and 2: retrieval -------------------------------------------------------------
+
+def retrieval(study: Study, experiment: str, preset: str, patterns: dict[str, list[str]], steps: int) -> None:
+    steps = study.steps or steps
+    for label, overrides in patterns.items():
+        rows, _ = study.train(experiment, label, [f"experiment={preset}", f"steps={steps}", *overrides])
+        if rows is None:
+            study.add(experiment, label, "acc", float("nan"), status="failed")
+            continue
+        extra = {"steps": steps, "train_s": round(_train_time(rows), 1), "token_acc": _last(rows, "eval/task_token_acc"),
+                 "answer_loss": _last(rows, "eval/loss")}
+        extra.update({k.removeprefix("eval/task_"): v for k, v in rows[-1].items() if k.startswith("eval/task_acc@")})
+        study.add(experiment, label, "acc", _last(rows, "eval/task_acc"), **extra)
+
+
+def global_memory(study: Study, quick: bool) -> None:
+    retrieval(study, "global_memory", "passkey_global", {
+        "window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
+        "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"],
+        "dense": ["attention=dense"],
+    }, steps=300 if quick else 600)
+
+
+def content_vs_position(study: Study, quick: bool) -> None:
+    retrieval(study, "content_vs_position", "passkey_middle", {
+        "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"],
+        "topk": ["attention=topk", "attention.top_k=2", "attention.block_size=32", f"attention.num_global={GLOBALS}"],
+        "dense": ["attention=dense"],
+    }, steps=300 if quick else 600)
+
+
+# --- experiment 3: stability ----------------------------------------------------------------------
+
+def spikes(losses: list[float], factor: float = 1.5, history: int = 20) -> int:
+    """Steps whose loss exceeds ``factor`` x the median of the previous ``history`` losses."""
+    return sum(1 for i in range(history, len(losses)) if losses[i] > factor * statistics.median(losses[i - history: i]))
+
+
+def sink_logits_available() -> bool:
+    """Whether this trainer accepts ``attention.sink_logits`` (the learned-sinks issue)."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import ConfigError, load_config
+
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            load_config(compose(config_name="config", overrides=["attention=window", "+attention.sink_logits=true",
+                                                                 "trainer.ckpt_dir=/tmp"]), world_size=1)
+        return True
+    except (ConfigError, Exception):  # noqa: BLE001 - unknown key: not available in this tree
+        return False
+
+
+def stability(study: Study, quick: bool) -> None:
+    base = ["seq_len=2048", "steps=200", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
+            "eval_every=0", "eval_batches=2", "logging.stats_every=5", "batch_size=2"]
+    patterns = {"window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
+                "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]}
+    if sink_logits_available():
+        patterns["sink_logits"] = ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0",
+                                   "+attention.sink_logits=true"]
+    patterns["dense"] = ["attention=dense"]
+    for label, overrides in patterns.items():
+        rows, _ = study.train("stability", label, [*base, *overrides])
+        if rows is None:
+            study.add("stability", label, "final_loss", float("nan"), status="failed")
+            continue
+        losses = [r["train/loss"] for r in rows]
+        ent_keys = sorted(k for k in rows[-1] if k.endswith("/entropy_mean"))
+        per_step = [statistics.mean(r[k] for k in ent_keys) for r in rows if ent_keys and ent_keys[0] in r]
+        logits = [r[k] for r in rows for k in r if k.endswith("/max_logit")]
+        study.add("stability", label, "spikes", spikes(losses), definition="loss > 1.5 x median of previous 20 steps")
+        study.add("stability", label, "entropy_std", statistics.pstdev(per_step) if per_step else float("nan"))
+        study.add("stability", label, "max_logit", max(logits) if logits else float("nan"))
+        study.add("stability", label, "final_loss", _last(rows, "eval/loss"), bpb=_last(rows, "eval/bpb"))
+
+
+# --- experiment 4: coverage -----------------------------------------------------------------------
+
+def coverage_tool(study: Study, ckpt: Path, out: Path, cands: list[str], extra: list[str] = ()) -> dict | None:
+    argv = [sys.executable, "-m", "trainer.coverage", f"trainer.resume={ckpt}", f"candidates=[{','.join(cands)}]",
+            f"candidate.window_left={WINDOW}", f"json={out}", *extra]  # globals: each yaml's own (window: 0)
+    try:
+        proc = run_process_group(argv, cwd=REPO, env=study.env(), timeout=study.timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)
+    return json.loads(out.read_text()) if proc.returncode == 0 else None
+
+
+def coverage(study: Study, quick: bool) -> None:
+    steps, tune = 300, 60
+    text = ["seq_len=1024", "batch_size=2", "eval_every=0", "eval_batches=4", "logging.stats_every=50"]
+    rows, run_dir = study.train("coverage", "dense", [*text, "attention=dense", f"steps={steps}", "trainer.ckpt_every=0",
+                                                      f"trainer.ckpt_every={steps}"])
+    if rows is None:
+        return
+    ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
+    cands = ["sink", "window", "bigbird"]
+    before = coverage_tool(study, ckpt, run_dir / "coverage.json", cands)
+    if before is None:
+        return
+    for name in cands:
+        for layer, cell in enumerate(before["coverage"][name]):
+            study.add("coverage", name, "coverage", cell["mean"], layer=layer, min_head=cell["min_head"])
+        study.add("coverage", name, "eval_loss", before["eval_loss"][name], stage="dense model, pattern substituted",
+                  dense_eval_loss=before["eval_loss_trained"])
+        over = [f"attention={name}", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]
+        tuned, tuned_dir = study.train("coverage", f"{name}_finetuned", [*text, *over, f"steps={steps + tune}",
+                                                                        f"trainer.resume={ckpt}",
+                                                                        f"trainer.ckpt_every={steps + tune}"])
+        if tuned is not None:
+            study.add("coverage", name, "eval_loss", _last(tuned, "eval/loss"), stage=f"after {tune}-step sparse fine-tune")
+
+
+# --- experiment 5: cost ---------------------------------------------------------------------------
+
+def cost(study: Study, quick: bool) -> None:
+    for seq_len, steps in ((4096, 60), (16384, 15)):
+        text = [f"seq_len={seq_len}", "batch_size=1", "eval_every=0", "eval_batches=2", "logging.stats_every=0",
+                "optim.warmup_steps=5"]
+        sparse = ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]
+        runs = {}
+        for label, over in (("sink", sparse), ("dense", ["attention=dense"])):
+            rows, _ = study.train("cost", f"{label}_{seq_len}", [*text, *over, f"steps={steps}"])
+            runs[label] = rows
+            if rows is not None:
+                study.add("cost", label, "bpb_equal_steps", _last(rows, "eval/bpb"), seq_len=seq_len, steps=steps,
+                          train_s=round(_train_time(rows), 1))
+        if runs["sink"] is None or runs["dense"] is None:
+            continue
+        ratio = _train_time(runs["dense"]) / _train_time(runs["sink"])
+        more = max(steps, round(steps * ratio))
+        rows, _ = study.train("cost", f"sink_{seq_len}_equal_time", [*text, *sparse, f"steps={more}"])
+        if rows is not None:
+            study.add("cost", "sink", "bpb_equal_time", _last(rows, "eval/bpb"), seq_len=seq_len, steps=more,
+                      train_s=round(_train_time(rows), 1), dense_train_s=round(_train_time(runs["dense"]), 1))
+        study.add("cost", "dense", "bpb_equal_time", _last(runs["dense"], "eval/bpb"), seq_len=seq_len, steps=steps)
+
+
+RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_position, "stability": stability,
+           "coverage": coverage, "cost": cost}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2, fewer steps (< 20 min on 2 cores)")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "longctx.json"))
+    ap.add_argument("--report", default=str(REPO / "benchmarks" / "LONGCTX.md"))
+    ap.add_argument("--figures", default=str(REPO / "benchmarks" / "longctx"))
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
+    ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
+    args = ap.parse_args(argv)
+    chosen = QUICK if args.quick and not args.only else tuple(args.only.split(",")) if args.only else EXPERIMENTS
+    bad = [e for e in chosen if e not in EXPERIMENTS]
+    if bad:
+        ap.error(f"--only: unknown experiment {bad[0]!r}; allowed: {', '.join(EXPERIMENTS)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps)
+    t0 = time.monotonic()
+    for name in chosen:
+        RUNNERS[name](study, args.quick)
+    result = {"rows": study.rows, "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
+              "experiments": list(chosen), "wandb_group": study.group, "run_root": str(study.root)}
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    from benchmarks.longctx_report import write_report
+
+    write_report(result, study.curves, Path(args.report), Path(args.figures))
+    print(f"wrote {args.json}, {args.report}, figures in {args.figures} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The long-context study's Markdown report and PNG figures (called by benchmarks/longctx.py).
+
+Verdicts are computed from the rows with the thresholds stated next to each claim, so a rerun that
+comes out differently says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+CHANCE = 0.1  # passkey key_len=1: one of 10 digits
+CLAIMS = {
+    "global_memory": "global tokens give every token access to the start of the document",
+    "content_vs_position": "content-based patterns reach what positional ones cannot",
+    "stability": "global tokens stabilise attention by smoothing the softmax",
+    "coverage": "most attention weights are near zero, so they can be pruned",
+    "cost": "sparse attention removes the quadratic cost",
+}
+SETTINGS = {
+    "global_memory": "passkey, key_len=1 (a digit after '#', chance 10%), needle inside the first 16 positions, "
+                     "question at the end of 512 tokens; tiny model (2 layers, d_model 64), lr 1e-2 (cosine to 1e-3), "
+                     "batch 16; window 32 (reach 2 x 32 = 64 << 512), sink = window 32 + 16 global tokens",
+    "content_vs_position": "passkey, key_len=1, needle start uniform in [0.25, 0.75] of 512 tokens; sink = window "
+                           "32 + 16 globals (48 keys/query), topk = 2 chosen blocks of 32 + own block + block 0 "
+                           "(<= 128 keys/query); same model and optimiser as experiment 1",
+    "stability": "text (stdlib bytes), seq_len 2048, batch 2, lr 3e-2 (10x the default), 200 steps, stats every 5",
+    "coverage": "dense on text, seq_len 1024, 300 steps; candidates with window 32 and 16 globals (bigbird: + 2 "
+                "random blocks of 64); fine-tune 60 steps with the candidate from the dense checkpoint",
+    "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 60 steps, 16k: 15 steps",
+}
+
+
+def _rows(result: dict, experiment: str, metric: str) -> list[dict]:
+    return [r for r in result["rows"] if r["experiment"] == experiment and r["metric"] == metric]
+
+
+def _val(result, experiment, pattern, metric, **match):
+    for r in _rows(result, experiment, metric):
+        if r["pattern"] == pattern and all(r.get(k) == v for k, v in match.items()):
+            return r["value"]
+    return None
+
+
+def _ok(x) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def verdict(result: dict, experiment: str) -> str:
+    v = lambda p, m, **k: _val(result, experiment, p, m, **k)  # noqa: E731
+    if experiment == "global_memory":
+        w, s, d = v("window", "acc"), v("sink", "acc"), v("dense", "acc")
+        if not all(map(_ok, (w, s, d))):
+            return "incomplete (a run failed)"
+        good = w <= CHANCE + 0.15 and s >= 0.9 and d >= 0.9
+        return (f"{'reproduced' if good else 'not reproduced'}: window {w:.2f} (chance {CHANCE:.2f}), sink {s:.2f}, "
+                f"dense {d:.2f} (threshold: window <= chance + 0.15, sink and dense >= 0.90)")
+    if experiment == "content_vs_position":
+        s, t, d = v("sink", "acc"), v("topk", "acc"), v("dense", "acc")
+        if not all(map(_ok, (s, t, d))):
+            return "incomplete (a run failed)"
+        good = t - s >= 0.3
+        return (f"{'reproduced' if good else 'not reproduced'}: topk {t:.2f} vs sink {s:.2f} (dense {d:.2f}); "
+                "threshold: topk at least 0.30 above sink")
+    if experiment == "stability":
+        w, s = v("window", "entropy_std"), v("sink", "entropy_std")
+        ws, ss = v("window", "spikes"), v("sink", "spikes")
+        if not all(map(_ok, (w, s, ws, ss))):
+            return "incomplete (a run failed)"
+        good = s < w and ss <= ws
+        return (f"{'reproduced' if good else 'not reproduced'}: entropy std sink {s:.3f} vs window {w:.3f}, spikes "
+                f"sink {ss:.0f} vs window {ws:.0f} (threshold: sink lower spread and no more spikes)")
+    if experiment == "coverage":
+        return _coverage_verdict(result)
+    return _cost_verdict(result)
+
+
+def _coverage_verdict(result: dict) -> str:
+    parts, good = [], False
+    for name in ("sink", "window", "bigbird"):
+        cov = [r["value"] for r in _rows(result, "coverage", "coverage") if r["pattern"] == name]
+        losses = {r.get("stage", ""): r for r in _rows(result, "coverage", "eval_loss") if r["pattern"] == name}
+        sub = next((r for k, r in losses.items() if k.startswith("dense")), None)
+        tuned = next((r for k, r in losses.items() if k.startswith("after")), None)
+        if not cov or sub is None:
+            continue
+        base = sub["dense_eval_loss"]
+        parts.append(f"{name}: min layer coverage {min(cov):.3f}, eval loss {base:.3f} -> {sub['value']:.3f} substituted"
+                     + (f", {tuned['value']:.3f} after fine-tune" if tuned else ""))
+        good |= min(cov) >= 0.9 and (sub["value"] <= 1.05 * base or (tuned is not None and tuned["value"] <= 1.02 * base))
+    if not parts:
+        return "incomplete (a run failed)"
+    return (f"{'reproduced' if good else 'not reproduced'} (threshold: some candidate keeps >= 90% of the mass in every "
+            "layer and is within 5% of the dense eval loss substituted, or 2% after fine-tune): " + "; ".join(parts))
+
+
+def _cost_verdict(result: dict) -> str:
+    parts, good = [], []
+    for seq_len in (4096, 16384):
+        s = _val(result, "cost", "sink", "bpb_equal_time", seq_len=seq_len)
+        d = _val(result, "cost", "dense", "bpb_equal_time", seq_len=seq_len)
+        if _ok(s) and _ok(d):
+            parts.append(f"{seq_len}: sink {s:.3f} vs dense {d:.3f} bits/byte at equal time")
+            good.append(s < d)
+    if not parts:
+        return "incomplete (a run failed)"
+    return f"{'reproduced' if all(good) else 'not reproduced'} (threshold: sink lower bpb at equal time): " + "; ".join(parts)
+
+
+def _table(result: dict, experiment: str) -> list[str]:
+    rows = [r for r in result["rows"] if r["experiment"] == experiment]
+    extras = sorted({k for r in rows for k in r} - {"experiment", "pattern", "metric", "value"})
+    head = ["pattern", "metric", "value", *extras]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(k)) for k in head) + " |")
+    return out
+
+
+def figures(result: dict, curves: dict, fig_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    acc_exps = [e for e in ("global_memory", "content_vs_position") if _rows(result, e, "acc")]
+    if acc_exps:
+        fig, axes = plt.subplots(1, len(acc_exps), figsize=(5 * len(acc_exps), 3.5), squeeze=False)
+        for ax, e in zip(axes[0], acc_exps):
+            rows = _rows(result, e, "acc")
+            ax.bar([r["pattern"] for r in rows], [r["value"] for r in rows], color="tab:blue")
+            ax.axhline(CHANCE, ls="--", color="gray", label="chance")
+            ax.set_ylim(0, 1.05), ax.set_title(e), ax.set_ylabel("passkey accuracy"), ax.legend()
+        made.append(_save(fig, fig_dir / "accuracy_by_pattern.png"))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for e in acc_exps:
+            for r in _rows(result, e, "acc"):
+                bins = sorted((k, v) for k, v in r.items() if k.startswith("acc@") and v is not None)
+                if bins:
+                    ax.plot([float(k[4:]) for k, _ in bins], [v for _, v in bins], "o-", label=f"{e}: {r['pattern']}")
+        ax.set_xlabel("needle start (fraction of seq_len, bin lower edge)"), ax.set_ylabel("accuracy"), ax.legend(fontsize=7)
+        made.append(_save(fig, fig_dir / "accuracy_by_depth.png"))
+    for e, runs in curves.items():
+        keys = [("train/loss", "train loss")]
+        if any(k.endswith("/entropy_mean") for rows in runs.values() for r in rows for k in r):
+            keys += [("entropy", "attention entropy (mean over layers)"), ("max_logit", "max logit (over layers)")]
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        for ax, (key, title) in zip(axes[0], keys):
+            for label, rows in runs.items():
+                xs, ys = _series(rows, key)
+                ax.plot(xs, ys, label=label, lw=1)
+            ax.set_title(f"{e}: {title}", fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=7)
+        made.append(_save(fig, fig_dir / f"curves_{e}.png"))
+    return made
+
+
+def _series(rows: list[dict], key: str):
+    if key == "train/loss":
+        return [r["step"] for r in rows], [r["train/loss"] for r in rows]
+    suffix = "/entropy_mean" if key == "entropy" else "/max_logit"
+    pts = [(r["step"], [v for k, v in r.items() if k.startswith("attn/") and k.endswith(suffix)]) for r in rows]
+    pts = [(s, vs) for s, vs in pts if vs]
+    agg = (lambda vs: sum(vs) / len(vs)) if key == "entropy" else max
+    return [s for s, _ in pts], [agg(vs) for _, vs in pts]
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = ()) -> None:
+    made = figures(result, curves, fig_dir)
+    rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
+    cmd = "python -m benchmarks.longctx" + (" --quick" if result["quick"] else "")
+    lines = ["# Long-context study (benchmarks/longctx.py)", "",
+             f"`{cmd}` — {'quick run' if result['quick'] else 'full run'}, wall time {result['wall_s']:.0f} s on "
+             "this 2-core CPU machine (shared with other jobs while it ran: times are not benchmarks). Every training "
+             "is `torchrun --nproc_per_node 2 -m trainer.train parallel=sp2` (SP=2, fp32, gloo), W&B offline, group "
+             f"`{result.get('wandb_group')}`. Experiments run: {', '.join(result['experiments'])}.", ""]
+    for i, e in enumerate(CLAIMS, 1):
+        if e not in result["experiments"]:
+            lines += [f"## {i}. {e} — not run", "", f"Claim: \"{CLAIMS[e]}\". Not run in this invocation "
+                      f"(`python -m benchmarks.longctx --only {e}`).", ""]
+            continue
+        lines += [f"## {i}. {e}", "", f"Claim: \"{CLAIMS[e]}\".", "", f"Setup: {SETTINGS[e]}.", "",
+                  f"**Verdict: {verdict(result, e)}.**", "", *_table(result, e), ""]
+    if notes:
+        lines += ["## What was tried", "", *[f"- {n}" for n in notes], ""]
+    lines += ["## Figures", "", *[f"![{m}]({rel}/{m})" for m in made], ""]
+    report.write_text("\n".join(lines))
