@@ -28,6 +28,7 @@ from kernels.blocked import (
     BLOCK,
     Chunk,
     Plan,
+    _band_form,
     _block_docs,
     _block_positions,
     _content_plan,
@@ -83,9 +84,18 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
     qb_pos, qb_doc = _block_positions(q_pos, nqb), _block_docs(q_doc, nqb)  # (nqb, BLOCK), (B, nqb, BLOCK)
     rows = [_visible_rows(pattern, _rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)),
                           k_pos, k_doc, p, qb_doc[:, i]) for i, p in enumerate(qb_pos)]
-    chunks = []
+    n_prefix_rows = int(torch.searchsorted(k_pos, torch.tensor(pattern.num_global)))
+    chunks, margin = [], 0
     for b0, b1 in _group_blocks([len(r) for r in rows], bh):
-        idx, valid = _pad_rows(rows[b0:b1])  # (nb, Kc)
+        # Window-shaped rows stay window-shaped when documents cut them: keep the band form (strided
+        # gradient adds instead of a scatter); extra band rows are masked like the window's edges.
+        band = _band_form(rows[b0:b1], n_prefix_rows, b0) if q_pos.numel() >= 2 * BLOCK else None
+        if band is not None:
+            idx, valid, a0, band_len = band
+            band = (n_prefix_rows, a0 + b0 * BLOCK, band_len)
+            margin = max(margin, -band[1], band[1] + (b1 - b0) * BLOCK + band_len - k_pos.numel())
+        else:
+            idx, valid = _pad_rows(rows[b0:b1])  # (nb, Kc)
         idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
         kp = k_pos[idx]
         allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
@@ -93,6 +103,6 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
                              k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
         masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
         is_global = (kp < pattern.num_global) & valid
-        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], None,
+        chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], band,
                             BLOCK))
-    return Plan(q_pos.numel(), chunks, heads_folded=True, margin=0, maybe_empty=True)
+    return Plan(q_pos.numel(), chunks, heads_folded=True, margin=margin, maybe_empty=True)

@@ -222,3 +222,20 @@ def test_packed_document_equals_the_document_alone(pattern):
     torch.testing.assert_close(both[:, 13:], alone, atol=1e-10, rtol=1e-10)  # fp64: summation order only
     # without the masking the second document sees the first: a different result
     assert not torch.allclose(model(packed, rope_positions=rope).logits[:, 13:], alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sink", "longformer"])
+def test_documents_with_many_chunks(name, monkeypatch):
+    """Tiny chunks: document-narrowed window plans keep the band form, chunk by chunk, with margins."""
+    import kernels.blocked as blocked
+    import kernels.blocked_docs as blocked_docs
+
+    monkeypatch.setattr(blocked, "CHUNK_ELEMS", 1 << 15)
+    monkeypatch.setattr(blocked_docs, "_CACHE", type(blocked_docs._CACHE)())
+    blocked._positional_plan.cache_clear()
+    q, k, v, sinks = _inputs(1, 2, 2, 700, 700, D=8, seed=13)
+    docs = random_docs(1, 700, seed=13, short=100, long=400)
+    plan = blocked_docs.doc_plan(PATTERNS[name], q, k, torch.arange(700), torch.arange(700), docs, docs, 700)
+    assert len(plan.chunks) > 2 and any(c.band is not None for c in plan.chunks)
+    _assert_match(q, k, v, sinks, PATTERNS[name], docs, docs)  # fp64: summation order only, see TOL
+    blocked._positional_plan.cache_clear()
