@@ -14,7 +14,7 @@ with fewer steps. Results: ``--json`` ({"rows": [{experiment, pattern, metric, v
    beyond n_layers x window): window vs sink vs dense; metric ``acc`` (exact match of the key).
 2. content_vs_position: the key at a random depth in [0.25, 0.75]: sink vs topk vs dense; ``acc``.
 3. stability: text, a 10x learning rate: window vs sink vs learned sink logits (when the trainer has
-   ``attention.sink_logits``) vs dense; ``spikes`` (steps whose loss exceeds 1.5x the median of the
+   ``model.sink_logits``) vs dense; ``spikes`` (steps whose loss exceeds 1.5x the median of the
    previous 20), ``entropy_std`` (std over logged steps of the per-head entropy, averaged over layers
    and heads), ``max_logit``, ``final_loss`` (eval nats/byte).
 4. coverage: train dense on text; ``python -m trainer.coverage`` for sink, window, bigbird:
@@ -138,28 +138,28 @@ def spikes(losses: list[float], factor: float = 1.5, history: int = 20) -> int:
 
 
 def sink_logits_available() -> bool:
-    """Whether this trainer accepts ``attention.sink_logits`` (the learned-sinks issue)."""
+    """Whether this trainer accepts ``model.sink_logits`` (the learned-sinks issue)."""
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import ConfigError, load_config
+    from trainer.config import load_config
 
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            load_config(compose(config_name="config", overrides=["attention=window", "+attention.sink_logits=true",
+            load_config(compose(config_name="config", overrides=["attention=window", "model.sink_logits=true",
                                                                  "trainer.ckpt_dir=/tmp"]), world_size=1)
         return True
-    except (ConfigError, Exception):  # noqa: BLE001 - unknown key: not available in this tree
+    except Exception:  # noqa: BLE001 - a composition or config error: not available in this tree
         return False
 
 
 def stability(study: Study, quick: bool) -> None:
-    base = ["seq_len=2048", "steps=200", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
+    base = ["seq_len=2048", "steps=150", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
             "eval_every=0", "eval_batches=2", "logging.stats_every=5", "batch_size=2"]
     patterns = {"window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
                 "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]}
     if sink_logits_available():
         patterns["sink_logits"] = ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0",
-                                   "+attention.sink_logits=true"]
+                                   "model.sink_logits=true"]
     patterns["dense"] = ["attention=dense"]
     for label, overrides in patterns.items():
         rows, _ = study.train("stability", label, [*base, *overrides])
@@ -239,6 +239,19 @@ def cost(study: Study, quick: bool) -> None:
         study.add("cost", "dense", "bpb_equal_time", _last(runs["dense"], "eval/bpb"), seq_len=seq_len, steps=steps)
 
 
+def merge(result: dict, study: Study, old: dict) -> None:
+    """Add a previous run's experiments that this one did not run (rows, and curves from its run dirs)."""
+    kept = [e for e in old["experiments"] if e not in result["experiments"]]
+    result["rows"] += [r for r in old["rows"] if r["experiment"] in kept]
+    result["merged"] = {"experiments": kept, "wall_s": old["wall_s"], "quick": old["quick"],
+                        "wandb_group": old.get("wandb_group")}
+    result["experiments"] = kept + result["experiments"]
+    for e in kept:
+        for metrics in sorted(Path(old.get("run_root", "/nonexistent")).glob(f"{e}/*/metrics.jsonl")):
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+            study.curves.setdefault(e, {})[metrics.parent.name] = rows
+
+
 RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_position, "stability": stability,
            "coverage": coverage, "cost": cost}
 
@@ -252,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--figures", default=str(REPO / "benchmarks" / "longctx"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
+    ap.add_argument("--merge", default=None, help="a previous --json: its experiments not run now join the report")
     args = ap.parse_args(argv)
     chosen = QUICK if args.quick and not args.only else tuple(args.only.split(",")) if args.only else EXPERIMENTS
     bad = [e for e in chosen if e not in EXPERIMENTS]
@@ -263,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in chosen:
         RUNNERS[name](study, args.quick)
     result = {"rows": study.rows, "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
-              "experiments": list(chosen), "wandb_group": study.group, "run_root": str(study.root)}
+              "experiments": list(chosen), "wandb_group": study.group, "run_root": str(study.root),
+              "command": " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])}
+    if args.merge:
+        merge(result, study, json.loads(Path(args.merge).read_text()))
     Path(args.json).write_text(json.dumps(result, indent=1))
     from benchmarks.longctx_report import write_report
 

@@ -24,7 +24,7 @@ SETTINGS = {
     "content_vs_position": "passkey, key_len=1, needle start uniform in [0.25, 0.75] of 512 tokens; sink = window "
                            "32 + 16 globals (48 keys/query), topk = 2 chosen blocks of 32 + own block + block 0 "
                            "(<= 128 keys/query); same model and optimiser as experiment 1",
-    "stability": "text (stdlib bytes), seq_len 2048, batch 2, lr 3e-2 (10x the default), 200 steps, stats every 5",
+    "stability": "text (stdlib bytes), seq_len 2048, batch 2, lr 3e-2 (10x the default), 150 steps, stats every 5",
     "coverage": "dense on text, seq_len 1024, 300 steps; candidates with window 32 and 16 globals (bigbird: + 2 "
                 "random blocks of 64); fine-tune 60 steps with the candidate from the dense checkpoint",
     "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 60 steps, 16k: 15 steps",
@@ -179,12 +179,17 @@ def _save(fig, path: Path) -> str:
 def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = ()) -> None:
     made = figures(result, curves, fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
-    cmd = "python -m benchmarks.longctx" + (" --quick" if result["quick"] else "")
+    cmd = result.get("command") or "python -m benchmarks.longctx" + (" --quick" if result["quick"] else "")
     lines = ["# Long-context study (benchmarks/longctx.py)", "",
              f"`{cmd}` — {'quick run' if result['quick'] else 'full run'}, wall time {result['wall_s']:.0f} s on "
              "this 2-core CPU machine (shared with other jobs while it ran: times are not benchmarks). Every training "
              "is `torchrun --nproc_per_node 2 -m trainer.train parallel=sp2` (SP=2, fp32, gloo), W&B offline, group "
-             f"`{result.get('wandb_group')}`. Experiments run: {', '.join(result['experiments'])}.", ""]
+             f"`{result.get('wandb_group')}`. Experiments: {', '.join(result['experiments'])}.", ""]
+    if result.get("merged"):
+        m = result["merged"]
+        lines += [f"Experiments {', '.join(m['experiments'])} come from an earlier invocation "
+                  f"({'--quick' if m['quick'] else 'full'}, {m['wall_s']:.0f} s, W&B group `{m['wandb_group']}`); "
+                  f"the wall time above is this invocation's.", ""]
     for i, e in enumerate(CLAIMS, 1):
         if e not in result["experiments"]:
             lines += [f"## {i}. {e} — not run", "", f"Claim: \"{CLAIMS[e]}\". Not run in this invocation "
