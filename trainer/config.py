@@ -47,6 +47,9 @@ class ModelSection:
     d_ff: int | None = None
     rope_theta: float | None = None
     n_learned_global: int = 0
+    # model.sink_logits, not attention.*: the sinks are parameters (they change the state dict),
+    # while the attention node describes which keys a query sees and is read by the pattern alone.
+    sink_logits: bool = False
     activation_checkpointing: bool = False
     dense_every: int = 0
     layer_overrides: dict = field(default_factory=dict)
@@ -77,6 +80,8 @@ class DataSection:
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.01
     cache_dir: str | None = None
+    document_mask: bool = False  # queries see only their own document (ids from DOC_SEP); globals excepted
+    reset_positions: bool | None = None  # rotary positions restart per document; None: = document_mask
     task: str = "text"  # text | passkey | recall | mix: trainer/tasks.py (loss on the answers only)
     passkey: PasskeyParams = field(default_factory=PasskeyParams)
     recall: RecallParams = field(default_factory=RecallParams)
@@ -412,12 +417,30 @@ def _validate_data(cfg: TrainConfig) -> None:
         check_task(task_params(data), cfg.seq_len, cfg.model.n_learned_global, data.tokenizer)
     except DataConfigError as e:
         raise ConfigError(str(e)) from None
+    _validate_documents(cfg)
     if data.task != "text" and cfg.objective != "clm":
         raise ConfigError(f"data.task: {data.task} scores next-token answers; it needs objective=clm, "
                           f"got objective={cfg.objective}")
     if data.tokenizer != "bytes" and "passkey" in cfg.eval_tasks:
         raise ConfigError(f"eval_tasks: passkey is written in byte tokens; it needs data.tokenizer=bytes, "
                           f"got {data.tokenizer!r}")
+
+
+def _validate_documents(cfg: TrainConfig) -> None:
+    """data.document_mask: text windows only, and the globals must be learned slots, or one
+    document's content would reach every other through them."""
+    data = cfg.data
+    if not (data.document_mask or data.reset_positions):
+        return
+    if data.task != "text" or cfg.objective != "clm":
+        raise ConfigError(f"data.document_mask / data.reset_positions: need data.task=text and objective=clm (the "
+                          f"windows cut from the DOC_SEP-separated stream), got data.task={data.task}, "
+                          f"objective={cfg.objective}")
+    g = max(p.num_global for p in cfg.patterns())
+    if data.document_mask and cfg.model.n_learned_global != g:
+        raise ConfigError(f"data.document_mask: needs the global tokens to be learned slots "
+                          f"(model.n_learned_global == attention.num_global = {g}), or one document's tokens would "
+                          f"reach every other through them; got model.n_learned_global={cfg.model.n_learned_global}")
 
 
 def _any_nonempty_file(root: Path) -> bool:

@@ -260,6 +260,20 @@ def shard_for_sp(batch: torch.Tensor, sp_rank: int, sp_size: int):
     return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
 
 
+def document_positions(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc ids, positions within the document), each [B, T], of windows ``tokens`` [B, T] (from their start).
+
+    A separator ``DOC_SEP`` ends its document: the doc id of position i counts the separators before
+    i, and the next token starts the next document at position 0. A window's first document starts
+    at its first position (its earlier part lies before the window)."""
+    sep = (tokens == DOC_SEP).long()
+    doc_ids = torch.cumsum(sep, dim=1) - sep  # separators strictly before each position
+    idx = torch.arange(tokens.shape[1]).expand_as(tokens)
+    starts = torch.where(sep.bool(), idx + 1, torch.zeros_like(idx))  # the position after each separator
+    starts = torch.cummax(torch.cat([torch.zeros_like(starts[:, :1]), starts[:, :-1]], dim=1), dim=1).values
+    return doc_ids, idx - starts
+
+
 class LongDocSampler:
     """Shuffled windows of ``seq_len + 1`` tokens from one long token stream.
 
@@ -270,7 +284,7 @@ class LongDocSampler:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-                 rank_in_dp: int = 0, dp_size: int = 1):
+                 rank_in_dp: int = 0, dp_size: int = 1, documents: bool = False, reset_positions: bool = False):
         if not 0 <= rank_in_dp < dp_size:
             raise ValueError(f"rank_in_dp: must be in [0, dp_size={dp_size}), got {rank_in_dp}")
         if seq_len < 1 or batch_size < 1:
@@ -283,6 +297,7 @@ class LongDocSampler:
                 "a shorter seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.dp_size = seed, rank_in_dp, dp_size
+        self.documents, self.reset_positions = documents, reset_positions  # see next_shard
         self.epoch = self.step = 0
         self._plan: tuple[int, int, np.ndarray] | None = None  # (epoch, offset, permutation)
 
@@ -317,10 +332,21 @@ class LongDocSampler:
         return self.read(self.next_starts(), 0, self.seq_len + 1)
 
     def next_shard(self, sp_rank: int = 0, sp_size: int = 1):
-        """Like ``shard_for_sp(next(self), ...)``, reading only this SP rank's L + 1 tokens per window."""
+        """Like ``shard_for_sp(next(self), ...)``, reading only this SP rank's L + 1 tokens per window.
+
+        With ``reset_positions`` it also returns the shard's rotary positions [B, L] (restarting per
+        document), and with ``documents`` then its document ids [B, L] (absolute rotary positions
+        unless ``reset_positions``), see ``document_positions``: the rank then reads its windows from
+        their start, since both count the separators before its shard (tokens, not communication)."""
         lo, L = shard_bounds(self.seq_len, sp_rank, sp_size)
-        chunk = self.read(self.next_starts(), lo, lo + L + 1)
-        return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
+        if not (self.documents or self.reset_positions):
+            chunk = self.read(self.next_starts(), lo, lo + L + 1)
+            return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
+        window = self.read(self.next_starts(), 0, lo + L + 1)
+        doc_ids, rope = document_positions(window[:, :-1])
+        rope = rope if self.reset_positions else torch.arange(lo + L).expand_as(rope)
+        extra = (rope[:, lo:],) + ((doc_ids[:, lo:],) if self.documents else ())
+        return (window[:, lo:-1], window[:, lo + 1:], torch.arange(lo, lo + L), *extra)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,

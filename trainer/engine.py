@@ -96,9 +96,10 @@ class ShardedAttention:
         self.ctx, self.strategy, self.backend, self.counter = ctx, par.strategy, par.backend, counter
         self.layer = 0
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False):
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, sinks=None, doc_ids=None):
         res = sp_attention(q, k, v, pattern, self.ctx, return_stats=return_stats, strategy=self.strategy,
-                           backend=self.backend, seq_len=seq_len, counter=self.counter, layer=self.layer)
+                           backend=self.backend, seq_len=seq_len, counter=self.counter, layer=self.layer,
+                           sinks=sinks, doc_ids=doc_ids)
         if not return_stats:
             return res, None
         out, shard_stats = res

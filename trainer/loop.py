@@ -133,7 +133,9 @@ def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | M
     if cfg.data.task != "text":
         return TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
                            reserved=cfg.model.n_learned_global, text_tokens=tokens)
-    sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size)
+    reset = cfg.data.document_mask if cfg.data.reset_positions is None else cfg.data.reset_positions
+    sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
+                             documents=cfg.data.document_mask, reset_positions=reset)
     return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
 
 
@@ -155,8 +157,8 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
                poison: bool = False):
     """One optimizer step; (metrics row, per-layer stat sums or None). A non-finite global loss (the
     same value on every rank: it is all-reduced) skips backward and the optimizer step."""
-    tokens, targets, positions = batch
-    out = ds(tokens, positions=positions, targets=targets, return_stats=with_stats, **fwd)
+    tokens, targets, positions, *docs = batch
+    out = ds(tokens, positions=positions, targets=targets, return_stats=with_stats, **doc_kwargs(docs), **fwd)
     if poison:  # HALO_FAULT=nan@step
         out = out._replace(loss=out.loss * float("nan"))
     loss, global_loss = backward_loss(out, group, dist.get_world_size(group))
@@ -177,6 +179,12 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
     return row, out.stats
 
 
+def doc_kwargs(docs) -> dict:
+    """The model's ``rope_positions`` [, ``doc_ids``] from a shard's extra fields (``LongDocSampler.next_shard``
+    under data.reset_positions / data.document_mask); none for plain windows."""
+    return dict(zip(("rope_positions", "doc_ids"), docs))
+
+
 @torch.no_grad()
 def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengths: np.ndarray) -> dict:
     """Validation over the same eval_batches every time (the same masks too, under mlm).
@@ -192,8 +200,8 @@ def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengt
     sampler = sampler_for(cfg, val_tokens, ctx)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, targets, bytes (clm) | hits (mlm)
     for _ in range(cfg.eval_batches):
-        tokens, targets, positions = (t.to(ctx.device) for t in sampler.next_shard(ctx.sp_rank, ctx.sp_size))
-        out = ds(tokens, positions=positions, targets=targets, **fwd)
+        tokens, targets, positions, *docs = (t.to(ctx.device) for t in sampler.next_shard(ctx.sp_rank, ctx.sp_size))
+        out = ds(tokens, positions=positions, targets=targets, **doc_kwargs(docs), **fwd)
         scored = targets[:, positions >= cfg.model.n_learned_global]  # learned global slots carry no loss
         third = (((out.logits.argmax(-1) == scored) & (scored != IGNORE_INDEX)).sum() if cfg.objective == "mlm"
                  else nbytes[scored].sum())

@@ -42,8 +42,9 @@ def comm_metrics(counter: CommCounter, group, device) -> dict[str, float]:
 
 
 def attention_metrics(stats: list[dict[str, torch.Tensor]], group) -> dict[str, float]:
-    """Per layer: entropy (mean and min over heads), max logit, global-token mass — over every query
-    of the global batch (the per-rank sums are reduced over the gradient-reduce group)."""
+    """Per layer: entropy (mean and min over heads), max logit, global-token mass and, with learned
+    sinks, the sinks' mass — over every query of the global batch (the per-rank sums are reduced over
+    the gradient-reduce group); with sinks every statistic is over the keys plus the sink."""
     row = {}
     for i, sums in enumerate(stats):
         summed = torch.stack([sums["entropy_sum"], sums["global_mass_sum"], sums["count"]]).double()
@@ -56,6 +57,10 @@ def attention_metrics(stats: list[dict[str, torch.Tensor]], group) -> dict[str, 
         row[f"attn/layer{i}/entropy_min"] = float(heads["entropy"].min())
         row[f"attn/layer{i}/max_logit"] = float(heads["max_logit"].max())
         row[f"attn/layer{i}/global_mass"] = float(heads["global_mass"].mean())
+        if "sink_mass_sum" in sums:  # model.sink_logits: the learned sinks' share of the softmax
+            sink = sums["sink_mass_sum"].double().clone()
+            dist.all_reduce(sink, group=group)
+            row[f"attn/layer{i}/sink_mass"] = float((sink / summed[2]).mean())
     return row
 
 
