@@ -239,3 +239,23 @@ def test_documents_with_many_chunks(name, monkeypatch):
     assert len(plan.chunks) > 2 and any(c.band is not None for c in plan.chunks)
     _assert_match(q, k, v, sinks, PATTERNS[name], docs, docs)  # fp64: summation order only, see TOL
     blocked._positional_plan.cache_clear()
+
+
+def test_no_future_leak_with_sinks_and_documents():
+    """clm: with sinks, document masking and per-document positions, the logits at positions < t do
+    not change when every token from t on (and so the later document ids) changes."""
+    from trainer.data import document_positions
+
+    model = _tiny(True, Window(window_left=10, num_global=2))
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 8, (1, 60), generator=g)  # small vocabulary: separators (token 0) are frequent
+    b = a.clone()
+    b[:, 37:] = torch.randint(0, 8, (1, 23), generator=g)
+    outs = []
+    for tokens in (a, b):
+        docs, rope = document_positions(tokens)
+        outs.append(model(tokens, doc_ids=docs, rope_positions=rope).logits)
+    # fp64: the later documents may change which keys a query block gathers (summation order), ~1e-16;
+    # a leak of one later token moves logits by far more than 1e-12
+    torch.testing.assert_close(outs[1][:, :37], outs[0][:, :37], atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(outs[1][:, 37:], outs[0][:, 37:])
