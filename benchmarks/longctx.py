@@ -247,6 +247,8 @@ def merge(result: dict, study: Study, old: dict) -> None:
                         "wandb_group": old.get("wandb_group")}
     result["experiments"] = kept + result["experiments"]
     for e in kept:
+        if e in study.curves:
+            continue
         for metrics in sorted(Path(old.get("run_root", "/nonexistent")).glob(f"{e}/*/metrics.jsonl")):
             rows = [json.loads(line) for line in metrics.read_text().splitlines()]
             study.curves.setdefault(e, {})[metrics.parent.name] = rows
@@ -274,20 +276,23 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps)
     t0 = time.monotonic()
-    for name in chosen:
+    command = " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])
+    old = json.loads(Path(args.merge).read_text()) if args.merge else None
+    for i, name in enumerate(chosen):
         RUNNERS[name](study, args.quick)
-    result = {"rows": study.rows, "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
-              "experiments": list(chosen), "wandb_group": study.group, "run_root": str(study.root),
-              "command": " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])}
-    if args.merge:
-        merge(result, study, json.loads(Path(args.merge).read_text()))
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    from benchmarks.longctx_report import write_report
+        # written after every experiment: an interrupted study still leaves what it measured
+        done = list(chosen[: i + 1])
+        result = {"rows": list(study.rows), "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
+                  "experiments": done, "wandb_group": study.group, "run_root": str(study.root), "command": command,
+                  **({"incomplete": f"still to run: {', '.join(chosen[i + 1:])}"} if i + 1 < len(chosen) else {})}
+        if old is not None:
+            merge(result, study, old)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        from benchmarks.longctx_report import write_report
 
-    write_report(result, study.curves, Path(args.report), Path(args.figures))
+        write_report(result, study.curves, Path(args.report), Path(args.figures))
     print(f"wrote {args.json}, {args.report}, figures in {args.figures} ({result['wall_s']:.0f} s)")
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,20 @@ SETTINGS = {
     "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 60 steps, 16k: 15 steps",
 }
 
+# How the task sizes were chosen: short single-process runs (trainer/tasks.py batches, the model with
+# plain AdamW at a constant learning rate after 10 warmup steps, not the trainer; measured on this
+# machine while it was shared), before the study.
+NOTES = [
+    "key_len=8 (the whole key copied by an induction head), seq_len 256, dense: exact-digit accuracy 0.12 "
+    "(lr 1e-2, batch 8) and 0.17 (lr 3e-3, batch 16) after 400 steps (chance 0.10): too slow for this machine.",
+    "key_len=2, seq_len 256, dense, lr 3e-3, batch 16: 0.31 per-digit, 0.03 exact after 300 steps.",
+    "key_len=1 (the single digit after '#'), seq_len 256, dense, lr 1e-2, batch 16: 0.88 after 100 steps, 1.00 "
+    "after 150. Chosen: the claims are about reaching a token, not about copying a long string.",
+    "key_len=1, seq_len 512, needle in the first 16 positions, window 64, lr 1e-2, batch 16, after 200 steps: dense "
+    "0.63, sink 0.53, window 0.09 (chance); hence 300 steps with a cosine decay in the study, and window 32 so the "
+    "question (position 511) is 8x beyond the window pattern's reach of 2 x 32.",
+]
+
 
 def _rows(result: dict, experiment: str, metric: str) -> list[dict]:
     return [r for r in result["rows"] if r["experiment"] == experiment and r["metric"] == metric]
@@ -176,15 +190,17 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = ()) -> None:
+def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = tuple(NOTES)) -> None:
     made = figures(result, curves, fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     cmd = result.get("command") or "python -m benchmarks.longctx" + (" --quick" if result["quick"] else "")
     lines = ["# Long-context study (benchmarks/longctx.py)", "",
-             f"`{cmd}` — {'quick run' if result['quick'] else 'full run'}, wall time {result['wall_s']:.0f} s on "
+             f"`{cmd}` — {'quick run' if result['quick'] else 'full settings'}, wall time {result['wall_s']:.0f} s on "
              "this 2-core CPU machine (shared with other jobs while it ran: times are not benchmarks). Every training "
              "is `torchrun --nproc_per_node 2 -m trainer.train parallel=sp2` (SP=2, fp32, gloo), W&B offline, group "
              f"`{result.get('wandb_group')}`. Experiments: {', '.join(result['experiments'])}.", ""]
+    if result.get("incomplete"):
+        lines += [f"**Interrupted**: {result['incomplete']}.", ""]
     if result.get("merged"):
         m = result["merged"]
         lines += [f"Experiments {', '.join(m['experiments'])} come from an earlier invocation "
