@@ -153,8 +153,8 @@ def sink_logits_available() -> bool:
 
 
 def stability(study: Study, quick: bool) -> None:
-    base = ["seq_len=2048", "steps=150", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
-            "eval_every=0", "eval_batches=2", "logging.stats_every=5", "batch_size=2"]
+    base = ["seq_len=1024", "steps=150", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
+            "eval_every=0", "eval_batches=2", "logging.stats_every=5", "batch_size=4"]
     patterns = {"window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
                 "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]}
     if sink_logits_available():
@@ -217,7 +217,7 @@ def coverage(study: Study, quick: bool) -> None:
 # --- experiment 5: cost ---------------------------------------------------------------------------
 
 def cost(study: Study, quick: bool) -> None:
-    for seq_len, steps in ((4096, 60), (16384, 15)):
+    for seq_len, steps in ((4096, 40), (16384, 8)):
         text = [f"seq_len={seq_len}", "batch_size=1", "eval_every=0", "eval_batches=2", "logging.stats_every=0",
                 "optim.warmup_steps=5"]
         sparse = ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]
@@ -239,19 +239,35 @@ def cost(study: Study, quick: bool) -> None:
         study.add("cost", "dense", "bpb_equal_time", _last(runs["dense"], "eval/bpb"), seq_len=seq_len, steps=steps)
 
 
+def load_curves(study: Study, run_root: Path, experiments: list[str]) -> None:
+    """Metrics rows of earlier runs (``<run_root>/<experiment>/<label>/metrics.jsonl``) into ``study``."""
+    for e in experiments:
+        for metrics in sorted(run_root.glob(f"{e}/*/metrics.jsonl")):
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+            study.curves.setdefault(e, {}).setdefault(metrics.parent.name, rows)
+
+
 def merge(result: dict, study: Study, old: dict) -> None:
     """Add a previous run's experiments that this one did not run (rows, and curves from its run dirs)."""
     kept = [e for e in old["experiments"] if e not in result["experiments"]]
     result["rows"] += [r for r in old["rows"] if r["experiment"] in kept]
     result["merged"] = {"experiments": kept, "wall_s": old["wall_s"], "quick": old["quick"],
-                        "wandb_group": old.get("wandb_group")}
+                        "wandb_group": old.get("wandb_group"), "command": old.get("command")}
     result["experiments"] = kept + result["experiments"]
-    for e in kept:
-        if e in study.curves:
-            continue
-        for metrics in sorted(Path(old.get("run_root", "/nonexistent")).glob(f"{e}/*/metrics.jsonl")):
-            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-            study.curves.setdefault(e, {})[metrics.parent.name] = rows
+    load_curves(study, Path(old["run_root"]), kept)
+
+
+def combine(old_path: Path, new_path: Path, args) -> dict:
+    """The report of two finished studies: NEW's experiments plus OLD's others."""
+    from benchmarks.longctx_report import write_report
+
+    result = json.loads(new_path.read_text())
+    study = Study(Path(result["run_root"]), result["wandb_group"], 0)
+    load_curves(study, Path(result["run_root"]), result["experiments"])
+    merge(result, study, json.loads(old_path.read_text()))
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_report(result, study.curves, Path(args.report), Path(args.figures))
+    return result
 
 
 RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_position, "stability": stability,
@@ -268,11 +284,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
     ap.add_argument("--merge", default=None, help="a previous --json: its experiments not run now join the report")
+    ap.add_argument("--combine", nargs=2, default=None, metavar=("OLD", "NEW"),
+                    help="run nothing: the report of NEW's experiments plus OLD's others (two --json files)")
     args = ap.parse_args(argv)
     chosen = QUICK if args.quick and not args.only else tuple(args.only.split(",")) if args.only else EXPERIMENTS
     bad = [e for e in chosen if e not in EXPERIMENTS]
     if bad:
         ap.error(f"--only: unknown experiment {bad[0]!r}; allowed: {', '.join(EXPERIMENTS)}")
+    if args.combine:
+        return combine(*map(Path, args.combine), args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps)
     t0 = time.monotonic()
