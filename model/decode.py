@@ -29,6 +29,11 @@ sequence that mean includes the later queries of the block, which a decoder cann
 step t therefore equals a full forward over the first t + 1 tokens (the prefix), which is what the
 model's prediction at t means causally. The cache keeps the current block's queries for that mean.
 
+Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
+each cached key keeps its document id, a query sees its own document's keys and the globals
+(``kernels.reference.document_rule``), and rotary positions restart after each separator, exactly as
+``trainer.data.document_positions`` counts them over the whole sequence.
+
 Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
 no value: ``out' = out · sigmoid(lse − sinks[h])``, joined after the keys (``kernels.stats.apply_sinks``).
 """
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import sparse_attention
+from kernels.reference import document_rule
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, Union, Window
 
@@ -64,46 +70,53 @@ def _bytes(*tensors: torch.Tensor) -> int:
 
 class RingCache:
     """The global keys and a ring of the last ``window`` positions: ``num_global + window`` slots.
-    Position p lives in slot p when global, else in slot ``num_global + (p − num_global) % window``."""
+    Position p lives in slot p when global, else in slot ``num_global + (p − num_global) % window``.
+    With packed documents each slot also keeps its key's document id (``doc`` [B, slots])."""
 
     def __init__(self, num_global: int, window: int):
         self.num_global, self.window = num_global, window
-        self.k = self.v = self.pos = None  # allocated at the first add, when shapes are known
+        self.k = self.v = self.pos = self.doc = None  # allocated at the first add, when shapes are known
         self.filled = 0  # slots [0, filled) hold keys: globals come first, the ring fills in order
 
     @property
     def slots(self) -> int:
         return self.num_global + self.window
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """k, v [B, Hkv, T, D] at ascending ``positions`` [T] (the next T of the sequence)."""
+    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor | None = None) -> None:
+        """k, v [B, Hkv, T, D] at ascending ``positions`` [T] (the next T of the sequence); doc [B, T] or None."""
         g = self.num_global
         if self.k is None:
             shape = (*k.shape[:2], self.slots, k.shape[-1])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)  # (B, Hkv, g + w, D)
             self.pos = torch.full((self.slots,), -1, dtype=torch.long, device=positions.device)
+            self.doc = None if doc is None else doc.new_full((k.shape[0], self.slots), -1)  # (B, g + w)
         if k.shape[2] == 1:  # one decoding step: no boolean indexing
             p = int(positions[0])
             s = p if p < g else g + (p - g) % self.window
             self.k[:, :, s], self.v[:, :, s], self.pos[s] = k[:, :, 0], v[:, :, 0], p
+            if doc is not None:
+                self.doc[:, s] = doc[:, 0]
             self.filled = max(self.filled, s + 1)
             return
         keep = (positions < g) | (positions > positions[-1] - self.window)  # older ones are overwritten
         pos = positions[keep]
         slots = torch.where(pos < g, pos, g + (pos - g) % self.window)
         self.k[:, :, slots], self.v[:, :, slots], self.pos[slots] = k[:, :, keep], v[:, :, keep], pos
+        if doc is not None:
+            self.doc[:, slots] = doc[:, keep]
         self.filled = max(self.filled, int(slots.max()) + 1)
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v [B, Hkv, K, D], positions [K]) of the held keys, in slot order (not position order)."""
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(k, v [B, Hkv, K, D], positions [K], doc ids [B, K] or None) of the held keys, in slot
+        order (not position order)."""
         n = self.filled
-        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n], None if self.doc is None else self.doc[:, :n]
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else _bytes(*self.view())
+        return 0 if self.k is None else _bytes(*(t for t in self.view() if t is not None))
 
     def allocated_bytes(self) -> int:
-        return 0 if self.k is None else _bytes(self.k, self.v, self.pos)
+        return 0 if self.k is None else _bytes(*(t for t in (self.k, self.v, self.pos, self.doc) if t is not None))
 
     def describe(self) -> str:
         return f"bounded: {self.num_global} global + ring of {self.window}"
@@ -115,22 +128,26 @@ class FullCache:
 
     def __init__(self, block_size: int = 0):
         self.block_size = block_size
-        self.k = self.v = self.pos = None
+        self.k = self.v = self.pos = self.doc = None
         self.n = 0
         self.block_q = self.block_pos = None  # top-k: [B, H, <= block_size, D] queries of the current block
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        T = k.shape[2]
-        if self.k is None or self.n + T > self.k.shape[2]:
-            cap = max(2 * (0 if self.k is None else self.k.shape[2]), self.n + T, 16)
+    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor | None = None) -> None:
+        T, n = k.shape[2], self.n
+        if self.k is None or n + T > self.k.shape[2]:
+            cap = max(2 * (0 if self.k is None else self.k.shape[2]), n + T, 16)
             shape = (*k.shape[:2], cap, k.shape[-1])  # (B, Hkv, capacity, D)
-            new_k, new_v = k.new_zeros(shape), v.new_zeros(shape)
-            new_pos = torch.full((cap,), -1, dtype=torch.long, device=positions.device)
-            if self.k is not None:
-                new_k[:, :, :self.n], new_v[:, :, :self.n], new_pos[:self.n] = self.view()
-            self.k, self.v, self.pos = new_k, new_v, new_pos
-        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
-        self.pos[self.n:self.n + T] = positions
+            old = None if self.k is None else self.view()
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+            self.pos = torch.full((cap,), -1, dtype=torch.long, device=positions.device)
+            self.doc = None if doc is None else doc.new_full((k.shape[0], cap), -1)  # (B, capacity)
+            if old is not None:
+                self.k[:, :, :n], self.v[:, :, :n], self.pos[:n] = old[:3]
+                if doc is not None:
+                    self.doc[:, :n] = old[3]
+        self.k[:, :, n:n + T], self.v[:, :, n:n + T], self.pos[n:n + T] = k, v, positions
+        if doc is not None:
+            self.doc[:, n:n + T] = doc
         self.n += T
 
     def add_queries(self, q: torch.Tensor, positions: torch.Tensor) -> None:
@@ -142,16 +159,19 @@ class FullCache:
             q, positions = torch.cat([self.block_q, q], dim=2), torch.cat([self.block_pos, positions])
         self.block_q, self.block_pos = q, positions
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.k[:, :, :self.n], self.v[:, :, :self.n], self.pos[:self.n]
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        n = self.n
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n], None if self.doc is None else self.doc[:, :n]
+
+    def _held(self) -> tuple[torch.Tensor, ...]:
+        return () if self.block_q is None else (self.block_q, self.block_pos)
 
     def nbytes(self) -> int:
-        held = () if self.block_q is None else (self.block_q, self.block_pos)
-        return 0 if self.k is None else _bytes(*self.view(), *held)
+        return 0 if self.k is None else _bytes(*(t for t in self.view() if t is not None), *self._held())
 
     def allocated_bytes(self) -> int:
-        held = () if self.block_q is None else (self.block_q, self.block_pos)
-        return 0 if self.k is None else _bytes(self.k, self.v, self.pos, *held)
+        bufs = (t for t in (self.k, self.v, self.pos, self.doc) if t is not None)
+        return 0 if self.k is None else _bytes(*bufs, *self._held())
 
     def describe(self) -> str:
         return "full" + (f" (+ current top-k query block of {self.block_size})" if self.block_size else "")
@@ -194,8 +214,8 @@ class CachedAttention:
         self.next_pos = [0] * len(patterns)
 
     def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, sinks=None, doc_ids=None):
-        if return_stats or doc_ids is not None:
-            raise ValueError("decode: one sequence, no attention statistics (return_stats and doc_ids are unsupported)")
+        if return_stats:
+            raise ValueError("return_stats: decoding keeps no attention statistics")
         i, cache = self.layer, self.caches[self.layer]
         self.layer += 1
         if int(positions[0]) != self.next_pos[i] or (self.next_pos[i] and q.shape[2] != 1):
@@ -206,38 +226,73 @@ class CachedAttention:
             cache.add_queries(q, positions)
         if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
             out, lse = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=self.backend,
-                                        seq_len=seq_len)
-            cache.add(k, v, positions)
+                                        seq_len=seq_len, q_doc=doc_ids, k_doc=doc_ids)
+            cache.add(k, v, positions, doc_ids)
         else:
-            cache.add(k, v, positions)  # the query sees its own key
-            k_all, v_all, k_pos = cache.view()
+            cache.add(k, v, positions, doc_ids)  # the query sees its own key
+            k_all, v_all, k_pos, k_doc = cache.view()
             if pattern.content_based:
                 allowed = pattern.content_mask(cache.block_q, k_all, cache.block_pos, k_pos)[:, :, -1:]  # (B, H, 1, K)
             else:
                 allowed = pattern.mask(positions, k_pos, seq_len).to(k.device)  # (1, K)
+            if doc_ids is not None:  # packed documents: the same document, or a global key
+                same = document_rule(pattern, positions[:, None], k_pos[None, :], doc_ids[:, :, None], k_doc[:, None, :])
+                allowed = allowed & same[:, None]  # (B, H or 1, 1, K)
+                allowed = allowed.expand(q.shape[0], q.shape[1], 1, k_pos.numel())
             out, lse = attend_one(q, k_all, v_all, allowed)
         out, _, _ = apply_sinks(out, lse, sinks)
         return out, None
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Packed documents as the model was trained with them (trainer.data.document_positions): a
+    ``separator`` token ends its document; ``mask``: a query sees only its document's keys (and the
+    globals); ``reset_positions``: rotary positions restart at 0 after each separator."""
+
+    separator: int
+    mask: bool = False
+    reset_positions: bool = False
 
 
 class Decoder:
     """Prefill a prompt, then one token at a time. ``max_len`` bounds prompt + generated tokens (it
     is the ``seq_len`` the patterns are asked about; for causal patterns it changes no mask)."""
 
-    def __init__(self, model, max_len: int, backend: str = "auto"):
+    def __init__(self, model, max_len: int, backend: str = "auto", documents: Documents | None = None):
         for i, p in enumerate(model.patterns):
             if not p.causal:
                 raise ValueError(f"attention.causal: layer {i} is bidirectional ({type(p).__name__}); generation "
                                  "decodes left to right and needs every layer causal")
-        self.model, self.max_len = model, max_len
+        self.model, self.max_len, self.documents = model, max_len, documents
         self.attn = CachedAttention(list(model.patterns), backend)
         self.pos = 0
+        self.n_sep = self.doc_start = None  # [B]: separators so far, and where the current document began
+
+    def _doc_positions(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(doc ids, rotary positions in the document), each [B, T]: ``document_positions`` of the
+        whole sequence so far, continued one chunk at a time from the counts of the prefix."""
+        sep = (tokens == self.documents.separator).long()  # (B, T)
+        if self.n_sep is None:
+            self.n_sep, self.doc_start = torch.zeros_like(sep[:, 0]), torch.zeros_like(sep[:, 0])
+        doc = self.n_sep[:, None] + torch.cumsum(sep, dim=1) - sep  # separators strictly before each position
+        idx = positions[None, :].expand_as(tokens)
+        after = torch.where(sep.bool(), idx + 1, torch.zeros_like(idx))  # where a document starts after a separator
+        starts = torch.cummax(torch.cat([self.doc_start[:, None], after[:, :-1]], dim=1), dim=1).values
+        self.n_sep, self.doc_start = self.n_sep + sep.sum(1), torch.maximum(self.doc_start, after.max(1).values)
+        return doc, idx - starts
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if int(positions[-1]) >= self.max_len:
             raise ValueError(f"max_len: position {int(positions[-1])} is past max_len={self.max_len}")
+        extra = {}
+        if self.documents is not None:
+            doc, rope = self._doc_positions(tokens, positions)
+            extra = {"doc_ids": doc} if self.documents.mask else {}
+            if self.documents.reset_positions:
+                extra["rope_positions"] = rope
         self.attn.layer = 0
-        out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len)
+        out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len, **extra)
         self.pos = int(positions[-1]) + 1
         return out.logits[:, -1].float()  # (B, V)
 
@@ -314,12 +369,12 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tokens: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
-             backend: str = "auto", keep_logits: bool = False) -> Generation:
+             backend: str = "auto", keep_logits: bool = False, documents: Documents | None = None) -> Generation:
     """Continue ``tokens`` [B, P] (positions 0..P-1, learned global slots first) by ``max_new_tokens``."""
     sampling.validate()
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    dec = Decoder(model, tokens.shape[1] + max_new_tokens, backend)
+    dec = Decoder(model, tokens.shape[1] + max_new_tokens, backend, documents)
     gen = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
     t0 = time.perf_counter()
     logits = dec.prefill(tokens)

@@ -12,12 +12,21 @@ import pytest
 import torch
 
 from kernels import sparse_attention
-from model.decode import CachedAttention, Decoder, RingCache, Sampling, bounded_reach, generate, next_token
+from model.decode import (
+    CachedAttention,
+    Decoder,
+    Documents,
+    RingCache,
+    Sampling,
+    bounded_reach,
+    generate,
+    next_token,
+)
 from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
 from trainer.config import ConfigError
-from trainer.data import IGNORE_INDEX, ByteTokenizer, LongDocSampler, load_corpus
+from trainer.data import DOC_SEP, IGNORE_INDEX, ByteTokenizer, LongDocSampler, document_positions, load_corpus
 from trainer.generate import generate_passkey_accuracy, load_model, resolve_checkpoint, run_config
 
 # Tiny model with GQA (4 query heads on 2 key/value heads) and 2 learned global slots. init_std 0.3
@@ -55,7 +64,11 @@ def tiny_model(pattern, **overrides) -> Transformer:
     cfg = ModelConfig(**{**CFG, **overrides})
     if pattern.num_global < cfg.n_learned_global:
         cfg.n_learned_global = pattern.num_global
-    return Transformer(cfg, pattern).eval()
+    model = Transformer(cfg, pattern).eval()
+    for block in model.blocks:  # learned sinks away from their 0.0 init, some above the scores, some below
+        if block.attn.sinks is not None:
+            block.attn.sinks.data = torch.randn(cfg.n_heads) * 2
+    return model
 
 
 def prefix_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -64,10 +77,11 @@ def prefix_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits[:, -1]
 
 
+@pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_greedy_decoding_equals_full_forward(name):
+def test_greedy_decoding_equals_full_forward(name, sinks):
     """Every step's logits equal a full forward over the prefix, and greedy picks its argmax."""
-    model = tiny_model(PATTERNS[name])
+    model = tiny_model(PATTERNS[name], sink_logits=sinks)
     prompt = torch.randint(0, 64, (2, 9))
     out = generate(model, prompt, max_new_tokens=15, keep_logits=True)
     for n in range(15):
@@ -105,6 +119,27 @@ def test_cached_attention_with_sinks_equals_kernel(name):
         torch.testing.assert_close(out[t - P + 1], ref[:, :, -1], atol=1e-5, rtol=0)
         no_sink = sparse_attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, seq_len=T)[0]
         assert (no_sink[:, :, -1] - ref[:, :, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mask,reset", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("name", ["sink", "dense", "bigbird", "topk"])
+def test_packed_documents(name, mask, reset):
+    """data.document_mask / data.reset_positions: document ids and per-document rotary positions
+    continue across steps exactly as trainer.data.document_positions counts them (sinks on too)."""
+    model = tiny_model(PATTERNS[name], sink_logits=True)
+    tokens = torch.randint(1, 64, (2, 30))
+    tokens[torch.rand(2, 30) < 0.15] = DOC_SEP  # a few documents per row, at different places
+    dec = Decoder(model, 30, documents=Documents(DOC_SEP, mask=mask, reset_positions=reset))
+    logits, moved = dec.prefill(tokens[:, :8]), 0.0
+    for t in range(8, 31):
+        doc, rope = document_positions(tokens[:, :t])
+        with torch.no_grad():
+            ref = model(tokens[:, :t], doc_ids=doc if mask else None, rope_positions=rope if reset else None).logits
+        torch.testing.assert_close(logits, ref[:, -1], atol=ATOL, rtol=0)
+        moved = max(moved, float((ref[:, -1] - prefix_logits(model, tokens[:, :t])).abs().max()))
+        if t < 30:
+            logits = dec.step(tokens[:, t])
+    assert moved > 100 * ATOL  # the documents did change what the model computes
 
 
 def test_missing_key_is_detected():
