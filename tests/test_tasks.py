@@ -195,3 +195,36 @@ def test_task_eval_is_exact_under_sequence_parallelism():
     for r in four:  # every rank reports the single-device numbers; sums of exact integers: equal exactly
         assert {k: v for k, v in r.items() if k != "eval/loss"} == {k: v for k, v in one.items() if k != "eval/loss"}
         assert r["eval/loss"] == pytest.approx(one["eval/loss"], rel=1e-6)  # fp32 per-shard cross-entropy sums
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["data.task=passkey", "objective=mlm", "attention=longformer"], r"^data\.task: passkey scores next-token answers"),
+    (["data.task=recall", "data.recall.queries=9"], r"^data\.recall\.queries: must be in \[1, data\.recall\.pairs=8\]"),
+    (["data.task=passkey", "data.passkey.depth=[0.5]"], r"^data\.passkey\.depth: must be a list of 2 values"),
+    (["data.task=passkey", "data.tokenizer=bpe"], r"^data\.tokenizer: task 'passkey' is written in byte tokens"),
+    (["data.task=copy"], r"^data\.task: must be one of text, passkey, recall, mix"),
+])
+def test_the_trainer_config_refuses_bad_task_settings_in_one_line(overrides, match):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO_ROOT
+    from trainer.config import ConfigError, load_config
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=["seq_len=1024", "trainer.ckpt_dir=/tmp", *overrides])
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(dcfg, world_size=1)
+    assert "\n" not in str(e.value)
+
+
+def test_the_presets_compose_and_validate():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO_ROOT
+    from trainer.config import load_config
+
+    for preset in ("passkey_global", "passkey_middle", "recall"):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+            cfg = load_config(compose(config_name="config", overrides=[f"experiment={preset}", "trainer.ckpt_dir=/tmp"]),
+                              world_size=2)
+        assert cfg.data.task in ("passkey", "recall") and cfg.seq_len % 2 == 0
