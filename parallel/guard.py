@@ -61,15 +61,42 @@ def _errors(pattern, ctx, strategy, backend, n, H, Hkv, head_dim, seed) -> list[
     return errs
 
 
+PROBE_MAX_TOKENS = 2048  # the reference runs on the whole probe: O(n²) time and memory
+
+
+def probe_local_len(pattern: Pattern, sp_size: int, seq_len: int) -> int:
+    """Positions per rank of the probe for a run of ``seq_len`` tokens over ``sp_size`` ranks.
+
+    Up to PROBE_MAX_TOKENS in all: the run's own L, so the probe has the run's geometry exactly
+    (halo hops, which ranks own globals, block alignment). Longer: the smallest length >= 32 that
+    still holds every global token on rank 0 (when the run does) plus regular queries, in whole
+    blocks of the pattern (content-based and BigBird blocks); a run whose globals span ranks keeps L.
+    """
+    L = seq_len // sp_size
+    if seq_len <= PROBE_MAX_TOKENS:
+        return L
+    block, g = getattr(pattern, "block_size", 1), pattern.num_global
+    want = max(32, g + 1) if g < L else L
+    return min(-(-want // block) * block, L)
+
+
 def check_sp_attention(pattern: Pattern, ctx: ParallelContext, strategy: str = "auto", backend="auto",
-                       local_len: int = 32, head_dim: int = 16, seed: int = 0, atol: float = 1e-4) -> float:
+                       local_len: int | None = None, head_dim: int = 16, seed: int = 0, atol: float = 1e-4,
+                       seq_len: int | None = None, heads: tuple[int, int] | None = None) -> float:
     """Raise ShardMismatchError if sharded attention differs from the reference; return the max error.
 
-    The probe has P·local_len positions and 2·P query heads over P KV heads (GQA, and divisible for
-    Ulysses). ``atol``: fp32 on O(1) random data; sharding only reorders the softmax sums (LSE
-    merges), a few ulps, far below 1e-4, while a wrong key set moves results by O(0.1).
+    ``seq_len`` and ``heads`` (query, key/value heads) describe the real run: the probe then takes
+    its geometry (``probe_local_len``) and the strategy the run will use (``auto`` decides by the
+    sequence length and heads). Without them: ``local_len`` (default 32) positions per rank.
+    The probe has 2·P query heads over P KV heads (GQA, and divisible for Ulysses). ``atol``: fp32 on
+    O(1) random data; sharding only reorders the softmax sums (LSE merges), a few ulps, far below
+    1e-4, while a wrong key set moves results by O(0.1).
     """
-    P, n = ctx.sp_size, ctx.sp_size * local_len
+    P = ctx.sp_size
+    if seq_len is not None:
+        strategy = pick_strategy(pattern, P, seq_len, *(heads or (2 * P, P)), strategy)
+        local_len = local_len or probe_local_len(pattern, P, seq_len)
+    n = P * (local_len or 32)
     pattern.validate(n)
     H, Hkv = 2 * P, P
     failure = None

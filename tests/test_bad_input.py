@@ -31,7 +31,9 @@ def test_the_table_covers_the_issue_list():
     """The cases the reliability issue names, each present (a row deleted from README fails here)."""
     cases = " / ".join(case for case, _, _ in ROWS)
     for needle in ("SP size not dividing", "not divisible by SP", "window wider", "num_global", "unknown pattern",
-                   "unknown model", "missing data path", "empty data path", "vocabulary", "another model shape"):
+                   "unknown model", "missing data path", "empty data path", "vocabulary", "another model shape",
+                   "negative seed", "infinite", "rotary", "FFN", "W&B online", "data too small", "batch larger",
+                   "validation split", "not writable", "sees later keys"):
         assert needle in cases, needle
 
 
@@ -53,12 +55,17 @@ def saved_checkpoint(root: Path) -> Path:
 
 @pytest.mark.parametrize("case, command, message", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_fails_first_with_one_line(case, command, message, tmp_path):
-    (tmp_path / "empty").mkdir()
+    for d in ("empty", "tiny", "text"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "tiny" / "a.txt").write_bytes(b"0123456789")
+    (tmp_path / "text" / "a.txt").write_bytes(b"abcdefgh " * 4444 + b"abcd")  # 40,000 bytes
+    (tmp_path / "file").write_bytes(b"")
     ckpt = saved_checkpoint(tmp_path / "ckpts") if "CKPT" in command else None
-    subst = {"EMPTY": str(tmp_path / "empty"), "CKPT": str(ckpt)}
+    subst = {"EMPTY": str(tmp_path / "empty"), "CKPT": str(ckpt), "TINY": str(tmp_path / "tiny"),
+             "TEXT": str(tmp_path / "text"), "FILE": str(tmp_path / "file")}
 
     def fill(s: str) -> str:
-        return re.sub(r"\b(EMPTY|CKPT)\b", lambda m: subst[m.group(1)], s)
+        return re.sub(r"\b(EMPTY|CKPT|TINY|TEXT|FILE)\b", lambda m: subst[m.group(1)], s)
 
     words = shlex.split(fill(command))
     env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=\S*", w))
@@ -67,7 +74,7 @@ def test_bad_input_fails_first_with_one_line(case, command, message, tmp_path):
     run_dir = tmp_path / "run"
     # RANK=0 without MASTER_ADDR: had the trainer reached init_process_group it would fail differently.
     proc = run_process_group([PY, *argv[1:], f"hydra.run.dir={run_dir}"], cwd=REPO, timeout=120,
-                             env=_env(WANDB_MODE="disabled", RANK="0", **env))
+                             env=_env(**{"WANDB_MODE": "disabled", "RANK": "0", **env}))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [fill(message)], proc.stderr[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()

@@ -75,7 +75,7 @@ def test_bad_settings_name_the_setting(tmp_path):
         D.get_tokenizer("words")
     with pytest.raises(D.DataConfigError, match="data.val_fraction"):
         D.load_corpus(val_fraction=1.5)
-    with pytest.raises(D.DataConfigError, match="^seq_len: .* batch_size=2"):  # real (top-level) keys
+    with pytest.raises(D.DataConfigError, match=r"^seq_len: .*\(batch_size=2"):  # real (top-level) keys
         D.LongDocSampler(np.zeros(100, np.uint8), seq_len=64, batch_size=2)
     with pytest.raises(D.DataConfigError, match="^seq_len: must be divisible"):
         D.shard_for_sp(torch.zeros(1, 11, dtype=torch.long), 0, 3)

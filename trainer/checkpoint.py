@@ -27,6 +27,7 @@ SP=1 and vice versa — within these limits, checked before any process group st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -201,11 +202,12 @@ def save(engine, cfg: TrainConfig, step: int, sampler, rank: int) -> Path:
             _publish(tmp, final, {**run_meta(cfg, step), "data": {"n_tokens": client["sampler"].get("n_tokens")}})
         dist.barrier()
     except (OSError, RuntimeError) as e:
-        if not _is_write_error(e, root):
+        if not _is_write_error(e):
             raise  # e.g. a collective that failed: the loop diagnoses it
+        why = _describe_write_error(e, root)  # before the removal frees space again
         shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(root)
-        raise TrainingAborted(f"rank {rank}: saving checkpoint step {step} failed: {_describe_write_error(e, root)}; "
+        raise TrainingAborted(f"rank {rank}: saving checkpoint step {step} failed: {why}; "
                               f"removed {tmp}; the published checkpoints are untouched (newest: "
                               f"{kept[-1] if kept else 'none'})") from None
     if rank == 0 and cfg.trainer.keep_last:
@@ -222,9 +224,12 @@ def _free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _is_write_error(e: BaseException, root: Path) -> bool:
-    """An OSError, or torch.save's RuntimeError (its stream writer reports no errno)."""
-    return isinstance(e, OSError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e)
+# torch.save's zip writer reports a failed write as a RuntimeError without an errno.
+_WRITER_ERRORS = ("PytorchStreamWriter", "file write failed", "inline_container", "iostream error")
+
+
+def _is_write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or any(marker in str(e) for marker in _WRITER_ERRORS)
 
 
 def _describe_write_error(e: BaseException, root: Path) -> str:
@@ -232,8 +237,9 @@ def _describe_write_error(e: BaseException, root: Path) -> str:
         return f"[Errno {e.errno}] {errno.errorcode.get(e.errno, '?')}: {e.strerror} ({e.filename or root})"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     free = _free_bytes(root)
-    full = f" [Errno {errno.ENOSPC}] ENOSPC: {free} bytes free on {root}" if free is not None and free < 1 << 20 else ""
-    return f"{first}{full}"
+    # Less room left than one write buffer: the writer ran out of space (what errno 28 would say).
+    full = f"; [Errno {errno.ENOSPC}] ENOSPC: {free} bytes free on {root}" if free is not None and free < 1 << 16 else ""
+    return f"writing into {root} failed: {first}{full}"
 
 
 def check_writable(cfg: TrainConfig, model_params: int) -> None:
@@ -251,7 +257,8 @@ def check_writable(cfg: TrainConfig, model_params: int) -> None:
         raise ConfigError(f"trainer.ckpt_dir: cannot write to {root}: [Errno {e.errno}] {e.strerror}; it must be a "
                           "writable directory (checkpoints and stop-signal saves go there)") from None
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove when the write failed
+            probe.unlink()
     need, free = 12 * model_params, _free_bytes(root)
     if free is not None and free < need:
         raise ConfigError(f"trainer.ckpt_dir: {root} has {free / 2**20:.1f} MiB free, one checkpoint of this model "

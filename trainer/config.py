@@ -324,7 +324,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(lg.wandb, WANDB_MODES, "logging.wandb")
     _one_of(wandb_mode(cfg), WANDB_MODES, "WANDB_MODE (environment)")
     if wandb_mode(cfg) == "online" and not _wandb_has_credentials():
-        raise ConfigError("logging.wandb: online needs a W&B API key (WANDB_API_KEY, or `wandb login`); allowed "
+        raise ConfigError("logging.wandb: online needs a W&B API key (WANDB_API_KEY, or run wandb login); allowed "
                           "without one: offline (sync later), disabled")
     _require(lg.stats_every >= 0, "logging.stats_every", "must be >= 0 (0 = never)", lg.stats_every)
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1", lg.log_every)

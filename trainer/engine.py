@@ -141,12 +141,15 @@ def parallelize(model: Transformer, ctx: ParallelContext, par: ParallelSection, 
     return fn
 
 
-def check_startup(model: Transformer, ctx: ParallelContext, par: ParallelSection) -> None:
-    """The startup guard: sharded attention equals the reference for every distinct layer pattern."""
+def check_startup(model: Transformer, ctx: ParallelContext, par: ParallelSection, seq_len: int) -> None:
+    """The startup guard: sharded attention equals the reference for every distinct layer pattern,
+    on a probe with the run's geometry (``parallel.guard.probe_local_len``)."""
     if ctx.sp_size == 1:
         return
+    cfg = model.cfg
     for pattern in dict.fromkeys(model.patterns):  # distinct, in layer order
-        check_sp_attention(pattern, ctx, strategy=par.strategy, backend=par.backend)
+        check_sp_attention(pattern, ctx, strategy=par.strategy, backend=par.backend, seq_len=seq_len,
+                           heads=(cfg.n_heads, cfg.n_kv_heads))
 
 
 # --- DeepSpeed ------------------------------------------------------------------------------------

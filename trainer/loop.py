@@ -46,7 +46,7 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
         counter = CommCounter()
         model = engine.build_model(cfg)
         attention_fn = engine.parallelize(model, ctx, cfg.parallel, counter)
-        engine.check_startup(model, ctx, cfg.parallel)
+        engine.check_startup(model, ctx, cfg.parallel, cfg.seq_len)
         ds, reduce_group = engine.build_engine(cfg, model, ctx)
         train_data, val_tokens, tokenizer = load_data(cfg, ctx)
         step = checkpoint.load(ds, resume_from, train_data) if resume_from else 0
@@ -91,6 +91,7 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
         if stopped:
             extra["stopped at"] = stopped
         write_status(run_dir, "stopped" if stopped else "finished", step=step, steps=cfg.steps)
+        signals.restore()  # after an error they stay: the launcher's SIGTERM must not cut the error line short
         return log.finish(extra)
     except RuntimeError as e:  # a failed collective: name the peer that raised or stopped answering, if one did
         lost = alive.diagnose(e) if alive is not None and not isinstance(e, TrainingAborted) else None
@@ -104,7 +105,6 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
             alive.report_error(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         raise
     finally:
-        signals.restore()
         if alive is not None:
             alive.close()
         if log is not None:

@@ -32,9 +32,9 @@ class DataFacts:
     n_val: int
 
 
-def _say(rank: int, line: str) -> None:
+def _say(rank: int, line: str, stream=None) -> None:
     if rank == 0:
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=stream or sys.stderr, flush=True)
 
 
 def prepare_data(cfg: TrainConfig, rank: int) -> DataFacts:
@@ -50,7 +50,7 @@ def prepare_data(cfg: TrainConfig, rank: int) -> DataFacts:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"rank {rank}: data: waiting for another process preparing {cache_dir}", file=sys.stderr, flush=True)
+            print(f"rank {rank}: data: waiting for another process preparing {cache_dir}", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.perf_counter()
         try:
@@ -59,7 +59,8 @@ def prepare_data(cfg: TrainConfig, rank: int) -> DataFacts:
             raise ConfigError(str(e)) from None
         if not corpus.cache_hit:
             _say(rank, f"data: tokenized {corpus.n_documents} documents into {corpus.cache_path} "
-                       f"({len(corpus.train) + len(corpus.val):,} tokens) in {time.perf_counter() - t0:.1f} s")
+                       f"({len(corpus.train) + len(corpus.val):,} tokens) in {time.perf_counter() - t0:.1f} s",
+                 sys.stdout)  # progress, not a problem: stderr stays for errors and warnings
     facts = DataFacts(len(corpus.train), len(corpus.val))
     if getattr(d, "task", "text") == "text":
         check_windows(cfg, facts)
@@ -74,7 +75,7 @@ def check_windows(cfg: TrainConfig, facts: DataFacts) -> None:
                           ("validation", facts.n_val, "a larger data.val_fraction, or more data")):
         windows = max((n - cfg.seq_len) // cfg.seq_len, 0)
         if windows < need:
-            key = "data.val_fraction" if split == "validation" else "batch_size"
+            key = "data.val_fraction" if split == "validation" else "batch_size" if windows else "data.path"
             raise ConfigError(f"{key}: the {split} split has {n:,} tokens: {windows} windows of seq_len={cfg.seq_len} "
                               f"+ 1, fewer than one global batch of {need} (batch_size={cfg.batch_size} x "
                               f"data-parallel size {cfg.dp_size}); use {fix}")
