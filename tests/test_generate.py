@@ -121,8 +121,8 @@ def test_cached_attention_with_sinks_equals_kernel(name):
         assert (no_sink[:, :, -1] - ref[:, :, -1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mask,reset", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("name", ["sink", "dense", "bigbird", "topk"])
+@pytest.mark.parametrize("name,mask,reset", [("sink", True, True), ("sink", True, False), ("sink", False, True),
+                                             ("dense", True, True), ("bigbird", True, True), ("topk", True, True)])
 def test_packed_documents(name, mask, reset):
     """data.document_mask / data.reset_positions: document ids and per-document rotary positions
     continue across steps exactly as trainer.data.document_positions counts them (sinks on too)."""
