@@ -206,7 +206,7 @@ def coverage(study: Study, quick: bool) -> None:
             study.add("coverage", name, "coverage", cell["mean"], layer=layer, min_head=cell["min_head"])
         study.add("coverage", name, "eval_loss", before["eval_loss"][name], stage="dense model, pattern substituted",
                   dense_eval_loss=before["eval_loss_trained"])
-        over = [f"attention={name}", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]
+        over = [f"attention={name}", f"attention.window_left={WINDOW}"]  # globals: the yaml's (window: none)
         tuned, tuned_dir = study.train("coverage", f"{name}_finetuned", [*text, *over, f"steps={steps + tune}",
                                                                         f"trainer.resume={ckpt}",
                                                                         f"trainer.ckpt_every={steps + tune}"])
