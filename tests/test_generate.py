@@ -27,7 +27,13 @@ from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
 from trainer.config import ConfigError
 from trainer.data import DOC_SEP, IGNORE_INDEX, ByteTokenizer, LongDocSampler, document_positions, load_corpus
-from trainer.generate import generate_passkey_accuracy, load_model, resolve_checkpoint, run_config
+from trainer.generate import (
+    documents_of,
+    generate_passkey_accuracy,
+    load_model,
+    resolve_checkpoint,
+    run_config,
+)
 
 # Tiny model with GQA (4 query heads on 2 key/value heads) and 2 learned global slots. init_std 0.3
 # (not 0.02) makes attention peaked and its output large in the residual stream, so a key missing
@@ -220,22 +226,25 @@ def test_passkey_hook_scores_generated_answers():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A real training run (1 step, sink pattern, GQA, 2 learned global slots) with its checkpoint."""
+    """A real training run (1 step) with its checkpoint: sink pattern, GQA, the 4 globals as learned
+    slots, learned sink logits and packed documents (document mask, per-document rotary positions)."""
     run = tmp_path_factory.mktemp("gen") / "run"
     train("seq_len=128", "steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run}", "eval_every=0", "eval_batches=1",
           "logging.wandb=disabled", "logging.mask_png=false", "attention.window_left=16", "attention.num_global=4",
-          "model.n_learned_global=2", timeout=240)
+          "model.n_learned_global=4", "model.sink_logits=true", "data.document_mask=true", timeout=240)
     return run
 
 
 def test_checkpoint_rebuilds_the_trained_model(run_dir):
     """The model rebuilt from the checkpoint alone scores the trainer's own final eval loss."""
     model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
-    assert [p.window_left for p in model.patterns] == [16, 16] and model.cfg.n_learned_global == 2
+    assert [p.window_left for p in model.patterns] == [16, 16] and model.cfg.n_learned_global == 4
+    assert documents_of(cfg) == Documents(DOC_SEP, mask=True, reset_positions=True)
     corpus = load_corpus(None, "bytes", None, cfg.data.val_fraction)
-    tokens, targets, positions = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed).next_shard()
+    sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed, documents=True, reset_positions=True)
+    tokens, targets, positions, rope, doc = sampler.next_shard()
     with torch.no_grad():
-        loss = float(model(tokens, positions=positions, targets=targets).loss)
+        loss = float(model(tokens, positions=positions, targets=targets, rope_positions=rope, doc_ids=doc).loss)
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
     assert loss == pytest.approx(logged, abs=1e-5)  # fp32, same batch and weights; kernels may differ in sum order
 
@@ -246,9 +255,10 @@ def test_generate_cli(run_dir):
     err = proc.stderr.decode()
     assert proc.returncode == 0, err[-3000:]
     assert "tokens/s decoding" in err and "4 global + ring of 17" in err
-    model, _ = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
-    prompt = torch.tensor([[0, 0, *b"def f(x):"]])  # 2 learned global slots, then the prompt
-    text = ByteTokenizer().decode(generate(model, prompt, 24).tokens[0, 2:])  # greedy, as the CLI by default
+    model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
+    prompt = torch.tensor([[DOC_SEP] * 4 + list(b"def f(x):")])  # 4 learned global slots, then the prompt
+    out = generate(model, prompt, 24, documents=documents_of(cfg))  # greedy, as the CLI by default
+    text = ByteTokenizer().decode(out.tokens[0, 4:])
     assert text.startswith("def f(x):") and len(text) > len("def f(x):")
     assert proc.stdout == (text + "\n").encode()
 

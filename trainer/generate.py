@@ -12,7 +12,8 @@ The prompt is prefilled with the training kernels, then one token at a time over
 cache chosen from the pattern (model/decode.py: bounded patterns keep globals + a ring buffer).
 Learned global slots (model.n_learned_global = g) come first: the prompt starts at position g, after
 g separator tokens whose embeddings the model replaces; an empty prompt is one separator (DOC_SEP,
-what precedes every document in training). Positions are absolute: a prompt plus generation longer
+what precedes every document in training). A model trained with packed documents
+(data.document_mask / data.reset_positions) decodes with them: the prompt is then a new document. Positions are absolute: a prompt plus generation longer
 than the trained seq_len is allowed, with a note on stderr, since windows apply as they are and
 rotary angles extrapolate (model/decode.py). A bidirectional (objective=mlm) checkpoint is refused.
 
@@ -31,7 +32,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from model.decode import Decoder, Sampling, generate
+from model.decode import Decoder, Documents, Sampling, generate
 from model.pattern import PatternError
 from model.transformer import Transformer
 from trainer import checkpoint
@@ -151,6 +152,13 @@ def load_model(ckpt: Path, device: torch.device) -> tuple[Transformer, TrainConf
     return model.to(device).eval(), cfg
 
 
+def documents_of(cfg: TrainConfig) -> Documents | None:
+    """The packed-document settings the model was trained with (data.document_mask / reset_positions)."""
+    mask = cfg.data.document_mask
+    reset = mask if cfg.data.reset_positions is None else cfg.data.reset_positions
+    return Documents(DOC_SEP, mask, reset) if mask or reset else None
+
+
 def tokenizer_of(cfg: TrainConfig):
     d = cfg.data
     docs = documents(d.path) if d.tokenizer != "bytes" else None
@@ -187,7 +195,8 @@ def main(dcfg: DictConfig) -> None:
         print(f"note: prompt + max_new_tokens = {total} positions > the trained seq_len={train_cfg.seq_len}: the "
               "patterns apply as they are and rotary angles extrapolate to positions never trained on",
               file=sys.stderr)
-    out = generate(model, tokens, cfg.max_new_tokens, cfg.sampling(), backend=cfg.backend)
+    out = generate(model, tokens, cfg.max_new_tokens, cfg.sampling(), backend=cfg.backend,
+                   documents=documents_of(train_cfg))
     print(tok.decode(out.tokens[0, g:].tolist()), flush=True)
     rate = (cfg.max_new_tokens - 1) / out.decode_s if cfg.max_new_tokens > 1 else float("nan")
     print(f"[{ckpt}] {cfg.max_new_tokens} tokens, {rate:,.1f} tokens/s decoding (prefill {tokens.shape[1]} tokens "
@@ -198,7 +207,7 @@ def main(dcfg: DictConfig) -> None:
 
 @torch.no_grad()
 def generate_passkey_accuracy(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor,
-                              backend: str = "auto") -> float:
+                              backend: str = "auto", documents: Documents | None = None) -> float:
     """Exact-match rate of the answers, generated greedily: the prompt (everything before the first
     answer) is prefilled, then one token at a time over the KV cache. ``inputs``/``targets`` [B, T]:
     a task batch of the whole sequence (learned global slots included), answers where targets are
@@ -209,7 +218,7 @@ def generate_passkey_accuracy(model: Transformer, inputs: torch.Tensor, targets:
     cols = torch.nonzero(scored.any(0)).flatten().tolist()
     if not cols:
         raise ValueError("targets: no answer to score (every target is IGNORE_INDEX)")
-    dec = Decoder(model, cols[-1] + 1, backend)
+    dec = Decoder(model, cols[-1] + 1, backend, documents)
     logits = dec.prefill(inputs[:, :cols[0] + 1])  # predicts targets[:, cols[0]]
     exact = torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     for j in range(cols[0], cols[-1] + 1):
