@@ -322,8 +322,11 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
         return SimpleNamespace(loss=torch.tensor(0.7, dtype=torch.float64), n_targets=n)
 
     val = np.random.default_rng(0).integers(0, 4, size=2000)
-    cfg = SimpleNamespace(seq_len=64, batch_size=2, seed=3, eval_batches=3, eval_tasks=[], objective="clm",
-                          model=SimpleNamespace(n_learned_global=2), data=SimpleNamespace(task="text"))
+    from tests.test_train import _compose
+    from trainer.config import load_config
+
+    cfg = load_config(_compose("seq_len=64", "attention.window_left=16", "batch_size=2", "seed=3", "eval_batches=3",
+                               "model.n_learned_global=2"), 1)
     ctx = SimpleNamespace(device="cpu", dp_rank=0, dp_size=1, sp_rank=0, sp_size=1)
     row = loop.evaluate(ds, val, cfg, ctx, {}, None, lengths)
     sampler = D.LongDocSampler(val, 64, 2, seed=3)
