@@ -24,7 +24,6 @@ from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, rows, train
 from trainer import checkpoint, integrity, preflight
 from trainer.config import ConfigError
 
-
 # --- checkpoint integrity -------------------------------------------------------------------------
 
 def _fake_checkpoint(root: Path, step: int, payload: bytes = b"weights" * 100) -> Path:
