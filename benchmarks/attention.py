@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
+                   help="skip dense-cost rows whose extrapolated seconds per call exceed this (a busy machine needs more)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", nargs=2, metavar=("BACKEND", "SEQ_LEN"), help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
@@ -168,8 +170,8 @@ def skip_reason(args, backend, n, prev):
     if dense_cost and prev and prev.get("skipped") is None:
         t = prev["fwd_bwd_s"] or prev["fwd_s"]
         est = t * (n / prev["seq_len"]) ** 2
-        if est > TIME_LIMIT_S:
-            return f"estimated {est:.0f} s per call (> {TIME_LIMIT_S:.0f} s) from seq_len={prev['seq_len']}", est
+        if est > args.time_limit:
+            return f"estimated {est:.0f} s per call (> {args.time_limit:.0f} s) from seq_len={prev['seq_len']}", est
     return None, None
 
 
