@@ -18,7 +18,11 @@ def check_divisible(seq_len: int, sp_size: int) -> int:
 
 
 def local_range(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
-    """[start, end) of the positions held by ``sp_rank``."""
+    """[start, end) of the positions held by ``sp_rank``: the sharding rule, in this one place."""
+    if sp_size < 1:
+        raise ParallelConfigError(f"parallel.sequence_parallel_size: must be >= 1, got {sp_size}")
+    if not 0 <= sp_rank < sp_size:
+        raise ValueError(f"sp_rank: must be in [0, {sp_size}), got {sp_rank}")
     L = check_divisible(seq_len, sp_size)
     return sp_rank * L, (sp_rank + 1) * L
 
@@ -33,8 +37,3 @@ def shard(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
     """This rank's chunk of the full-sequence tensor ``x`` along ``dim`` (a view)."""
     start, end = local_range(x.shape[dim], ctx.sp_rank, ctx.sp_size)
     return x.narrow(dim, start, end - start)
-
-
-def owner_of(pos: int, local_len: int) -> int:
-    """SP rank that holds absolute position ``pos``."""
-    return pos // local_len

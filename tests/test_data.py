@@ -77,7 +77,9 @@ def test_bad_settings_name_the_setting(tmp_path):
         D.load_corpus(val_fraction=1.5)
     with pytest.raises(D.DataConfigError, match=r"^seq_len: .*\(batch_size=2"):  # real (top-level) keys
         D.LongDocSampler(np.zeros(100, np.uint8), seq_len=64, batch_size=2)
-    with pytest.raises(D.DataConfigError, match="^seq_len: must be divisible"):
+    from parallel.context import ParallelConfigError
+
+    with pytest.raises(ParallelConfigError, match=r"^seq_len=10 must be a multiple of parallel.sequence_parallel_size=3"):
         D.shard_for_sp(torch.zeros(1, 11, dtype=torch.long), 0, 3)
 
 

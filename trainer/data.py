@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parallel.sharding import local_range
 from trainer import bpe, integrity
 
 DOC_SEP = 0
@@ -243,14 +244,10 @@ def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: floa
 # --- sampling and sequence shards -----------------------------------------------------------------
 
 def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
-    """(start, length L) of SP rank ``sp_rank``'s positions [r·L, (r+1)·L) in a window of seq_len."""
-    if sp_size < 1 or seq_len % sp_size:
-        raise DataConfigError(f"seq_len: must be divisible by the sequence-parallel size {sp_size}, "
-                              f"got {seq_len}")
-    if not 0 <= sp_rank < sp_size:
-        raise ValueError(f"sp_rank: must be in [0, {sp_size}), got {sp_rank}")
-    L = seq_len // sp_size
-    return sp_rank * L, L
+    """(start, length L) of SP rank ``sp_rank``'s positions [r·L, (r+1)·L) in a window of seq_len:
+    ``parallel.sharding.local_range``'s rule (the one place it lives), as the data side slices."""
+    start, end = local_range(seq_len, sp_rank, sp_size)
+    return start, end - start
 
 
 def shard_for_sp(batch: torch.Tensor, sp_rank: int, sp_size: int):
