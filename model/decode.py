@@ -188,7 +188,7 @@ def layer_cache(pattern: Pattern) -> RingCache | FullCache:
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor):
     """(out [B, H, 1, D], lse [B, H, 1] fp32): one query per row over the held keys, softmax in fp32.
     q [B, H, 1, D]; k, v [B, Hkv, K, D] (GQA: query head h reads key head h // (H / Hkv));
-    ``allowed`` [1, K] (positional) or [B, H, 1, K] (content-based)."""
+    ``allowed`` [1, K] (positional) or [B, H, 1, K] (content-based, or with document ids)."""
     B, H, _, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D).float()  # (B, Hkv, G, D): the G heads sharing a key head

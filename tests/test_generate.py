@@ -251,13 +251,14 @@ def test_checkpoint_rebuilds_the_trained_model(run_dir):
 
 def test_generate_cli(run_dir):
     proc = subprocess.run([PY, "-m", "trainer.generate", f"trainer.resume={run_dir}", "prompt='def f(x):'",
-                           "max_new_tokens=24"], cwd=REPO, env=_env(), capture_output=True, timeout=120)
+                           "max_new_tokens=124"], cwd=REPO, env=_env(), capture_output=True, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 0, err[-3000:]
     assert "tokens/s decoding" in err and "4 global + ring of 17" in err
+    assert "note: prompt + max_new_tokens = 137 positions > the trained seq_len=128" in err  # allowed, said once
     model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
     prompt = torch.tensor([[DOC_SEP] * 4 + list(b"def f(x):")])  # 4 learned global slots, then the prompt
-    out = generate(model, prompt, 24, documents=documents_of(cfg))  # greedy, as the CLI by default
+    out = generate(model, prompt, 124, documents=documents_of(cfg))  # greedy, as the CLI by default
     text = ByteTokenizer().decode(out.tokens[0, 4:])
     assert text.startswith("def f(x):") and len(text) > len("def f(x):")
     assert proc.stdout == (text + "\n").encode()
