@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.pattern import Pattern, Strided, Union, Window
+from model.pattern import Pattern
 from parallel.sharding import check_divisible
 
 
@@ -50,18 +50,6 @@ def regular_queries(pattern: Pattern, start: int, end: int) -> tuple[int, int]:
     return min(max(start, bidirectional_globals(pattern)), end), end
 
 
-def window_reach(pattern: Pattern) -> tuple[int, int]:
-    """(left, right) distance within which a remote key counts as ``halo`` rather than ``blocks``."""
-    if isinstance(pattern, Window):  # also BigBird: its window is the halo, random blocks are blocks
-        return pattern.window_left, pattern.window_right
-    if isinstance(pattern, Strided):
-        return pattern.stride - 1, 0 if pattern.causal else pattern.stride - 1
-    if isinstance(pattern, Union):
-        reaches = [window_reach(p) for p in pattern.parts] or [(0, 0)]
-        return max(r[0] for r in reaches), max(r[1] for r in reaches)
-    return 0, 0
-
-
 def _subtract(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
     out = []
     for s, e in ranges:
@@ -81,7 +69,7 @@ def _needed(pattern: Pattern, seq_len: int, rank: int, local_len: int) -> list[T
     if qs >= qe:
         return []
     remote = _subtract(pattern.kv_ranges(qs, qe, seq_len), start, end)
-    left, right = window_reach(pattern)
+    left, right = pattern.local_reach()  # within it remote keys are ``halo``, beyond it ``blocks``
     g = pattern.num_global
     shard_edges = list(range(0, seq_len + 1, local_len))
     out = []

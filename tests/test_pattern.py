@@ -262,15 +262,18 @@ def test_keys_of_rejects_out_of_range_query(query):
 
 # --- 9. content-based top-k blocks ------------------------------------------------------------------
 
-def _block_scores(q: torch.Tensor, k: torch.Tensor, q_pos: list[int], k_pos: list[int], bs: int):
-    """{(b, h, qb, kb): mean(q over qb)·mean(k over kb)} in float64, GQA by head // group."""
+def _block_scores(q: torch.Tensor, k: torch.Tensor, q_pos: list[int], k_pos: list[int], bs: int, causal: bool):
+    """{(b, h, qb, kb): summary(q over qb)·mean(k over kb)} in float64, GQA by head // group. The
+    query summary: the mean of the block's queries, or (causal) its first query, which is all a
+    causal query may depend on."""
     group = q.shape[1] // k.shape[1]
     qbs, kbs = sorted({i // bs for i in q_pos}), sorted({j // bs for j in k_pos})
     out = {}
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             for qb in qbs:
-                qm = q[b, h, [a for a, i in enumerate(q_pos) if i // bs == qb]].double().mean(0)
+                rows = q[b, h, [a for a, i in enumerate(q_pos) if i // bs == qb]].double()
+                qm = rows[0] if causal else rows.mean(0)
                 for kb in kbs:
                     km = k[b, h // group, [c for c, j in enumerate(k_pos) if j // bs == kb]].double().mean(0)
                     out[b, h, qb, kb] = float(qm @ km)
@@ -288,7 +291,7 @@ def test_topk_content_mask_invariants(data):
     q, k = torch.randn(1, 4, len(q_pos), 4), torch.randn(1, hkv, len(k_pos), 4)
     m = p.content_mask(q, k, torch.tensor(q_pos), torch.tensor(k_pos))
     assert m.shape == (1, 4, len(q_pos), len(k_pos))
-    scores, ml = _block_scores(q, k, q_pos, k_pos, bs), m.tolist()
+    scores, ml = _block_scores(q, k, q_pos, k_pos, bs, p.causal), m.tolist()
     for b in range(1):
         for h in range(4):
             for a, i in enumerate(q_pos):
@@ -341,3 +344,14 @@ def test_topk_picks_the_aligned_block():
                 assert picked == set(), (causal, qb, picked)
             else:  # one pick, never the future block 5 when causal, never the anti-aligned block 3
                 assert len(picked) == 1 and picked.isdisjoint({3, 5}), (causal, qb, picked)
+
+
+def test_union_built_in_code_counts_its_parts_globals_and_reach():
+    """The union's rules live in the pattern (not in from_config): globals are the largest of the
+    parts', the local reach the widest."""
+    from model.pattern import Strided, Union, Window
+
+    u = Union(parts=(Window(window_left=4, num_global=3), Strided(stride=8)))
+    assert u.num_global == 3
+    assert u.kv_ranges(10, 11, 20)[0] == (0, 11)  # globals, window and strided offsets merged
+    assert u.local_reach() == (7, 0) and Window(causal=False, window_left=2, window_right=5).local_reach() == (2, 5)

@@ -137,6 +137,12 @@ class Pattern:
         """Fraction of all seq_len² (query, key) pairs that are attended."""
         return float(self.key_counts(seq_len).sum()) / float(seq_len) ** 2
 
+    def local_reach(self) -> tuple[int, int]:
+        """(left, right): how far before and after a query its local (window-like) keys reach. Under
+        sequence parallelism keys within it travel as the ``halo``; anything else the pattern allows
+        beyond it (globals aside) is fetched as ``blocks``."""
+        return 0, 0
+
     def sees_future(self) -> bool:
         """Whether some query may attend to a key after its own position. Under a next-token
         objective that key is the query's target (or a later one), so such a pattern cannot train a
@@ -192,6 +198,9 @@ class Window(Pattern):
         m = (d >= -self.window_left) & (d <= self.window_right)
         return m & ((d % self.dilation) == 0) if self.dilation > 1 else m
 
+    def local_reach(self):  # also BigBird's: its window is the halo, its random blocks are blocks
+        return self.window_left, self.window_right
+
     def _rule_sees_future(self):
         # The allowed offsets are the multiples of the dilation in [-left, right]: the first future
         # one is +dilation.
@@ -244,6 +253,9 @@ class Strided(Pattern):
     summary: int = 1
 
     bounded: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def local_reach(self):
+        return self.stride - 1, 0 if self.causal else self.stride - 1
 
     def _rule(self, qi, kj, seq_len):
         s = self.stride
@@ -332,6 +344,9 @@ class Union(Pattern):
 
     def __post_init__(self):
         object.__setattr__(self, "bounded", all(p.bounded for p in self.parts))
+        # The union's globals are the largest of its parts' (and its own): kv_ranges of a part
+        # includes that part's globals, so the union must count them too.
+        object.__setattr__(self, "num_global", max([self.num_global, *(p.num_global for p in self.parts)]))
 
     def _rule(self, qi, kj, seq_len):
         m = torch.zeros(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
@@ -344,6 +359,10 @@ class Union(Pattern):
 
     def _rule_sees_future(self):
         return any(p.sees_future() for p in self.parts)
+
+    def local_reach(self):
+        reaches = [p.local_reach() for p in self.parts] or [(0, 0)]
+        return max(r[0] for r in reaches), max(r[1] for r in reaches)
 
     def validate(self, seq_len=None):
         super().validate(seq_len)
@@ -396,7 +415,7 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
         raise PatternError(f"attention.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(_KEYS))}")
     cls = _CLASS[name]
     kwargs = {f.name: cfg[f.name] for f in fields(cls) if f.init and f.name in cfg and cfg[f.name] is not None}
-    for key, value in kwargs.items():  # before the union's max() below, which needs integers
+    for key, value in kwargs.items():  # before the union's max() of globals, which needs integers
         if key in ("causal",) and not isinstance(value, bool):
             raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
         if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
@@ -404,5 +423,4 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
     if cls is Union:
         parts = cfg.get("parts") or []
         kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
-        kwargs["num_global"] = max([p.num_global for p in kwargs["parts"]] + [kwargs.get("num_global", 0)])
     return cls(**kwargs).validate(seq_len)
