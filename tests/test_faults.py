@@ -35,7 +35,8 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
     """Same ranks, same data order and the same reduction order as the reference: a resumed or
-    restarted run replays the identical float operations, so equality is exact up to 1 ulp."""
+    restarted run replays the identical float operations; rel 1e-6 leaves room for a few ulps of the
+    fp32 loss's reduction, while another data order or state moves it by far more."""
     for step in steps:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
@@ -122,9 +123,12 @@ def test_a_frozen_peer_is_named_within_the_collective_timeout(runs):
         while not (out / "metrics.jsonl").exists() or len(steps_logged(out)) < 2:
             assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
             time.sleep(0.1)
-        t0 = time.monotonic()  # rank 1 freezes right after logging step 2
-        _, err = procs[0].communicate(timeout=120)
-        waited = time.monotonic() - t0
+        # rank 1 freezes right after logging step 2. Deadline: the collective timeout, ~3 s of
+        # heartbeat reading and teardown fit well inside timeout_s + 90; a hang fails here, by name.
+        try:
+            _, err = procs[0].communicate(timeout=timeout_s + 90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 did not give up on its frozen peer within parallel.timeout_s={timeout_s} + 90 s")
         assert procs[1].poll() is None  # still frozen: rank 0 left on its own
     finally:
         for p in procs:
@@ -135,8 +139,6 @@ def test_a_frozen_peer_is_named_within_the_collective_timeout(runs):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
     assert "rank 0: rank 1 (last completed step 2) stopped answering" in errors[0]
-    # The timeout, plus ~3 s of heartbeat reading, plus teardown; nowhere near a hang.
-    assert waited < timeout_s + 30, waited
 
 
 def test_nonfinite_losses_are_skipped_then_abort(runs):

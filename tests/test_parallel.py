@@ -206,11 +206,12 @@ def test_matches_reference(suite):
 
 def test_ulysses_equals_halo(suite):
     P, per_rank = suite
+    if 4 % P:
+        pytest.skip(f"Ulysses splits the 4 heads over the ranks: P={P} does not divide them")
     for r, res in enumerate(per_rank):
         outs = res["outs"]
-        # same shapes (4 heads) only where Ulysses needs no head change; exact up to fp32 reordering
-        if 4 % P == 0:
-            assert torch.allclose(outs["sink_ulysses"], outs["sink_halo_for_ulysses"], atol=ATOL, rtol=RTOL), r
+        # same shapes (4 heads) where Ulysses needs no head change; exact up to fp32 reordering
+        assert torch.allclose(outs["sink_ulysses"], outs["sink_halo_for_ulysses"], atol=ATOL, rtol=RTOL), r
 
 
 def test_halo_bytes_match_cost_model_and_do_not_grow_with_n(suite):

@@ -3,8 +3,6 @@ and the multi-process harness's own failure path."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -115,7 +113,7 @@ def _fail_on_rank_1(rank, world_size):
 def test_harness_reports_a_failing_rank_without_hanging():
     from tests.mp_utils import WorkerError, run_workers
 
-    t0 = time.monotonic()
+    # The harness's own deadline (timeout_s) turns a hang into a failure naming the silent ranks; the
+    # report must instead name rank 1's error, which arrives long before that deadline.
     with pytest.raises(WorkerError, match=r"(?s)rank 1:.*boom on purpose"):
         run_workers(_fail_on_rank_1, 2, timeout_s=60, collective_timeout_s=30, grace_s=2)
-    assert time.monotonic() - t0 < 30

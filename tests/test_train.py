@@ -61,7 +61,8 @@ def test_sp1_and_sp2_train_identically(sp1, sp2):
 
 def test_resume_auto_continues_exactly(sp2, runs):
     """6 steps straight == 3 steps, then resume=auto from the step-3 checkpoint, then 3 more.
-    Same ranks, same reduction order: bitwise equal up to 1 ulp."""
+    Same ranks, same reduction order: equal to rel 1e-6 (a few fp32 ulps of the reduced loss; a
+    resume with other state or data moves it by far more)."""
     straight, _ = sp2
     ckpts = runs / "resume_ckpts"
     shutil.copytree(straight / "checkpoints" / "step_00000003", ckpts / "step_00000003")
