@@ -28,8 +28,10 @@ from tests.train_utils import PY, REPO, _env, train
 from trainer.config import ConfigError
 from trainer.data import DOC_SEP, IGNORE_INDEX, ByteTokenizer, LongDocSampler, document_positions, load_corpus
 from trainer.generate import (
+    _preflight,
     documents_of,
     generate_passkey_accuracy,
+    load_generate_config,
     load_model,
     resolve_checkpoint,
     run_config,
@@ -287,3 +289,23 @@ def test_cuda_decoding_equals_full_forward(name):
         # fp32 on both sides, but cuBLAS / Flex reduction orders differ from the CPU's: 10x the CPU tolerance
         torch.testing.assert_close(out.step_logits[:, n], ref, atol=10 * ATOL, rtol=0)
         assert torch.equal(out.tokens[:, 9 + n], ref.argmax(-1))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("max_new_tokens=0", "max_new_tokens: must be >= 1, got 0"),
+    ("temperature=-1", "temperature: must be >= 0 (0 = greedy), got -1.0"),
+    ("top_p=1.5", "top_p: must be in (0, 1], got 1.5"),
+    ("backend=fast", "backend: must be one of auto, reference, blocked, flex, fused; got 'fast'"),
+    ("trainer.resume=none", "trainer.resume: give the checkpoint to sample from"),
+])
+def test_bad_generate_settings_are_one_line(override, message):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="generate", overrides=["trainer.resume=/x", override])
+    with pytest.raises(ConfigError) as e:
+        load_generate_config(dcfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert _preflight(["trainer.resume=/x", "temprature=1"]) == (
+        "temprature: not a key of the generate config; allowed: prompt, max_new_tokens, temperature, top_k, top_p, "
+        "seed, backend, device, trainer.resume")

@@ -232,7 +232,13 @@ def _preflight(argv: list[str]) -> str | None:
     """A composition error (unknown key, bad override) of conf/generate.yaml as one line; None if it composes."""
     from hydra import compose, initialize_config_dir
 
-    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    from trainer.train import _VALUE_FLAGS
+
+    overrides, skip = [], False
+    for arg in argv:  # Hydra's own flags (and the values of those that take one) are not overrides
+        if not skip and not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra."):
+            overrides.append(arg)
+        skip = arg in _VALUE_FLAGS
     try:
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
             compose(config_name="generate", overrides=overrides)
