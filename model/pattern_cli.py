@@ -8,16 +8,13 @@ mask and the block layout with matplotlib when ``png`` is given.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import torch
-
-from model.pattern import Pattern, PatternError, from_config
+from model.pattern import PatternError, from_config
+from model.pattern.draw import draw
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DRAW_MAX = 2048  # draw at most this many positions of the mask (a picture, not a dump)
 
 
 def compose(overrides: list[str], config_name: str = "pattern"):
@@ -30,29 +27,6 @@ def compose(overrides: list[str], config_name: str = "pattern"):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as e:
         raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
-
-
-def draw(pattern: Pattern, seq_len: int, block: int, path: str) -> None:
-    os.environ.setdefault("MPLCONFIGDIR", str(CONF_DIR.parent / ".cache" / "matplotlib"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(seq_len, DRAW_MAX)
-    pos = torch.arange(n)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
-    axes[0].imshow(pattern.mask(pos, pos, seq_len).numpy(), cmap="Greys", interpolation="nearest")
-    axes[0].set_title(f"mask (first {n} of {seq_len} positions)")
-    axes[1].imshow(pattern.block_layout(seq_len, block).numpy(), cmap="Blues", interpolation="nearest")
-    axes[1].set_title(f"block layout (block={block})")
-    for ax in axes:
-        ax.set_xlabel("key")
-        ax.set_ylabel("query")
-    fig.suptitle(repr(pattern), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _int_setting(cfg, key: str) -> int | None:

@@ -86,7 +86,7 @@ class Metrics:
     def mask_picture(self, pattern, seq_len: int) -> None:
         if not self.active:
             return
-        from model.pattern_cli import draw
+        from model.pattern.draw import draw
 
         path = self.run_dir / "mask.png"
         draw(pattern, seq_len, block=64, path=str(path))

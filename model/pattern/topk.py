@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.pattern import Pattern, PatternError
+from model.pattern.base import Pattern, PatternError
 
 
 @dataclass(frozen=True)
