@@ -66,8 +66,9 @@ def verdict(result: dict, experiment: str) -> str:
         w, s, d = v("window", "acc"), v("sink", "acc"), v("dense", "acc")
         if not all(map(_ok, (w, s, d))):
             return "incomplete (a run failed)"
-        good = w <= CHANCE + 0.15 and s >= 0.9 and d >= 0.9
-        return (f"{'reproduced' if good else 'not reproduced'}: window {w:.2f} (chance {CHANCE:.2f}), sink {s:.2f}, "
+        core = w <= CHANCE + 0.15 and s >= 0.9  # the claim itself: globals reach what the window cannot
+        word = "reproduced" if core and d >= 0.9 else "partly reproduced (window vs sink)" if core else "not reproduced"
+        return (f"{word}: window {w:.2f} (chance {CHANCE:.2f}), sink {s:.2f}, "
                 f"dense {d:.2f} (threshold: window <= chance + 0.15, sink and dense >= 0.90)")
     if experiment == "content_vs_position":
         s, t, d = v("sink", "acc"), v("topk", "acc"), v("dense", "acc")
