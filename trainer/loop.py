@@ -1,9 +1,11 @@
-"""The training loop. ``run`` reads top to bottom: groups, model, guard, engine, data, resume, steps."""
+"""The training loop. ``run`` reads top to bottom: groups, liveness, ``start`` (model, guard, engine, data,
+resume, metrics), then ``one_step`` after another, each followed by the stop check, the checkpoint and the log."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,66 +35,52 @@ from trainer.mlm import MaskedLMSampler
 from trainer.tasks import TaskSampler, evaluate_task, task_params
 
 
+@dataclass
+class Session:
+    """What every step of a run uses, built once by ``start``."""
+
+    cfg: TrainConfig
+    ctx: object  # parallel.context.ParallelContext
+    ds: object  # the DeepSpeed engine
+    reduce_group: object
+    train_data: object  # LongDocSampler | MaskedLMSampler | TaskSampler
+    val_tokens: np.ndarray
+    byte_lengths: np.ndarray
+    fwd: dict
+    counter: CommCounter
+    guard: NonFiniteGuard
+    log: Metrics
+
+
 def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | None) -> str:
-    """Train; return the summary table (empty on ranks > 0). On SIGTERM/SIGUSR1 every rank stops
-    after the current step, a checkpoint is saved and the summary returned. Raises TrainingAborted
-    (one line) when a peer stops answering or the loss stays non-finite."""
-    fault = FaultInjection.from_env()
-    signals = StopSignals()
-    ctx = log = alive = None
+    """Train; return the summary table (empty on ranks > 0). On SIGTERM/SIGUSR1/SIGINT every rank
+    stops after the current step, a checkpoint is saved and the summary returned. Raises
+    TrainingAborted (one line) when a peer raised or stopped answering, or the loss stays non-finite."""
+    fault, signals = FaultInjection.from_env(), StopSignals()
+    ctx = s = alive = None
     try:
         ctx = engine.init_distributed(cfg)
         alive = Liveness(ctx.rank, ctx.world_size, cfg.parallel.timeout_s)
-        counter = CommCounter()
-        model = engine.build_model(cfg)
-        attention_fn = engine.parallelize(model, ctx, cfg.parallel, counter)
-        engine.check_startup(model, ctx, cfg.parallel, cfg.seq_len)
-        ds, reduce_group = engine.build_engine(cfg, model, ctx)
-        train_data, val_tokens, tokenizer = load_data(cfg, ctx)
-        step = checkpoint.load(ds, resume_from, train_data) if resume_from else 0
-        log = Metrics(cfg, resolved, run_dir, ctx.rank, step)
-        if cfg.logging.mask_png and step == 0:
-            log.mask_picture(model.patterns[0], cfg.seq_len)
-        fwd = dict(attention_fn=attention_fn, seq_len=cfg.seq_len)
-        tokens_per_step = cfg.seq_len * cfg.batch_size * ctx.dp_size
-        guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
-        saved, stopped = None, None
+        s, step = start(cfg, ctx, resolved, run_dir, resume_from)
+        saved = stopped = None
         while step < cfg.steps:
-            # stats on the first step and every stats_every-th (counted as completed steps, like the logs)
-            with_stats = bool(cfg.logging.stats_every) and (step == 0 or (step + 1) % cfg.logging.stats_every == 0)
-            batch = [t.to(ctx.device) for t in train_data.next_shard(ctx.sp_rank, ctx.sp_size)]
-            counter.reset()
-            t0 = time.perf_counter()
-            poison = fault.poison(step + 1, ctx.rank)
-            row, stats = train_step(ds, batch, fwd, reduce_group, with_stats, guard, step + 1, poison)
-            dt = time.perf_counter() - t0
+            row = one_step(s, step, fault)
             step += 1
-            row.update({"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
-                        "perf/peak_mem_gb": peak_memory_gb(), **comm_metrics(counter, reduce_group, ctx.device)})
-            if stats is not None:
-                row.update(attention_metrics(stats, reduce_group))
-            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                row.update(evaluate(ds, val_tokens, cfg, ctx, fwd, reduce_group, tokenizer.byte_lengths))
             stop = signals.agreed(ctx.device)
             if stop or (cfg.trainer.ckpt_every and (step % cfg.trainer.ckpt_every == 0 or step == cfg.steps)):
                 t_save = time.perf_counter()
-                saved = checkpoint.save(ds, cfg, step, train_data, ctx.rank)
+                saved = checkpoint.save(s.ds, cfg, step, s.train_data, ctx.rank)
                 row["perf/ckpt_save_s"] = time.perf_counter() - t_save
-            log.log(step, row, cfg.logging.log_every)
+            s.log.log(step, row, cfg.logging.log_every)
             alive.completed(step)
             fault.after_step(step, ctx.rank)
             if stop:
                 stopped = (f"step {step} of {cfg.steps} ({signals.received or 'a stop signal to another rank'}); "
                            "trainer.resume=auto continues")
                 break
-        extra = {"objective": OBJECTIVE_NAMES[cfg.objective], "checkpoint": str(saved) if saved else
-                 "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
-                 "skipped steps": f"{guard.skipped} (non-finite loss)"}
-        if stopped:
-            extra["stopped at"] = stopped
         write_status(run_dir, "stopped" if stopped else "finished", step=step, steps=cfg.steps)
         signals.restore()  # after an error they stay: the launcher's SIGTERM must not cut the error line short
-        return log.finish(extra)
+        return s.log.finish(summary_extra(cfg, s, saved, run_dir, stopped))
     except RuntimeError as e:  # a failed collective: name the peer that raised or stopped answering, if one did
         lost = alive.diagnose(e) if alive is not None and not isinstance(e, TrainingAborted) else None
         if lost is not None:
@@ -107,9 +95,58 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
     finally:
         if alive is not None:
             alive.close()
-        if log is not None:
-            log.close(exit_code=1)  # a no-op after finish(); after an error, the W&B run is marked failed
+        if s is not None:
+            s.log.close(exit_code=1)  # a no-op after finish(); after an error, the W&B run is marked failed
         engine.teardown(ctx)
+
+
+def start(cfg: TrainConfig, ctx, resolved: dict, run_dir: Path, resume_from: Path | None) -> tuple[Session, int]:
+    """Model, its attention (checked by the startup guard), engine, data, resume, metrics."""
+    counter = CommCounter()
+    model = engine.build_model(cfg)
+    attention_fn = engine.parallelize(model, ctx, cfg.parallel, counter)
+    engine.check_startup(model, ctx, cfg.parallel, cfg.seq_len)
+    ds, reduce_group = engine.build_engine(cfg, model, ctx)
+    train_data, val_tokens, tokenizer = load_data(cfg, ctx)
+    step = checkpoint.load(ds, resume_from, train_data) if resume_from else 0
+    log = Metrics(cfg, resolved, run_dir, ctx.rank, step)
+    if cfg.logging.mask_png and step == 0:
+        log.mask_picture(model.patterns[0], cfg.seq_len)
+    fwd = dict(attention_fn=attention_fn, seq_len=cfg.seq_len)
+    guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
+    return Session(cfg, ctx, ds, reduce_group, train_data, val_tokens, tokenizer.byte_lengths, fwd, counter, guard,
+                   log), step
+
+
+def one_step(s: Session, step: int, fault: FaultInjection) -> dict:
+    """Step ``step + 1``: train, then throughput, communication, attention stats and (when due) the
+    evaluation of the same step, as one metrics row."""
+    cfg, ctx = s.cfg, s.ctx
+    # stats on the first step and every stats_every-th (counted as completed steps, like the logs)
+    with_stats = bool(cfg.logging.stats_every) and (step == 0 or (step + 1) % cfg.logging.stats_every == 0)
+    batch = [t.to(ctx.device) for t in s.train_data.next_shard(ctx.sp_rank, ctx.sp_size)]
+    s.counter.reset()
+    t0 = time.perf_counter()
+    row, stats = train_step(s.ds, batch, s.fwd, s.reduce_group, with_stats, s.guard, step + 1,
+                            fault.poison(step + 1, ctx.rank))
+    dt = time.perf_counter() - t0
+    tokens_per_step = cfg.seq_len * cfg.batch_size * ctx.dp_size
+    row.update({"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
+                "perf/peak_mem_gb": peak_memory_gb(), **comm_metrics(s.counter, s.reduce_group, ctx.device)})
+    if stats is not None:
+        row.update(attention_metrics(stats, s.reduce_group))
+    if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+        row.update(evaluate(s.ds, s.val_tokens, cfg, ctx, s.fwd, s.reduce_group, s.byte_lengths))
+    return row
+
+
+def summary_extra(cfg: TrainConfig, s: Session, saved: Path | None, run_dir: Path, stopped: str | None) -> dict:
+    extra = {"objective": OBJECTIVE_NAMES[cfg.objective], "checkpoint": str(saved) if saved else
+             "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
+             "skipped steps": f"{s.guard.skipped} (non-finite loss)"}
+    if stopped:
+        extra["stopped at"] = stopped
+    return extra
 
 
 OBJECTIVE_NAMES = {"clm": "clm (next-token loss)", "mlm": "mlm (masked-token loss, trainer/mlm.py)"}
