@@ -49,8 +49,10 @@ WINDOW, GLOBALS = 32, 16  # the window of every sparse pattern here, and the sin
 class Study:
     """Runs jobs (each a torchrun of the trainer) and collects rows."""
 
-    def __init__(self, root: Path, group: str, timeout: float, steps: int | None = None):
+    def __init__(self, root: Path, group: str, timeout: float, steps: int | None = None,
+                 patterns: list[str] | None = None):
         self.root, self.group, self.timeout, self.steps = root, group, timeout, steps
+        self.patterns = patterns  # None: every pattern of an experiment
         self.rows: list[dict] = []
         self.curves: dict[str, dict[str, list[dict]]] = {}  # experiment -> label -> metrics rows
 
@@ -104,6 +106,8 @@ def _train_time(rows: list[dict]) -> float:
 def retrieval(study: Study, experiment: str, preset: str, patterns: dict[str, list[str]], steps: int) -> None:
     steps = study.steps or steps
     for label, overrides in patterns.items():
+        if study.patterns is not None and label not in study.patterns:
+            continue
         rows, _ = study.train(experiment, label, [f"experiment={preset}", f"steps={steps}", *overrides])
         if rows is None:
             study.add(experiment, label, "acc", float("nan"), status="failed")
@@ -266,7 +270,8 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
     load_curves(study, Path(result["run_root"]), result["experiments"])
     merge(result, study, json.loads(old_path.read_text()))
     Path(args.json).write_text(json.dumps(result, indent=1))
-    write_report(result, study.curves, Path(args.report), Path(args.figures))
+    longer = json.loads(Path(args.longer).read_text()) if args.longer else None
+    write_report(result, study.curves, Path(args.report), Path(args.figures), longer=longer)
     return result
 
 
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--figures", default=str(REPO / "benchmarks" / "longctx"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
+    ap.add_argument("--longer", default=None, help="with --combine: a --json of longer runs, shown as its own section")
+    ap.add_argument("--patterns", default=None, help="experiments 1-2: only these patterns (e.g. dense,topk)")
     ap.add_argument("--merge", default=None, help="a previous --json: its experiments not run now join the report")
     ap.add_argument("--combine", nargs=2, default=None, metavar=("OLD", "NEW"),
                     help="run nothing: the report of NEW's experiments plus OLD's others (two --json files)")
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.combine:
         return combine(*map(Path, args.combine), args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps)
+    study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps,
+                  args.patterns.split(",") if args.patterns else None)
     t0 = time.monotonic()
     command = " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])
     old = json.loads(Path(args.merge).read_text()) if args.merge else None

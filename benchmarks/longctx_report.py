@@ -191,7 +191,8 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = tuple(NOTES)) -> None:
+def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes: list[str] = tuple(NOTES),
+                 longer: dict | None = None) -> None:
     made = figures(result, curves, fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     cmd = result.get("command") or "python -m benchmarks.longctx" + (" --quick" if result["quick"] else "")
@@ -214,6 +215,11 @@ def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes:
             continue
         lines += [f"## {i}. {e}", "", f"Claim: \"{CLAIMS[e]}\".", "", f"Setup: {SETTINGS[e]}.", "",
                   f"**Verdict: {verdict(result, e)}.**", "", *_table(result, e), ""]
+    if longer is not None:
+        lines += ["## Longer training (experiments 1-2, selected patterns)", "",
+                  f"`{longer.get('command')}` ({longer['wall_s']:.0f} s, W&B group `{longer.get('wandb_group')}`): the "
+                  "patterns that had not converged, given more steps. Same settings otherwise.", "",
+                  *[line for e in longer["experiments"] for line in (f"**{e}**", "", *_table(longer, e), "")]]
     if notes:
         lines += ["## What was tried", "", *[f"- {n}" for n in notes], ""]
     lines += ["## Figures", "", *[f"![{m}]({rel}/{m})" for m in made], ""]
