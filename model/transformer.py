@@ -161,7 +161,10 @@ class Transformer(nn.Module):
                                  f"(layer {i} has {p.num_global}), got {cfg.n_learned_global}")
         self.cfg, self.patterns = cfg, patterns
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.global_emb = nn.Parameter(torch.empty(cfg.n_learned_global, cfg.d_model))
+        if cfg.n_learned_global:
+            self.global_emb = nn.Parameter(torch.empty(cfg.n_learned_global, cfg.d_model))
+        else:  # no parameter without slots (ZeRO-3 cannot gather an empty one); the state dict keeps the key
+            self.register_buffer("global_emb", torch.empty(0, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -38,6 +38,9 @@ class ParallelContext:
     tp_size: int
     timeout_s: float = 60.0
     uses_megatron: bool = True  # groups built by megatron-core's parallel_state (destroy clears them)
+    # The gradient-reduce group: every rank holding other tokens (data x sequence parallel); None =
+    # the default group (world_context: one SP group, no data parallelism).
+    reduce_group: dist.ProcessGroup | None = None
 
     @property
     def timeout(self) -> timedelta:
@@ -114,6 +117,7 @@ def init_parallel(tensor_parallel_size: int = 1, sequence_parallel_size: int | N
         dp_size=ps.get_data_parallel_world_size(),
         tp_group=ps.get_tensor_model_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(), timeout_s=timeout_s,
+        reduce_group=ps.get_data_parallel_group(with_context_parallel=True),
     )
     # Touch the SP group once: NCCL creates communicators lazily, and the first point-to-point call
     # would otherwise need every rank of the group to take part.

@@ -114,15 +114,7 @@ class ShardedAttention:
 
 def build_model(cfg: TrainConfig) -> Transformer:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and for every SP size
-    model = Transformer(cfg.model_config(), cfg.patterns())
-    # Empty parameters (``global_emb`` [0, C] without learned globals) become buffers: ZeRO-3 cannot
-    # gather a parameter with no elements, and nothing is lost (the state dict keeps the key).
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.numel() == 0:
-                del module._parameters[name]
-                module.register_buffer(name, p.detach())
-    return model
+    return Transformer(cfg.model_config(), cfg.patterns())
 
 
 def count_params(cfg: TrainConfig) -> int:
@@ -161,9 +153,7 @@ class ReduceGroups:
     and would divide by a different group size."""
 
     def __init__(self, ctx: ParallelContext):
-        from megatron.core import parallel_state as ps
-
-        self.group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.group = ctx.reduce_group if ctx.reduce_group is not None else dist.group.WORLD
         self.ctx = ctx
 
     def get_data_parallel_group(self):
