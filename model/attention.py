@@ -92,6 +92,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+def check_heads(d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    """The head rule, in one place (the model and the trainer's config check call it): heads split
+    d_model into even sizes (rotary rotates pairs), key/value heads divide the query heads (GQA)."""
+    if d_model % n_heads or (d_model // n_heads) % 2:
+        raise ValueError(f"model.n_heads: must divide model.d_model={d_model} into even head sizes; got {n_heads}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"model.n_kv_heads: must divide model.n_heads={n_heads}; got {n_kv_heads}")
+
+
 class Attention(nn.Module):
     """q/k/v projections (GQA: ``n_kv_heads`` key/value heads shared by groups of query heads),
     rotary on absolute positions, an injected attention function, and the output projection.
@@ -105,14 +114,9 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0,
                  sink_logits: bool = False):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"model.n_heads: must divide model.d_model={d_model}, got {n_heads}")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"model.n_kv_heads: must divide model.n_heads={n_heads}, got {n_kv_heads}")
+        check_heads(d_model, n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        if self.head_dim % 2:
-            raise ValueError(f"model.n_heads: d_model / n_heads must be even for rotary, got {self.head_dim}")
         self.rope_theta = rope_theta
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, AttentionFn, StatSums, local_attention
+from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
 from model.pattern import Dense, Pattern, from_config
 
 
@@ -63,6 +63,7 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
         if self.n_learned_global < 0:
             raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
         return self
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import netrc
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -328,6 +329,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "without one: offline (sync later), disabled")
     _require(lg.stats_every >= 0, "logging.stats_every", "must be >= 0 (0 = never)", lg.stats_every)
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1", lg.log_every)
+    if lg.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", lg.run_name):
+        raise ConfigError(f"logging.run_name: must be a plain name (letters, digits, '.', '_', '-'; it names the "
+                          f"directory outputs/NAME), got {lg.run_name!r}")
     tr = cfg.trainer
     _require(tr.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = never)", tr.ckpt_every)
     _require(tr.keep_last >= 0, "trainer.keep_last", "must be >= 0 (0 = keep every checkpoint)", tr.keep_last)
@@ -381,9 +385,6 @@ def _validate_model(cfg: TrainConfig) -> None:
     _require(model.ffn_dim >= 1, "model.d_ff", "must be >= 1 (null: 8/3 of d_model)", model.d_ff)
     _require(model.rope_theta > 0, "model.rope_theta", "must be > 0 (the rotary base; null: the preset's)",
              model.rope_theta)
-    if model.d_model % model.n_heads or model.n_heads % model.n_kv_heads or (model.d_model // model.n_heads) % 2:
-        raise ConfigError(f"model.n_heads: must divide model.d_model={model.d_model} into even head sizes and be "
-                          f"a multiple of model.n_kv_heads={model.n_kv_heads}; got {model.n_heads}")
     if cfg.sp_size > 1:  # the very rule sp_attention applies on the first forward, checked now
         for p in patterns:
             try:
