@@ -271,7 +271,7 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
     load_curves(study, Path(result["run_root"]), result["experiments"])
     merge(result, study, json.loads(old_path.read_text()))
     Path(args.json).write_text(json.dumps(result, indent=1))
-    longer = json.loads(Path(args.longer).read_text()) if args.longer else None
+    longer = [json.loads(Path(p).read_text()) for p in args.longer]
     write_report(result, study.curves, Path(args.report), Path(args.figures), longer=longer)
     return result
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--figures", default=str(REPO / "benchmarks" / "longctx"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
-    ap.add_argument("--longer", default=None, help="with --combine: a --json of longer runs, shown as its own section")
+    ap.add_argument("--longer", nargs="*", default=(), help="with --combine: --json files of longer runs, each a section")
     ap.add_argument("--patterns", default=None, help="experiments 1-2: only these patterns (e.g. dense,topk)")
     ap.add_argument("--merge", default=None, help="a previous --json: its experiments not run now join the report")
     ap.add_argument("--combine", nargs=2, default=None, metavar=("OLD", "NEW"),
