@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
                    help="skip dense-cost rows whose extrapolated seconds per call exceed this (a busy machine needs more)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, which other processes time-slicing the cores barely change "
+                        "(use with --threads 1 on a shared machine)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", nargs=2, metavar=("BACKEND", "SEQ_LEN"), help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
@@ -76,7 +80,8 @@ def child_argv(args, backend, n):
     """The command line that measures one row in a fresh process."""
     flags = ["--pattern", args.pattern, "--window-left", args.window_left, "--num-global", args.num_global,
              "--heads", args.heads, "--head-dim", args.head_dim, "--batch", args.batch,
-             "--device", args.device, "--repeats", args.repeats, "--one", backend, n]
+             "--device", args.device, "--repeats", args.repeats, "--threads", args.threads, "--clock", args.clock,
+             "--one", backend, n]
     return [sys.executable, "-m", "benchmarks.attention", *map(str, flags)]
 
 
@@ -102,18 +107,23 @@ def attention_fn(backend, pattern):
     return lambda q, k, v: sparse_attention(q, k, v, pattern, backend=backend)[0]
 
 
-def best_time(fn, repeats, device):
+def best_time(fn, repeats, device, clock=time.perf_counter):
     fn()  # warmup: compilation, plan and mask caches
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels are asynchronous: wait before reading the clock
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return min(times)
+
+
+def set_threads(args):
+    torch.set_num_threads(args.threads or os.cpu_count())
+    return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
 def current_rss_mb():
@@ -123,7 +133,7 @@ def current_rss_mb():
 
 def measure(args, backend, n):
     """One row, measured in this (fresh) process."""
-    torch.set_num_threads(os.cpu_count())
+    clock = set_threads(args)
     device = torch.device(args.device)
     row = {"backend": backend, "seq_len": n, "fwd_s": None, "fwd_bwd_s": None, "peak_mem_mb": None, "note": None}
     try:
@@ -139,12 +149,12 @@ def measure(args, backend, n):
     else:
         base = current_rss_mb()
     with torch.no_grad():
-        row["fwd_s"] = best_time(lambda: fn(q, k, v), args.repeats, device)
+        row["fwd_s"] = best_time(lambda: fn(q, k, v), args.repeats, device, clock)
     if backend == "flex" and device.type == "cpu":
         row["note"] = "flex has no CPU backward: forward only"
     else:
         qg, kg, vg = (t.requires_grad_() for t in (q, k, v))
-        row["fwd_bwd_s"] = best_time(lambda: fn(qg, kg, vg).backward(dout), args.repeats, device)
+        row["fwd_bwd_s"] = best_time(lambda: fn(qg, kg, vg).backward(dout), args.repeats, device, clock)
     if device.type == "cuda":
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
@@ -154,9 +164,9 @@ def measure(args, backend, n):
 
 # --- parent: the sweep ------------------------------------------------------------------------------
 
-def matmul_gflops(device, n=4096):
+def matmul_gflops(device, n=4096, clock=time.perf_counter):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_time(lambda: a @ b, 3, device) / 1e9
+    return 2 * n**3 / best_time(lambda: a @ b, 3, device, clock) / 1e9
 
 
 def skip_reason(args, backend, n, prev):
@@ -214,7 +224,7 @@ def fmt(x, spec):
 def print_report(res):
     c = res["config"]
     print(f"# attention: pattern={c['pattern']} B={c['batch']} H={c['heads']} D={c['head_dim']} "
-          f"device={c['device']} threads={c['threads']}; matmul {res['matmul_gflops']:.1f} GFLOP/s")
+          f"device={c['device']} threads={c['threads']} clock={c['clock']}; matmul {res['matmul_gflops']:.1f} GFLOP/s")
     print(f"# {res['flops_convention']}")
     print(f"{'backend':<16} {'seq_len':>8} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>9} {'useful GFLOP/s':>15}  note")
     for r in res["rows"]:
@@ -238,7 +248,7 @@ def main(argv=None):
     if args.one:
         print(json.dumps(measure(args, args.one[0], int(args.one[1]))))
         return
-    torch.set_num_threads(os.cpu_count())
+    clock = set_threads(args)
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     pattern = make_pattern(args)
     rows = []
@@ -254,7 +264,7 @@ def main(argv=None):
             rows.append(row)
             prev = row if not row.get("skipped") else prev
             print(f"  {backend} n={n}: {row.get('skipped') or 'done'}", file=sys.stderr)
-    mm = matmul_gflops(torch.device(args.device))
+    mm = matmul_gflops(torch.device(args.device), clock=clock)
     config = {k: v for k, v in vars(args).items() if k not in ("one", "json")} | {"threads": torch.get_num_threads()}
     res = {"config": config, "flops_convention": FLOPS_CONVENTION, "matmul_gflops": mm, "rows": rows,
            "ratios": ratios(rows, mm)}
