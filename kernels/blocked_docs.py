@@ -78,6 +78,25 @@ def _visible_rows(pattern: Pattern, rows: torch.Tensor, k_pos, k_doc, block_pos,
     return rows[keep]
 
 
+def _one_document(pattern: Pattern, rows: torch.Tensor, k_pos, k_doc, block_doc) -> bool:
+    """Whether the block's queries and the keys it gathers are all in one document (globals aside),
+    in every batch element: then the documents mask nothing in it."""
+    first = block_doc[:, :1]  # (B, 1)
+    return bool((block_doc == first).all() and ((k_doc[:, rows] == first) | (k_pos[rows] < pattern.num_global)).all())
+
+
+def _groups(single: list[bool], key_counts: list[int], bh: int) -> list[tuple[int, int]]:
+    """Chunks as ``_group_blocks`` makes them, never mixing blocks with and without a document
+    boundary: a chunk's mask spans are the union over its blocks, so one boundary would otherwise
+    make a whole chunk of single-document blocks pay a masking pass over all its columns."""
+    out, start = [], 0
+    for i in range(1, len(single) + 1):
+        if i == len(single) or single[i] != single[start]:
+            out += [(start + a, start + b) for a, b in _group_blocks(key_counts[start:i], bh)]
+            start = i
+    return out
+
+
 def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: int) -> Plan:
     """Like ``blocked._positional_plan`` with the rows narrowed by documents; chunk masks [B, 1, nb, 1, BLOCK, Kc]."""
     nqb = math.ceil(q_pos.numel() / BLOCK)
@@ -85,8 +104,9 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
     rows = [_visible_rows(pattern, _rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)),
                           k_pos, k_doc, p, qb_doc[:, i]) for i, p in enumerate(qb_pos)]
     n_prefix_rows = int(torch.searchsorted(k_pos, torch.tensor(pattern.num_global)))
+    single = [_one_document(pattern, r, k_pos, k_doc, qb_doc[:, i]) for i, r in enumerate(rows)]
     chunks, margin = [], 0
-    for b0, b1 in _group_blocks([len(r) for r in rows], bh):
+    for b0, b1 in _groups(single, [len(r) for r in rows], bh):
         # Window-shaped rows stay window-shaped when documents cut them: keep the band form (strided
         # gradient adds instead of a scatter); extra band rows are masked like the window's edges.
         band = _band_form(rows[b0:b1], n_prefix_rows, b0) if q_pos.numel() >= 2 * BLOCK else None
@@ -99,9 +119,12 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
         idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
         kp = k_pos[idx]
         allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
-        docs = document_rule(pattern, qb_pos[b0:b1, :, None], kp[:, None, :], qb_doc[:, b0:b1, :, None],
-                             k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
-        masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
+        if single[b0]:  # the documents mask nothing here: the pattern's mask, shared by the batch
+            masked = _mask_spans(~allowed[None, None, :, None])  # (1, 1, nb, 1, BLOCK, Kc)
+        else:
+            docs = document_rule(pattern, qb_pos[b0:b1, :, None], kp[:, None, :], qb_doc[:, b0:b1, :, None],
+                                 k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
+            masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
         is_global = (kp < pattern.num_global) & valid
         chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], band,
                             BLOCK))
