@@ -24,10 +24,10 @@ past the length the model was trained at: the pattern applies as it is and rotar
 extrapolate to positions the model has never seen. BigBird's causal random blocks depend on the
 query block only (not on the sequence length), so they are well defined there too.
 
-Top-k selects key blocks by the mean query of the query's block. In a full forward over a whole
-sequence that mean includes the later queries of the block, which a decoder cannot know; decoding
-step t therefore equals a full forward over the first t + 1 tokens (the prefix), which is what the
-model's prediction at t means causally. The cache keeps the current block's queries for that mean.
+Top-k selects key blocks by the pattern's query summary of the query's block (``query_summary``:
+causal, the block's first query, which every query of the block may depend on). The cache keeps
+the current block's queries and hands them to ``content_mask``, which picks the summary itself, so
+decoding step t equals a full forward over the whole sequence at t.
 
 Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
 each cached key keeps its document id, a query sees its own document's keys and the globals
@@ -222,7 +222,7 @@ class CachedAttention:
             raise ValueError(f"decode: layer {i} expects one query at position {self.next_pos[i]} after the "
                              f"prompt, got positions {positions[0]}..{positions[-1]}")
         self.next_pos[i] = int(positions[-1]) + 1
-        if pattern.content_based:  # a block's mean query includes the earlier queries of its block
+        if pattern.content_based:  # the block's summary comes from its queries (TopKBlocks.query_summary)
             cache.add_queries(q, positions)
         if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
             out, lse = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=self.backend,
