@@ -227,7 +227,7 @@ def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path):
     for step in (3, 6, 9):
         (tmp_path / checkpoint.tag(step)).mkdir()
     for step in (3, 6):  # step 9 has no meta.json: the run died while saving it
-        (tmp_path / checkpoint.tag(step) / checkpoint.META).write_text(json.dumps(checkpoint.run_meta(cfg, step)))
+        (tmp_path / checkpoint.tag(step) / checkpoint.META).write_text(json.dumps({**checkpoint.run_meta(cfg, step), "files": {}}))
     assert checkpoint.resolve_resume(cfg) == tmp_path / checkpoint.tag(6)
     cfg.seq_len = 1024  # the sampler's windows would differ: refused before any process group
     with pytest.raises(ConfigError, match="trainer.resume: .* seq_len=512, this run has 1024"):
