@@ -171,14 +171,26 @@ def stability(study: Study, quick: bool) -> None:
         if rows is None:
             study.add("stability", label, "final_loss", float("nan"), status="failed")
             continue
-        losses = [r["train/loss"] for r in rows]
-        ent_keys = sorted(k for k in rows[-1] if k.endswith("/entropy_mean"))
-        per_step = [statistics.mean(r[k] for k in ent_keys) for r in rows if ent_keys and ent_keys[0] in r]
-        logits = [r[k] for r in rows for k in r if k.endswith("/max_logit")]
-        study.add("stability", label, "spikes", spikes(losses), definition="loss > 1.5 x median of previous 20 steps")
-        study.add("stability", label, "entropy_std", statistics.pstdev(per_step) if per_step else float("nan"))
-        study.add("stability", label, "max_logit", max(logits) if logits else float("nan"))
-        study.add("stability", label, "final_loss", _last(rows, "eval/loss"), bpb=_last(rows, "eval/bpb"))
+        stability_rows(study, label, rows)
+
+
+def stability_rows(study: Study, label: str, rows: list[dict]) -> None:
+    """The stability metrics of one run's metrics rows. ``entropy_std``: the standard deviation, over
+    the logged steps of the second half of training (after the initial fall from uniform attention,
+    which every pattern shows), of the attention entropy averaged over layers and heads."""
+    losses = [r["train/loss"] for r in rows]
+    ent_keys = sorted(k for k in rows[-1] if k.endswith("/entropy_mean"))
+    late = [r for r in rows if r["step"] > rows[-1]["step"] // 2]
+    layer_mean = lambda r: statistics.mean(r[k] for k in ent_keys)  # noqa: E731
+    per_step = [layer_mean(r) for r in late if ent_keys and ent_keys[0] in r]
+    every = [layer_mean(r) for r in rows if ent_keys and ent_keys[0] in r]
+    logits = [r[k] for r in rows for k in r if k.endswith("/max_logit")]
+    study.add("stability", label, "spikes", spikes(losses), definition="loss > 1.5 x median of previous 20 steps")
+    study.add("stability", label, "entropy_std", statistics.pstdev(per_step) if per_step else float("nan"),
+              definition="std over logged steps of the 2nd half of the layer-mean entropy (nats)",
+              all_steps=statistics.pstdev(every) if every else float("nan"))
+    study.add("stability", label, "max_logit", max(logits) if logits else float("nan"))
+    study.add("stability", label, "final_loss", _last(rows, "eval/loss"), bpb=_last(rows, "eval/bpb"))
 
 
 # --- experiment 4: coverage -----------------------------------------------------------------------
@@ -269,6 +281,10 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
     result = json.loads(new_path.read_text())
     study = Study(Path(result["run_root"]), result["wandb_group"], 0)
     load_curves(study, Path(result["run_root"]), result["experiments"])
+    if "stability" in study.curves:  # derived from the logged metrics: recomputed with this file's definitions
+        for label, rows in study.curves["stability"].items():
+            stability_rows(study, label, rows)
+        result["rows"] = [r for r in result["rows"] if r["experiment"] != "stability"] + study.rows
     merge(result, study, json.loads(old_path.read_text()))
     Path(args.json).write_text(json.dumps(result, indent=1))
     longer = [json.loads(Path(p).read_text()) for p in args.longer]
