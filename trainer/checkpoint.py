@@ -201,11 +201,13 @@ def save(engine, cfg: TrainConfig, step: int, sampler, rank: int) -> Path:
         if rank == 0:
             _publish(tmp, final, {**run_meta(cfg, step), "data": {"n_tokens": client["sampler"].get("n_tokens")}})
         dist.barrier()
-    except (OSError, RuntimeError) as e:
-        if not _is_write_error(e):
-            raise  # e.g. a collective that failed: the loop diagnoses it
-        why = _describe_write_error(e, root)  # before the removal frees space again
+    except BaseException as e:
+        # Not published: whatever this rank finds in .tmp is garbage. Every rank removes it (a slower
+        # peer may have created the directory again after the failing rank removed it).
+        why = _describe_write_error(e, root) if _is_write_error(e) else None  # before the removal frees space
         shutil.rmtree(tmp, ignore_errors=True)
+        if why is None:
+            raise  # e.g. a collective that failed because a peer's write did: the loop diagnoses it
         kept = complete_checkpoints(root)
         raise TrainingAborted(f"rank {rank}: saving checkpoint step {step} failed: {why}; "
                               f"removed {tmp}; the published checkpoints are untouched (newest: "
