@@ -286,8 +286,10 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
             stability_rows(study, label, rows)
         result["rows"] = [r for r in result["rows"] if r["experiment"] != "stability"] + study.rows
     merge(result, study, json.loads(old_path.read_text()))
-    Path(args.json).write_text(json.dumps(result, indent=1))
     longer = [json.loads(Path(p).read_text()) for p in args.longer]
+    if longer:
+        result["longer"] = [{"command": x.get("command"), "rows": x["rows"]} for x in longer]
+    Path(args.json).write_text(json.dumps(result, indent=1))
     write_report(result, study.curves, Path(args.report), Path(args.figures), longer=longer)
     return result
 

@@ -27,8 +27,11 @@ SETTINGS = {
                            "keys/query, see the overrides column); same model and optimiser as experiment 1",
     "stability": "text (stdlib bytes), seq_len 1024, batch 4, lr 3e-2 (10x the default), 150 steps, stats every 5",
     "coverage": "dense on text, seq_len 1024, 300 steps; candidates with window 32 and 16 globals (bigbird: + 2 "
-                "random blocks of 64); fine-tune 60 steps with the candidate from the dense checkpoint",
-    "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 40 steps, 16k: 8 steps (dense at 16k costs minutes per step here)",
+                "random blocks of 64); fine-tune 60 steps with the candidate from the dense checkpoint "
+                "(60 more steps of training: part of any drop below the dense loss is just that)",
+    "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 40 steps, 16k: 8 steps (dense at 16k costs ~20 s per step here); "
+            "the equal-time sink run gets the steps that the equal-steps runs' time ratio allows: its actual "
+            "training seconds are in train_s (the shared machine's load changed between runs)",
 }
 
 # How the task sizes were chosen: short single-process runs (trainer/tasks.py batches, the model with
