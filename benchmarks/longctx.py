@@ -286,6 +286,7 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
             stability_rows(study, label, rows)
         result["rows"] = [r for r in result["rows"] if r["experiment"] != "stability"] + study.rows
     merge(result, study, json.loads(old_path.read_text()))
+    result["combined_by"] = " ".join(["python -m benchmarks.longctx", *sys.argv[1:]])
     longer = [json.loads(Path(p).read_text()) for p in args.longer]
     if longer:
         result["longer"] = [{"command": x.get("command"), "rows": x["rows"]} for x in longer]

@@ -223,6 +223,17 @@ def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes:
              "this 2-core CPU machine (shared with other jobs while it ran: times are not benchmarks). Every training "
              "is `torchrun --nproc_per_node 2 -m trainer.train parallel=sp2` (SP=2, fp32, gloo), W&B offline, group "
              f"`{result.get('wandb_group')}`. Experiments: {', '.join(result['experiments'])}.", ""]
+    if result.get("combined_by"):
+        lines += [f"This report joins several invocations: `{result['combined_by']}`.", ""]
+    lines += ["| # | claim | verdict |", "|---|---|---|"]
+    for i, e in enumerate(CLAIMS, 1):
+        final = verdict(result, e) if e in result["experiments"] else "not run"
+        for extra in longer:
+            if e in extra["experiments"]:
+                final = verdict(_with_longer(result, extra, e), e) + " (with the longer runs)"
+        lines.append(f"| {i} | {e}: {CLAIMS[e]} | {final.split(':')[0].split(' (')[0]}"
+                     f"{' (with the longer runs)' if final.endswith('(with the longer runs)') else ''} |")
+    lines.append("")
     if result.get("incomplete"):
         lines += [f"**Interrupted**: {result['incomplete']}.", ""]
     if result.get("merged"):
