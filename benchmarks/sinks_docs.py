@@ -8,6 +8,11 @@ tokens: the plan gathers only keys some query of a block may see), ``sinks+docs=
 timed in the same process, interleaved round by round, and reported as a ratio to ``none`` (the
 machine may be shared: ratios within one run are what to compare). Times are the minimum over rounds
 after one warm-up call (plans and masks cached, as from the second layer of a training step on).
+
+``--comm P``: the bytes one attention layer's forward moves per rank under the halo strategy with
+document masking (P local gloo processes, the causal sink w=512, g=16, B=1, Hkv=8, D=64, fp32, a
+stand-in kernel: only the exchanges are measured): K/V rows (halo + globals) next to the document ids
+that ride along with them, at two sequence lengths (neither grows with n).
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from kernels import sparse_attention
 from model.pattern import Dense, Pattern, Window
@@ -36,8 +45,44 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated subset of {','.join(PATTERNS)}")
+    p.add_argument("--join-only", action="store_true",
+                   help="time only the sinks' join (kernels.stats.apply_sinks, forward + backward) at this size")
+    p.add_argument("--comm", type=int, default=0, metavar="P", help="measure the halo bytes on P gloo ranks instead")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
+
+
+def _comm_worker(rank: int, P: int, store: str, ns: list[int], out_dir: str) -> None:
+    from parallel.comm import CommCounter
+    from parallel.context import world_context
+    from parallel.sp_attention import sp_attention
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, P), rank=rank, world_size=P,
+                            timeout=timedelta(seconds=120))
+    ctx, pattern, rows = world_context(120), Window(causal=True, window_left=512, num_global=16), {}
+
+    def stand_in(q, k, v, pattern, **_):  # the exchanges are measured, not the kernel
+        return q * 0, q.new_zeros(q.shape[:3])
+
+    for n in ns:
+        L, counter = n // P, CommCounter()
+        q, k, v = torch.zeros(1, 8, L, 64), torch.zeros(1, 8, L, 64), torch.zeros(1, 8, L, 64)
+        docs = ((torch.arange(L) + rank * L) // 1024)[None]
+        with torch.no_grad():
+            sp_attention(q, k, v, pattern, ctx, strategy="halo", backend=stand_in, seq_len=n, counter=counter,
+                         sinks=torch.zeros(8), doc_ids=docs)
+        rows[n] = {"kv": counter.total("recv", kind=("halo", "global")), "doc_ids": counter.total("recv", kind="doc_ids")}
+    torch.save(rows, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def comm_rows(P: int, ns: list[int]) -> list[dict]:
+    """Largest per-rank forward receive per layer (an interior rank), by n."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_comm_worker, args=(P, os.path.join(tmp, "store"), ns, tmp), nprocs=P, join=True)
+        per_rank = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(P)]
+    return [{"P": P, "seq_len": n, "kv_bytes": max(r[n]["kv"] for r in per_rank),
+             "doc_id_bytes": max(r[n]["doc_ids"] for r in per_rank)} for n in ns]
 
 
 def variants(n: int, doc_lens: list[int], heads: int) -> dict[str, dict]:
@@ -49,6 +94,23 @@ def variants(n: int, doc_lens: list[int], heads: int) -> dict[str, dict]:
         out[f"docs={d}"] = {"q_doc": docs, "k_doc": docs}
     out[f"sinks+docs={doc_lens[0]}"] = {"sinks": sinks, **out[f"docs={doc_lens[0]}"]}
     return out
+
+
+def join_time(args) -> tuple[float, float]:
+    """(forward s, forward + backward s) of joining the sinks to (out, lse) alone: what ``sinks`` adds to
+    any backend, since the kernel itself runs unchanged; min over 5 rounds."""
+    from kernels.stats import apply_sinks
+
+    n, H, D = args.seq_len, args.heads, args.head_dim
+    out, lse = torch.randn(1, H, n, D, requires_grad=True), torch.randn(1, H, n, requires_grad=True)
+    sinks, dout = torch.zeros(H, requires_grad=True), torch.randn(1, H, n, D)
+
+    def both():
+        apply_sinks(out, lse, sinks)[0].backward(dout)
+
+    with torch.no_grad():
+        f = min(timed(lambda: apply_sinks(out, lse, sinks)) for _ in range(5))
+    return f, min(timed(both) for _ in range(5))
 
 
 def timed(fn) -> float:
@@ -86,7 +148,22 @@ def run_pattern(pattern: Pattern, args) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.comm:
+        rows = comm_rows(args.comm, [args.seq_len, 4 * args.seq_len])
+        print("| P | seq_len | K/V halo+global bytes | doc_ids bytes | doc_ids / K/V |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['P']} | {r['seq_len']} | {r['kv_bytes']} | {r['doc_id_bytes']} | "
+                  f"{r['doc_id_bytes'] / r['kv_bytes']:.4f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"comm": rows}, f, indent=2)
+        return
     torch.set_num_threads(os.cpu_count())
+    if args.join_only:
+        f, fb = join_time(args)
+        print(f"sinks join alone at n={args.seq_len}, H={args.heads}, D={args.head_dim}: fwd {f * 1e3:.1f} ms, "
+              f"fwd+bwd {fb * 1e3:.1f} ms")
+        return
     results = {"seq_len": args.seq_len, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
                "dtype": "fp32", "backend": "blocked", "device": "cpu", "threads": torch.get_num_threads(),
                "rounds": args.rounds, "rows": {}}
