@@ -160,3 +160,18 @@ def test_fused_saves_only_inputs_out_and_lse_and_leaves_inputs_untouched():
     assert sum(saved) <= 4 * (2 * n * D) + 2 * n, f"saved {saved}: more than q, k, v, out and lse"
     (out.sum() + lse.sum()).backward()
     assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))
+
+
+def test_fused_with_learned_sinks():
+    """Sinks join after the kernel from (out, lse): their gradient reaches q, k, v through dlse."""
+    pattern = PATTERNS["sink"]
+    qkv = _inputs(1, 4, 2, 150, 150, 16, seed=8)
+    sinks = torch.linspace(-1.0, 2.0, 4, dtype=torch.float64)
+    res = []
+    for backend, dtype in (("reference", torch.float64), ("fused", torch.float32)):
+        q, k, v, s = (t.to(dtype).requires_grad_() for t in (*qkv, sinks))
+        out, lse = sparse_attention(q, k, v, pattern, backend=backend, sinks=s)
+        loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()
+        res.append((out, lse, *torch.autograd.grad(loss, (q, k, v, s))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), *res):
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")  # TOL: see above
