@@ -23,12 +23,42 @@ from __future__ import annotations
 
 import torch
 
+from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, reference_attention
 from kernels.stats import apply_sinks
 from model.pattern import Pattern
 
-BACKENDS = ("auto", "reference", "blocked", "flex", "fused")
 DOC_BACKENDS = ("reference", "blocked", "flex")  # backends that take q_doc / k_doc themselves
+
+
+# Each backend behind one signature: (q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats,
+# docs) -> (out, lse[, stats]). Imported on first use: flex needs torch's FlexAttention, fused a build.
+def _reference(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+    return reference_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+
+
+def _blocked(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+    from kernels.blocked import blocked_attention
+
+    return blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+
+
+def _flex(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+    from kernels.flex import flex_attention_backend
+
+    return flex_attention_backend(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+
+
+def _fused(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+    from kernels.fused import (
+        fused_attention,  # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
+    )
+
+    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
+
+
+KERNELS = {"reference": _reference, "blocked": _blocked, "flex": _flex, "fused": _fused}
+BACKENDS = ("auto", *KERNELS)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
@@ -39,27 +69,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     """Sparse attention with the pattern; see the module docstring for the contract."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    check_inputs(q, k, v, q_pos, k_pos)
     if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
         raise ValueError(f"sinks: must be [H] = [{q.shape[1]}] (one logit per query head), got {list(sinks.shape)}")
     if backend == "auto":
         backend = pick_backend(q, pattern, return_stats)
-    if backend == "reference":
+    if backend == "reference":  # the oracle computes the sink column itself
         return reference_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc, k_doc, sinks)
     docs = {} if q_doc is None and k_doc is None else {"q_doc": q_doc, "k_doc": k_doc}
     if docs and backend not in DOC_BACKENDS:
         backend = "blocked"
-    if backend == "blocked":
-        from kernels.blocked import blocked_attention
-
-        res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
-    elif backend == "fused":  # C++ band kernel (CPU, fp32, Window); runs blocked where it does not apply
-        from kernels.fused import fused_attention
-
-        res = fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
-    else:
-        from kernels.flex import flex_attention_backend
-
-        res = flex_attention_backend(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+    res = KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs)
     if sinks is None:
         return res
     out, lse, stats = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
@@ -83,4 +103,5 @@ def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:
     return "blocked"
 
 
-__all__ = ["sparse_attention", "reference_attention", "EmptyRowError", "BACKENDS", "DOC_BACKENDS", "pick_backend"]
+__all__ = ["sparse_attention", "reference_attention", "EmptyRowError", "BACKENDS", "DOC_BACKENDS", "KERNELS",
+           "pick_backend"]

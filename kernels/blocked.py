@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs, document_rule
 from kernels.stats import AttnStats
 from model.pattern import Pattern, block_mean
@@ -427,10 +428,7 @@ def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=N
                       q_doc=None, k_doc=None):
     """(out, lse) or (out, lse, AttnStats); the contract of ``kernels.sparse_attention``. With document
     ids the plan gathers only keys some query of each block may see (``kernels.blocked_docs``)."""
-    B, H, Q, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     q_pos = torch.arange(Q) if q_pos is None else q_pos.detach().cpu().long()
     k_pos = torch.arange(K) if k_pos is None else k_pos.detach().cpu().long()

@@ -28,6 +28,7 @@ from collections import OrderedDict
 
 import torch
 
+from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs, document_rule
 from model.pattern import Pattern
 
@@ -57,10 +58,7 @@ def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, sc
         raise ValueError("backend=flex does not compute attention statistics; they come from backend=blocked")
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("flex backend has no CPU backward; use backend=blocked")
-    B, H, Q, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     docs = check_docs(q_doc, k_doc, B, Q, K)
     docs = None if docs[0] is None else docs
     q_pos = torch.arange(Q) if q_pos is None else q_pos.cpu().long()  # CPU copies: a CUDA sync point

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError
 from kernels.stats import AttnStats
 from model.pattern import Pattern, Window
@@ -148,10 +149,7 @@ class FusedAttention(torch.autograd.Function):
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False):
     """(out, lse) or (out, lse, AttnStats): the contract of ``kernels.sparse_attention``; runs
     ``kernels.blocked`` where the fused kernel does not apply or cannot be built."""
-    B, H, Q, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     g = geometry(q, k, pattern, q_pos, k_pos)
     if isinstance(g, str) or Q == 0 or extension() is None:
         from kernels.blocked import blocked_attention

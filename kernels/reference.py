@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from kernels.inputs import check_inputs
 from kernels.stats import stats_from_probs
 from model.pattern import Pattern
 
@@ -74,10 +75,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     q [B, H, Q, D]; k, v [B, Hkv, K, D] with H % Hkv == 0 (grouped-query attention). Positions
     default to arange; ``lse`` is the log-sum-exp of the scaled allowed scores of each query.
     """
-    B, H, Q, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_pos = torch.arange(Q) if q_pos is None else q_pos.cpu().long()
     k_pos = torch.arange(K) if k_pos is None else k_pos.cpu().long()
     scale = 1.0 / math.sqrt(D) if scale is None else scale
