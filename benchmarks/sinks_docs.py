@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.attention import set_threads
 from kernels import sparse_attention
 from model.pattern import Dense, Pattern, Window
 
@@ -48,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--join-only", action="store_true",
                    help="time only the sinks' join (kernels.stats.apply_sinks, forward + backward) at this size")
     p.add_argument("--comm", type=int, default=0, metavar="P", help="measure the halo bytes on P gloo ranks instead")
+    p.add_argument("--backend", default="blocked", choices=("blocked", "fused"),
+                   help="the kernel (fused runs blocked for the document variants)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, which other processes time-slicing the cores barely change")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -113,10 +119,13 @@ def join_time(args) -> tuple[float, float]:
     return f, min(timed(both) for _ in range(5))
 
 
+CLOCK = [time.perf_counter]  # set once by main (--clock)
+
+
 def timed(fn) -> float:
-    t = time.perf_counter()
+    t = CLOCK[0]()
     fn()
-    return time.perf_counter() - t
+    return CLOCK[0]() - t
 
 
 def run_pattern(pattern: Pattern, args) -> list[dict]:
@@ -128,10 +137,10 @@ def run_pattern(pattern: Pattern, args) -> list[dict]:
 
     def fwd(kw):
         with torch.no_grad():
-            sparse_attention(q, k, v, pattern, backend="blocked", **kw)
+            sparse_attention(q, k, v, pattern, backend=args.backend, **kw)
 
     def fwd_bwd(kw):
-        out, _ = sparse_attention(q, k, v, pattern, backend="blocked", **kw)
+        out, _ = sparse_attention(q, k, v, pattern, backend=args.backend, **kw)
         out.backward(dout)
 
     best = {name: [float("inf"), float("inf")] for name in calls}
@@ -158,17 +167,17 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"comm": rows}, f, indent=2)
         return
-    torch.set_num_threads(os.cpu_count())
+    CLOCK[0] = set_threads(args)
     if args.join_only:
         f, fb = join_time(args)
         print(f"sinks join alone at n={args.seq_len}, H={args.heads}, D={args.head_dim}: fwd {f * 1e3:.1f} ms, "
               f"fwd+bwd {fb * 1e3:.1f} ms")
         return
     results = {"seq_len": args.seq_len, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
-               "dtype": "fp32", "backend": "blocked", "device": "cpu", "threads": torch.get_num_threads(),
-               "rounds": args.rounds, "rows": {}}
-    print(f"blocked backend, B=1 H={args.heads} D={args.head_dim} fp32, n={args.seq_len}, "
-          f"{torch.get_num_threads()} threads, min of {args.rounds} rounds")
+               "dtype": "fp32", "backend": args.backend, "device": "cpu", "threads": torch.get_num_threads(),
+               "clock": args.clock, "rounds": args.rounds, "rows": {}}
+    print(f"{args.backend} backend, B=1 H={args.heads} D={args.head_dim} fp32, n={args.seq_len}, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock, min of {args.rounds} rounds")
     print("| pattern | variant | fwd s | fwd+bwd s | fwd vs none | fwd+bwd vs none |\n|---|---|---|---|---|---|")
     for name in args.patterns.split(","):
         rows = run_pattern(PATTERNS[name], args)

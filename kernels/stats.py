@@ -62,20 +62,45 @@ def merge_stats(a: AttnStats, b: AttnStats, w_a: torch.Tensor, w_b: torch.Tensor
     )
 
 
+class JoinSinks(torch.autograd.Function):
+    """(out · w, logaddexp(lse, s)) with w = sigmoid(lse − s) per (batch, head, query), and its
+    backward written out: with t = Σ_d dOut'·out, ∂/∂lse = t·w(1−w) + dlse'·w and ∂/∂s = −that sum
+    over the same terms with (1−w) for dlse' (summed over batch and queries). One pass over the
+    [B, H, Q, D] tensors each way and no [B, H, Q, D] temporary beyond the outputs; sigmoid keeps an
+    empty row (lse = −inf) finite: w = 0."""
+
+    @staticmethod
+    def forward(ctx, out, lse, sinks):
+        s = sinks.to(lse.dtype)[None, :, None]  # (1, H, 1)
+        w = torch.sigmoid(lse - s)  # (B, H, Q): the keys' share
+        ctx.save_for_backward(out, w)
+        return (out.to(w.dtype) * w[..., None]).to(out.dtype), torch.logaddexp(lse, s)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        out, w = ctx.saved_tensors
+        d_in = (d_out.to(w.dtype) * w[..., None]).to(out.dtype) if d_out is not None else None
+        g = w.new_zeros(w.shape) if d_out is None else \
+            torch.einsum("bhqd,bhqd->bhq", d_out.to(w.dtype), out.to(w.dtype)) * w * (1 - w)
+        d_lse_in, d_s = g, -g
+        if d_lse is not None:
+            d_lse_in = d_lse_in + d_lse * w
+            d_s = d_s + d_lse * (1 - w)
+        return d_in, d_lse_in, d_s.sum(dim=(0, 2))
+
+
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, stats: AttnStats | None = None):
     """(out', lse', stats') with the learned sink logits ``sinks`` [H] joined to merged attention over
     keys (out [B, H, Q, D], lse [B, H, Q]); the identity when ``sinks`` is None. Differentiable in out,
     lse and sinks. A row with no key (lse = −inf) gets out' = 0, lse' = s_h: all its mass is the sink's."""
     if sinks is None:
         return out, lse, stats
-    s = sinks.to(lse.dtype)[None, :, None]  # (1, H, 1)
-    w = torch.sigmoid(lse - s)  # share of the keys; sigmoid keeps lse = -inf finite (w = 0)
-    new_out = (out.to(w.dtype) * w[..., None]).to(out.dtype)
-    new_lse = torch.logaddexp(lse, s)
+    new_out, new_lse = JoinSinks.apply(out, lse, sinks)
     if stats is None:
         return new_out, new_lse, None
     with torch.no_grad():
-        w, s = w.detach(), s.detach()
+        s = sinks.detach().to(lse.dtype)[None, :, None]  # (1, H, 1)
+        w = torch.sigmoid(lse.detach() - s)
         m = torch.where(w > 0, w * stats.m, torch.zeros_like(w)) + (1 - w) * s  # w·m is 0·(-inf) when empty
         new_stats = AttnStats(m=m, max_logit=torch.maximum(stats.max_logit, s.expand_as(w)),
                               global_mass=w * stats.global_mass, sink_mass=torch.sigmoid(s - lse.detach()))
