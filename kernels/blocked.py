@@ -143,6 +143,22 @@ def _band_form(rows: list[torch.Tensor], n_prefix_rows: int, b0: int):
     return idx, torch.cat([valid_prefix, valid_band], 1), a0, band_len
 
 
+def gather_rows(rows: list, b0: int, b1: int, n_prefix_rows: int, n_q: int, n_k: int):
+    """(idx [nb, Kc], valid [nb, Kc], band, margin) for the query blocks [b0, b1) of a positional plan:
+    the band form (``_band_form``: strided gradient adds instead of a scatter) when the rows are
+    window-shaped and there are at least two blocks, else the rows padded to one width. ``margin``:
+    how far the band reaches beyond the keys (the overlap-add pads by it); invalid slots point at row 0."""
+    band = _band_form(rows[b0:b1], n_prefix_rows, b0) if n_q >= 2 * BLOCK else None
+    margin = 0
+    if band is not None:
+        idx, valid, a0, band_len = band
+        band = (n_prefix_rows, a0 + b0 * BLOCK, band_len)
+        margin = max(-band[1], band[1] + (b1 - b0) * BLOCK + band_len - n_k)
+    else:
+        idx, valid = _pad_rows(rows[b0:b1])  # (nb, Kc)
+    return torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=n_k - 1), valid, band, margin
+
+
 @functools.lru_cache(maxsize=32)
 def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: int, bh: int) -> Plan:
     q_pos = torch.cat([torch.arange(s, s + n) for s, n in q_runs])
@@ -153,15 +169,8 @@ def _positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: in
     n_prefix_rows = int(torch.searchsorted(k_pos, torch.tensor(pattern.num_global)))
     chunks, margin = [], 0
     for b0, b1 in _group_blocks([len(r) for r in rows], bh):
-        band = _band_form(rows[b0:b1], n_prefix_rows, b0) if q_pos.numel() >= 2 * BLOCK else None
-        if band is not None:
-            idx, valid, a0, band_len = band
-            band = (n_prefix_rows, a0 + b0 * BLOCK, band_len)
-            margin = max(margin, -band[1], band[1] + (b1 - b0) * BLOCK + band_len - k_pos.numel())
-        else:
-            idx, valid = _pad_rows(rows[b0:b1])  # [nb, Kc]
-            band = None
-        idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
+        idx, valid, band, reach = gather_rows(rows, b0, b1, n_prefix_rows, q_pos.numel(), k_pos.numel())
+        margin = max(margin, reach)
         mask = pattern.allowed(qb_pos[b0:b1, :, None], k_pos[idx][:, None, :], seq_len) & valid[:, None, :]
         real = torch.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK) < q_pos.numel()
         empty = real & ~mask.any(-1)

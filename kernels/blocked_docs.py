@@ -28,17 +28,16 @@ from kernels.blocked import (
     BLOCK,
     Chunk,
     Plan,
-    _band_form,
     _block_docs,
     _block_positions,
     _content_plan,
     _device_plan,
     _group_blocks,
     _mask_spans,
-    _pad_rows,
     _positional_plan,
     _rows_for,
     _runs,
+    gather_rows,
 )
 from kernels.reference import document_rule
 from model.pattern import Pattern
@@ -107,16 +106,10 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
     single = [_one_document(pattern, r, k_pos, k_doc, qb_doc[:, i]) for i, r in enumerate(rows)]
     chunks, margin = [], 0
     for b0, b1 in _groups(single, [len(r) for r in rows], bh):
-        # Window-shaped rows stay window-shaped when documents cut them: keep the band form (strided
-        # gradient adds instead of a scatter); extra band rows are masked like the window's edges.
-        band = _band_form(rows[b0:b1], n_prefix_rows, b0) if q_pos.numel() >= 2 * BLOCK else None
-        if band is not None:
-            idx, valid, a0, band_len = band
-            band = (n_prefix_rows, a0 + b0 * BLOCK, band_len)
-            margin = max(margin, -band[1], band[1] + (b1 - b0) * BLOCK + band_len - k_pos.numel())
-        else:
-            idx, valid = _pad_rows(rows[b0:b1])  # (nb, Kc)
-        idx = torch.where(valid, idx, torch.zeros_like(idx)).clamp(max=k_pos.numel() - 1)
+        # Window-shaped rows stay window-shaped when documents cut them: the band form is kept; extra
+        # band rows are masked like the window's edges.
+        idx, valid, band, reach = gather_rows(rows, b0, b1, n_prefix_rows, q_pos.numel(), k_pos.numel())
+        margin = max(margin, reach)
         kp = k_pos[idx]
         allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
         if single[b0]:  # the documents mask nothing here: the pattern's mask, shared by the batch
