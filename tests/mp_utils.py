@@ -98,3 +98,9 @@ def run_workers(fn, world_size: int, *args, timeout_s: float = 180.0, collective
         raise WorkerError("\n".join(failures + ([f"ranks {missing} did not report within the deadline"]
                                                 if missing else [])))
     return [got[r][1] for r in range(world_size)]
+
+
+def rank_failures(per_rank: list[dict], key: str) -> list[str]:
+    """Every failure line the ranks reported under ``results[key]`` ({case: [lines]}), rank-prefixed:
+    the assertion of the multi-process parity suites (empty when every case matched)."""
+    return [f"rank {r}: {f}" for r, res in enumerate(per_rank) for fs in res[key].values() for f in fs]

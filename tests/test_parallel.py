@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
-from tests.mp_utils import run_workers
+from tests.mp_utils import rank_failures, run_workers
 
 L = 48  # local length: seq_len = 96, 144, 192 for P = 2, 3, 4
 D = 16
@@ -200,7 +200,7 @@ def suite(request):
 
 def test_matches_reference(suite):
     _, per_rank = suite
-    failures = [f"rank {r}: {f}" for r, res in enumerate(per_rank) for fs in res["cases"].values() for f in fs]
+    failures = rank_failures(per_rank, "cases")
     assert not failures, "\n".join(failures)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from model.pattern import TopKBlocks, Window
 from parallel.context import ParallelConfigError
-from tests.mp_utils import run_workers
+from tests.mp_utils import rank_failures, run_workers
 
 D = 16
 # fp32 throughout: sharding only changes which keys sit in one softmax call and their order, so
@@ -227,7 +227,7 @@ def suite(request):
 
 def test_matches_reference_and_ulysses_with_exact_bytes(suite):
     _, per_rank = suite
-    failures = [f"rank {r}: {f}" for r, res in enumerate(per_rank) for fs in res["fails"].values() for f in fs]
+    failures = rank_failures(per_rank, "fails")
     assert not failures, "\n".join(failures)
 
 
