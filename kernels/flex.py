@@ -5,7 +5,7 @@ key blocks ``pattern.kv_ranges`` can reach (never the dense Q×K mask), so it is
 positions — a sequence shard with ``[globals | halo | local]`` keys included. Inside partial blocks the
 kernel calls ``mask_mod``: the pattern's own rule on looked-up positions
 (``pattern.allowed(q_pos[q_idx], k_pos[kv_idx], seq_len)``). Some rules cannot be traced by Dynamo/vmap
-(BigBird's seeded numpy draw, Union's in-place ``|=``); for those — detected by the failing call, then
+(BigBird's seeded numpy draw, PatternUnion's in-place ``|=``); for those — detected by the failing call, then
 remembered per pattern — ``mask_mod`` looks the answer up in a table of the partial blocks' masks
 (``P × 128 × 128`` bools, plus two constant blocks), which scales with the number of partial blocks.
 

@@ -49,12 +49,12 @@ import torch
 from kernels import sparse_attention
 from kernels.reference import document_rule
 from kernels.stats import apply_sinks
-from model.pattern import BigBird, Pattern, Union, Window
+from model.pattern import BigBird, Pattern, PatternUnion, Window
 
 
 def bounded_reach(pattern: Pattern) -> int | None:
     """How far before a causal query its farthest non-global key can lie; None when unbounded."""
-    if isinstance(pattern, Union):
+    if isinstance(pattern, PatternUnion):
         reaches = [bounded_reach(p) for p in pattern.parts]
         return None if None in reaches else max(reaches)
     if isinstance(pattern, BigBird) and pattern.random_blocks:

@@ -22,7 +22,7 @@ from model.decode import (
     generate,
     next_token,
 )
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
+from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
 from trainer.config import ConfigError
@@ -54,7 +54,7 @@ PATTERNS = {
     "strided": Strided(stride=4, num_global=2),
     "bigbird": BigBird(window_left=3, num_global=2, random_blocks=2, block_size=4),
     "topk": TopKBlocks(top_k=2, block_size=4, num_global=2),
-    "union": Union(parts=(Window(window_left=3, num_global=2), Strided(stride=5)), num_global=2),
+    "union": PatternUnion(parts=(Window(window_left=3, num_global=2), Strided(stride=5)), num_global=2),
 }
 
 
@@ -183,7 +183,7 @@ def test_bounded_cache_never_exceeds_its_bound():
 
 
 def test_union_of_windows_is_bounded_and_strided_is_not():
-    assert bounded_reach(Union(parts=(Window(window_left=3), Window(window_left=9, dilation=4)))) == 8
+    assert bounded_reach(PatternUnion(parts=(Window(window_left=3), Window(window_left=9, dilation=4)))) == 8
     assert bounded_reach(PATTERNS["union"]) is None
     assert bounded_reach(BigBird(window_left=3, random_blocks=0)) == 3
     assert bounded_reach(PATTERNS["bigbird"]) is None

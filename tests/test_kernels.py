@@ -8,7 +8,7 @@ import torch
 from kernels import EmptyRowError, pick_backend, sparse_attention
 from kernels.blocked import BLOCK
 from kernels.stats import head_summary, head_sums, merge_stats, merge_two
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
+from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
 
 PATTERNS = {
     "window": Window(window_left=37),
@@ -20,7 +20,7 @@ PATTERNS = {
     "fixed": Strided(stride=32, variant="fixed", summary=3),
     "bigbird": BigBird(window_left=40, num_global=3, random_blocks=2, block_size=32, seed=3),
     "bigbird_bidir": BigBird(causal=False, window_left=20, window_right=20, num_global=3, random_blocks=2, block_size=32),
-    "union": Union(parts=(Window(window_left=16), Strided(stride=50, variant="fixed")), num_global=2),
+    "union": PatternUnion(parts=(Window(window_left=16), Strided(stride=50, variant="fixed")), num_global=2),
     "dense": Dense(),
     "dense_bidir": Dense(causal=False),
     "topk": TopKBlocks(top_k=2, block_size=BLOCK, num_global=4),

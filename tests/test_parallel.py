@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, Union, Window
+from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
 from tests.mp_utils import rank_failures, run_workers
 
 L = 48  # local length: seq_len = 96, 144, 192 for P = 2, 3, 4
@@ -39,7 +39,7 @@ def _cases(P: int) -> list[tuple[str, object, int, str]]:
         ("bigbird", BigBird(causal=True, window_left=16, num_global=4, random_blocks=2, block_size=16), n, "auto"),
         ("bigbird_bidir", BigBird(causal=False, window_left=8, window_right=8, num_global=4, random_blocks=2,
                                   block_size=16, seed=3), n, "auto"),
-        ("union", Union(causal=True, parts=(Window(causal=True, window_left=6),
+        ("union", PatternUnion(causal=True, parts=(Window(causal=True, window_left=6),
                                             Strided(causal=True, stride=24, variant="fixed"))), n, "halo"),
         ("multihop_causal", Window(causal=True, window_left=5 * L // 2, num_global=3), n, "halo"),
         ("multihop_bidir", Window(causal=False, window_left=2 * L, window_right=L + 5, num_global=3), n, "halo"),

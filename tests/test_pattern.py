@@ -349,9 +349,9 @@ def test_topk_picks_the_aligned_block():
 def test_union_built_in_code_counts_its_parts_globals_and_reach():
     """The union's rules live in the pattern (not in from_config): globals are the largest of the
     parts', the local reach the widest."""
-    from model.pattern import Strided, Union, Window
+    from model.pattern import Strided, PatternUnion, Window
 
-    u = Union(parts=(Window(window_left=4, num_global=3), Strided(stride=8)))
+    u = PatternUnion(parts=(Window(window_left=4, num_global=3), Strided(stride=8)))
     assert u.num_global == 3
     assert u.kv_ranges(10, 11, 20)[0] == (0, 11)  # globals, window and strided offsets merged
     assert u.local_reach() == (7, 0) and Window(causal=False, window_left=2, window_right=5).local_reach() == (2, 5)

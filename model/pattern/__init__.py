@@ -198,8 +198,8 @@ class BigBird(Window):
 
 
 @dataclass(frozen=True)
-class Union(Pattern):
-    """Union of patterns: i sees j if any part allows it. Parts share ``causal``; globals are the
+class PatternUnion(Pattern):
+    """The union of patterns: i sees j if any part allows it. Parts share ``causal``; globals are the
     largest of the parts'."""
 
     parts: tuple[Pattern, ...] = ()
@@ -255,7 +255,7 @@ NAMES = ("dense", "window", "longformer", "sink", "dilated", "strided", "bigbird
 _KEYS = {"name", "causal", "window_left", "window_right", "num_global", "dilation", "stride", "variant",
          "summary", "random_blocks", "block_size", "seed", "top_k", "parts"}
 _CLASS = {"dense": Dense, "window": Window, "longformer": Window, "sink": Window, "dilated": Window,
-          "strided": Strided, "bigbird": BigBird, "topk": TopKBlocks, "union": Union}
+          "strided": Strided, "bigbird": BigBird, "topk": TopKBlocks, "union": PatternUnion}
 
 
 def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
@@ -278,7 +278,7 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
             raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
         if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
             raise PatternError(f"attention.{key}: must be an integer, got {value!r}")
-    if cls is Union:
+    if cls is PatternUnion:
         parts = cfg.get("parts") or []
         kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)
     return cls(**kwargs).validate(seq_len)
