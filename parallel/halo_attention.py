@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+import parallel.globals as glob
 from kernels.stats import AttnStats, apply_sinks, merge_stats, merge_two
 from model.pattern import Pattern
-from parallel import globals as glob
 from parallel.halo import P2PExchange
 from parallel.layer_fn import forward_with_inner_graph, run_layer, sink_leaf
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import parallel.globals as glob
 from kernels import sparse_attention
 from kernels.stats import AttnStats, head_sums
 from model.pattern import Pattern
-from parallel import globals as glob
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, kv_routes
