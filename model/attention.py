@@ -8,7 +8,7 @@ with the same signature that exchanges halo and global keys first).
 
 The injection contract, in one place (``AttentionFn``)::
 
-    attention_fn(q, k, v, pattern, positions, seq_len, return_stats[, sinks=..., doc_ids=...]) -> (out, sums)
+    attention_fn(q, k, v, pattern, positions, seq_len, return_stats, *, layer[, sinks=..., doc_ids=...]) -> (out, sums)
 
     q          [B, H, T, D]    this rank's queries, rotated
     k, v       [B, Hkv, T, D]  this rank's keys/values (GQA when Hkv < H), k rotated
@@ -16,6 +16,9 @@ The injection contract, in one place (``AttentionFn``)::
     positions  LongTensor [T]  absolute positions of the T rows (ascending)
     seq_len    int             length n of the full (unsharded) sequence
     return_stats bool
+    layer      keyword int: the index of the calling layer (0-based), for functions that keep
+               per-layer state (a KV cache, per-layer counters); passed explicitly, never inferred
+               from the order of calls
     out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
                                wherever those keys live
     sinks      keyword, passed only when the layer has them: [H] fp32 learned sink logits (gpt-oss),
@@ -53,16 +56,17 @@ class AttentionFn(Protocol):
     """The attention function the model calls; see the module docstring for the contract."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                 positions: torch.Tensor, seq_len: int, return_stats: bool, *, sinks: torch.Tensor | None = None,
+                 positions: torch.Tensor, seq_len: int, return_stats: bool, *, layer: int,
+                 sinks: torch.Tensor | None = None,
                  doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]: ...
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                     positions: torch.Tensor, seq_len: int, return_stats: bool = False,
                     backend: str = "auto", sinks: torch.Tensor | None = None,
-                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]:
+                    doc_ids: torch.Tensor | None = None, layer: int = 0) -> tuple[torch.Tensor, StatSums | None]:
     """Single-device ``AttentionFn``: every key is local, so queries and keys share ``positions``
-    (and ``doc_ids``). Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
+    (and ``doc_ids``); it keeps no per-layer state, so ``layer`` is unused. Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
     res = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=backend,
                            return_stats=return_stats, seq_len=seq_len, sinks=sinks, q_doc=doc_ids, k_doc=doc_ids)
     if not return_stats:
@@ -126,9 +130,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: Pattern, attention_fn: AttentionFn,
                 seq_len: int, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]:
+                rope_positions: torch.Tensor | None = None, layer: int = 0) -> tuple[torch.Tensor, StatSums | None]:
         """x [B, T, C] at absolute ``positions`` [T] -> (y [B, T, C], per-head stat sums or None).
-        ``doc_ids`` [B, T] and ``rope_positions`` [T] or [B, T]: see the module docstring."""
+        ``doc_ids`` [B, T] and ``rope_positions`` [T] or [B, T]: see the module docstring; ``layer``:
+        this layer's index, handed to ``attention_fn``."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -143,7 +148,7 @@ class Attention(nn.Module):
             extra["sinks"] = self.sinks
         if doc_ids is not None:
             extra["doc_ids"] = doc_ids
-        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, **extra)  # y: (B, H, T, D)
+        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, layer=layer, **extra)  # y: (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.wo(y), sums
 

@@ -201,23 +201,21 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
 
 
 class CachedAttention:
-    """An ``AttentionFn`` (model/attention.py) with one cache per layer. The model calls it once per
-    layer in order, so the layer is the call's index since ``Decoder`` reset ``layer`` to 0.
-    The first call of a layer prefills (the training kernel over the prompt); later calls get one
+    """An ``AttentionFn`` (model/attention.py) with one cache per layer, chosen by the ``layer``
+    index the model hands over. The first call of a layer prefills (the training kernel over the prompt); later calls get one
     query at the next position and attend it over the cache. ``sinks`` [H], when the layer passes
     them, join once per query after the keys (``kernels.stats.apply_sinks``), as in training."""
 
     def __init__(self, patterns: list[Pattern], backend: str = "auto"):
         self.caches = [layer_cache(p) for p in patterns]
         self.backend = backend
-        self.layer = 0
         self.next_pos = [0] * len(patterns)
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, sinks=None, doc_ids=None):
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int, sinks=None,
+                 doc_ids=None):
         if return_stats:
             raise ValueError("return_stats: decoding keeps no attention statistics")
-        i, cache = self.layer, self.caches[self.layer]
-        self.layer += 1
+        i, cache = layer, self.caches[layer]
         if int(positions[0]) != self.next_pos[i] or (self.next_pos[i] and q.shape[2] != 1):
             raise ValueError(f"decode: layer {i} expects one query at position {self.next_pos[i]} after the "
                              f"prompt, got positions {positions[0]}..{positions[-1]}")
@@ -291,7 +289,6 @@ class Decoder:
             extra = {"doc_ids": doc} if self.documents.mask else {}
             if self.documents.reset_positions:
                 extra["rope_positions"] = rope
-        self.attn.layer = 0
         out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len, **extra)
         self.pos = int(positions[-1]) + 1
         return out.logits[:, -1].float()  # (B, V)

@@ -134,9 +134,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids=None, rope_positions=None):
+    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids=None, rope_positions=None,
+                layer=0):
         a, sums = self.attn(self.attn_norm(x), positions, pattern, attention_fn, seq_len, return_stats, doc_ids,
-                            rope_positions)
+                            rope_positions, layer)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, sums
@@ -213,8 +214,8 @@ class Transformer(nn.Module):
         seq_len = int(positions[-1]) + 1 if seq_len is None else seq_len
         x = self.embed(tokens, positions)
         stats = [] if return_stats else None
-        for block, pattern in zip(self.blocks, self.patterns):
-            args = (x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids, rope_positions)
+        for i, (block, pattern) in enumerate(zip(self.blocks, self.patterns)):
+            args = (x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids, rope_positions, i)
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x, sums = checkpoint(block, *args, use_reentrant=False)  # recomputed in backward
             else:

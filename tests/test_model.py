@@ -39,9 +39,9 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats):
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats, layer):
         self.calls.append(dict(q=q.detach(), k=k.detach(), v=v.detach(), pattern=pattern,
-                               positions=positions, seq_len=seq_len))
+                               positions=positions, seq_len=seq_len, layer=layer))
         return local_attention(q, k, v, pattern, positions, seq_len, return_stats)
 
 
@@ -108,7 +108,7 @@ def full_kv_attention(full_calls):
     (what sequence parallelism delivers). Asserts the shard's keys equal the full run's rows."""
     layers = iter(full_calls)
 
-    def attend(q, k, v, pattern, positions, seq_len, return_stats):
+    def attend(q, k, v, pattern, positions, seq_len, return_stats, layer):
         ref = next(layers)
         # Rotary used the absolute positions: the shard's keys are the full run's rows (fp32 rounding).
         torch.testing.assert_close(k, ref["k"][:, :, positions], rtol=1e-5, atol=1e-5)
@@ -161,6 +161,7 @@ def test_layer_patterns_dense_every_and_overrides():
     model, rec = Transformer(tiny(n_layers=3), layer_patterns(base, 3, dense_every=2)), Recorder()
     model(torch.randint(0, 256, (1, 10)), attention_fn=rec)
     assert [c["pattern"] for c in rec.calls] == [base, Dense(num_global=1), base]  # each layer its own
+    assert [c["layer"] for c in rec.calls] == [0, 1, 2]  # the index is handed over, not inferred
     with pytest.raises(ValueError, match="model.n_layers"):
         Transformer(tiny(n_layers=3), [base] * 2)
 
@@ -198,6 +199,8 @@ def test_activation_checkpointing_same_gradients():
     for m, rec in zip((model, ckpt), recs):
         m(tokens, targets=targets, attention_fn=rec).loss.backward()
     assert (len(recs[0].calls), len(recs[1].calls)) == (2, 4)  # checkpointing recomputed each layer
+    # The recomputation (in backward, last layer first) carries each layer's own index.
+    assert [c["layer"] for c in recs[1].calls] == [0, 1, 1, 0]
     for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
         # Recomputation repeats the same CPU ops in the same order: the gradients are bitwise equal.
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)

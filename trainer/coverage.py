@@ -67,18 +67,16 @@ class Recorder:
 
     def __init__(self, candidates: dict[str, Pattern], backend: str):
         self.candidates, self.backend = candidates, backend
-        self.layer = 0
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.count: dict[int, int] = {}
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False):
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int):
         out = sparse_attention(q, k, v, pattern, positions, positions, backend=self.backend, seq_len=seq_len)[0]
         for name, cand in self.candidates.items():
             cov = pattern_coverage(q, k, v, pattern, cand, positions, seq_len, self.backend)  # (B, H, Q)
-            key = (self.layer, name)
+            key = (layer, name)
             self.sums[key] = self.sums.get(key, 0) + cov.sum(dim=(0, 2)).cpu()
-        self.count[self.layer] = self.count.get(self.layer, 0) + q.shape[0] * q.shape[2]
-        self.layer += 1
+        self.count[layer] = self.count.get(layer, 0) + q.shape[0] * q.shape[2]
         return out, None
 
     def table(self) -> dict[str, list[dict]]:
@@ -98,14 +96,13 @@ def measure(model: Transformer, batches: list, candidates: dict[str, Pattern], b
     def loss_with(fn) -> float:
         total = n = 0.0
         for x, y, pos in batches:
-            rec.layer = 0
             out = model(x, positions=pos, attention_fn=fn, targets=y, seq_len=int(pos[-1]) + 1)
             total, n = total + float(out.loss) * float(out.n_targets), n + float(out.n_targets)
         return total / max(n, 1.0)
 
     base = loss_with(rec)
     losses = {}
-    plain = lambda q, k, v, p, pos, n, s=False: (  # noqa: E731
+    plain = lambda q, k, v, p, pos, n, s=False, layer=0: (  # noqa: E731
         sparse_attention(q, k, v, p, pos, pos, backend=backend, seq_len=n)[0], None)
     try:
         for name, cand in candidates.items():

@@ -89,27 +89,22 @@ def teardown(ctx: ParallelContext | None) -> None:
 
 class ShardedAttention:
     """``AttentionFn`` of a sequence-parallel rank: ``sp_attention`` over the context, bytes counted
-    per layer. ``layer`` is set by a forward pre-hook on each block (it also fires when activation
-    checkpointing recomputes a block), because the model's attention contract carries no layer index."""
+    per layer (the ``layer`` index the model hands over, also when activation checkpointing
+    recomputes a block)."""
 
     def __init__(self, ctx: ParallelContext, par: ParallelSection, counter: CommCounter):
         self.ctx, self.strategy, self.backend, self.counter = ctx, par.strategy, par.backend, counter
-        self.layer = 0
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, sinks=None, doc_ids=None):
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int, sinks=None,
+                 doc_ids=None):
         res = sp_attention(q, k, v, pattern, self.ctx, return_stats=return_stats, strategy=self.strategy,
-                           backend=self.backend, seq_len=seq_len, counter=self.counter, layer=self.layer,
+                           backend=self.backend, seq_len=seq_len, counter=self.counter, layer=layer,
                            sinks=sinks, doc_ids=doc_ids)
         if not return_stats:
             return res, None
         out, shard_stats = res
         # Sums over this rank's queries, as the contract says; the loop reduces them over all ranks.
         return out, head_sums(shard_stats.lse, shard_stats.stats)
-
-    def at_layer(self, i: int):
-        def hook(_module, _args):
-            self.layer = i
-        return hook
 
 
 def build_model(cfg: TrainConfig) -> Transformer:
@@ -123,14 +118,11 @@ def count_params(cfg: TrainConfig) -> int:
         return Transformer(cfg.model_config(), cfg.patterns()).num_params()
 
 
-def parallelize(model: Transformer, ctx: ParallelContext, par: ParallelSection, counter: CommCounter) -> AttentionFn:
+def parallelize(ctx: ParallelContext, par: ParallelSection, counter: CommCounter) -> AttentionFn:
     """The attention function this rank's model calls (torchtitan's ``parallelize_model`` idea)."""
     if ctx.sp_size == 1:
         return functools.partial(local_attention, backend=par.backend)
-    fn = ShardedAttention(ctx, par, counter)
-    for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(fn.at_layer(i))
-    return fn
+    return ShardedAttention(ctx, par, counter)
 
 
 def check_startup(model: Transformer, ctx: ParallelContext, par: ParallelSection, seq_len: int) -> None:

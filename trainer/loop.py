@@ -104,7 +104,7 @@ def start(cfg: TrainConfig, ctx, resolved: dict, run_dir: Path, resume_from: Pat
     """Model, its attention (checked by the startup guard), engine, data, resume, metrics."""
     counter = CommCounter()
     model = engine.build_model(cfg)
-    attention_fn = engine.parallelize(model, ctx, cfg.parallel, counter)
+    attention_fn = engine.parallelize(ctx, cfg.parallel, counter)
     engine.check_startup(model, ctx, cfg.parallel, cfg.seq_len)
     ds, reduce_group = engine.build_engine(cfg, model, ctx)
     train_data, val_tokens, tokenizer = load_data(cfg, ctx)
