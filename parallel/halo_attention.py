@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-import parallel.globals as glob
+import parallel.global_queries as global_queries
 from kernels.stats import AttnStats, apply_sinks, merge_stats, merge_two
 from model.pattern import Pattern
 from parallel.halo import P2PExchange
-from parallel.layer_fn import forward_with_inner_graph, run_layer, sink_leaf
+from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
 
 
 @dataclass
@@ -99,8 +99,8 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> dict:
     pend_kv = spec.kv_exchange.start(s["kv"].detach())
     docs = spec.doc_ids
     pend_doc = spec.doc_exchange.start(docs[..., None]) if docs is not None else None  # (B, L, 1) rows
-    g = spec.num_global_queries
-    pend_q = spec.q_exchange.start(s["q"].detach()) if g else None
+    n_gq = spec.num_global_queries
+    pend_q = spec.q_exchange.start(s["q"].detach()) if n_gq else None
 
     r0, pos = spec.reg_start, spec.local_pos
     q_reg = s["q"][:, :, r0:]
@@ -108,11 +108,12 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> dict:
     if q_reg.shape[2]:
         local = _attend(spec, q_reg, s["k"], s["v"], pos[r0:], pos, doc_reg, docs)
     pend_p = None
-    if g:  # partial of every global query over this rank's keys; goes to the owners
+    if n_gq:  # partial of every global query over this rank's keys; goes to the owners
         s["recv_q"] = _leaf(pend_q.wait())
-        q_glob = glob.assemble_queries(s["recv_q"], s["q"], g, len(pos), spec.sp_size, spec.sp_rank)
-        g_pos = torch.arange(g, device=pos.device)
-        s["partial"] = glob.pack(*_attend(spec, q_glob, s["k"], s["v"], g_pos, pos))
+        q_glob = global_queries.assemble_queries(s["recv_q"], s["q"], n_gq, len(pos), spec.sp_size,
+                                                 spec.sp_rank)
+        gq_pos = torch.arange(n_gq, device=pos.device)
+        s["partial"] = global_queries.pack(*_attend(spec, q_glob, s["k"], s["v"], gq_pos, pos))
         s["partial_cut"] = _leaf(s["partial"])  # backward stage A ends here, stage B resumes
         pend_p = spec.partial_exchange.start(s["partial_cut"].detach())
 
@@ -123,13 +124,13 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> dict:
         merged = _merge_remote(spec, local, q_reg, s["recv_kv"], doc_reg, recv_doc)
         s["out_reg"], lse_reg, st_reg = apply_sinks(*merged[:2], s["sinks"], merged[2])
         outs.append((s["out_reg"], lse_reg, st_reg))
-    n_own = glob.owned_count(g, len(pos), spec.sp_rank)
+    n_own = global_queries.owned_count(n_gq, len(pos), spec.sp_rank)
     if n_own:
         s["recv_p"] = _leaf(pend_p.wait())
-        o, lse_g, st_g = glob.merge_owned(s["partial_cut"], s["recv_p"], q.shape[-1], g, len(pos),
-                                          spec.sp_size, spec.sp_rank)
-        s["out_glob"], lse_g, st_g = apply_sinks(o.to(q.dtype), lse_g, s["sinks"], st_g)
-        outs.insert(0, (s["out_glob"], lse_g, st_g))
+        o, lse_gq, st_gq = global_queries.merge_owned(s["partial_cut"], s["recv_p"], q.shape[-1], n_gq,
+                                                      len(pos), spec.sp_size, spec.sp_rank)
+        s["out_glob"], lse_gq, st_gq = apply_sinks(o.to(q.dtype), lse_gq, s["sinks"], st_gq)
+        outs.insert(0, (s["out_glob"], lse_gq, st_gq))
     elif pend_p is not None:
         pend_p.wait()
     s["out"] = torch.cat([o for o, _, _ in outs], dim=2)
@@ -178,11 +179,11 @@ def _grads(outputs, grad_outputs, inputs):
 
 
 def _backward(spec: HaloSpec, s: dict, g_out: torch.Tensor):
-    g = spec.num_global_queries
-    n_own = glob.owned_count(g, len(spec.local_pos), spec.sp_rank)
+    n_gq = spec.num_global_queries
+    n_own = global_queries.owned_count(n_gq, len(spec.local_pos), spec.sp_rank)
     sinks = [s["sinks"]] if s["sinks"] is not None else []  # its gradient: this rank's queries' share
     g_partial, g_sinks = None, 0
-    if g:  # stage A: owners turn the gradient of their global rows into gradients of every partial
+    if n_gq:  # stage A: owners turn the gradient of their global rows into gradients of every partial
         if n_own:
             g_recv_p, g_own, *g_s = _grads([s["out_glob"]], [g_out[:, :, :n_own]],
                                            [s["recv_p"], s["partial_cut"]] + sinks)
@@ -192,13 +193,13 @@ def _backward(spec: HaloSpec, s: dict, g_out: torch.Tensor):
         g_partial = spec.partial_exchange.start_reverse(g_recv_p, like=s["partial_cut"]).wait() + g_own
 
     # stage B: local backward, then the received rows' gradients go home
-    inputs = [s["q"], s["k"], s["v"], s["recv_kv"]] + ([s["recv_q"]] if g else []) + sinks
+    inputs = [s["q"], s["k"], s["v"], s["recv_kv"]] + ([s["recv_q"]] if n_gq else []) + sinks
     gq, gk, gv, g_recv_kv, *rest = _grads(
         [s.get("out_reg"), s.get("partial")], [g_out[:, :, n_own:], g_partial], inputs)
-    g_recv_q = rest[0] if g else None
+    g_recv_q = rest[0] if n_gq else None
     g_sinks = g_sinks + rest[-1] if sinks else None
     pend_kv = spec.kv_exchange.start_reverse(g_recv_kv, like=s["kv"])
-    pend_q = spec.q_exchange.start_reverse(g_recv_q, like=s["q"]) if g else None
+    pend_q = spec.q_exchange.start_reverse(g_recv_q, like=s["q"]) if n_gq else None
     g_kv = pend_kv.wait()
     if pend_q is not None:
         gq = gq + pend_q.wait()

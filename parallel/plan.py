@@ -11,7 +11,7 @@ else: BigBird random blocks, strided columns). The global keys therefore travel 
 their owners, exactly once per rank that needs them, and never duplicate a local or halo key.
 
 "Regular" queries are all local queries except, in a bidirectional pattern, the global queries:
-those see every key and are computed by the LSE merge in ``parallel.globals`` instead.
+those see every key and are computed by the LSE merge in ``parallel.global_queries`` instead.
 """
 
 from __future__ import annotations

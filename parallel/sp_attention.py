@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import parallel.globals as glob
+import parallel.global_queries as global_queries
 from kernels import sparse_attention
 from kernels.stats import AttnStats, head_sums
 from model.pattern import Pattern
@@ -170,6 +170,7 @@ def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torc
     if doc_ids is not None:  # the received keys' document ids: the same routes, one int64 column
         spec.doc_exchange = P2PExchange(ctx, sends, recvs, _TAGS["doc"], counter, layer, kind=DOC_KIND)
     if g:
-        spec.q_exchange = P2PExchange(ctx, *glob.query_routes(g, L, P, r), _TAGS["q"], counter, layer)
-        spec.partial_exchange = P2PExchange(ctx, *glob.partial_routes(g, L, P, r), _TAGS["partial"], counter, layer)
+        spec.q_exchange = P2PExchange(ctx, *global_queries.query_routes(g, L, P, r), _TAGS["q"], counter, layer)
+        spec.partial_exchange = P2PExchange(ctx, *global_queries.partial_routes(g, L, P, r), _TAGS["partial"],
+                                            counter, layer)
     return spec

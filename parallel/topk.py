@@ -51,7 +51,7 @@ from model.pattern import Pattern, block_mean
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route
-from parallel.layer_fn import forward_with_inner_graph, run_layer, sink_leaf
+from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
 
 SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
 TAG = 40  # distinct from the halo path's tags (10, 20, 30, 50 and their +1 reverses)
@@ -103,13 +103,14 @@ def block_routes(needs: torch.Tensor, rank: int, blocks_per_rank: int, block_siz
         mine = torch.nonzero(needs[peer].cpu() & (owner == rank)).flatten().tolist()  # peer wants from me
         theirs = torch.nonzero(needs[rank].cpu() & (owner == peer)).flatten().tolist()  # I want from peer
         if mine:
-            sends.append(Route(peer, tuple((lo - start, hi - start, BLOCKS) for lo, hi in _runs(mine, block_size))))
+            ranges = _block_ranges(mine, block_size)
+            sends.append(Route(peer, tuple((lo - start, hi - start, BLOCKS) for lo, hi in ranges)))
         if theirs:
-            recvs.append(Route(peer, tuple((lo, hi, BLOCKS) for lo, hi in _runs(theirs, block_size))))
+            recvs.append(Route(peer, tuple((lo, hi, BLOCKS) for lo, hi in _block_ranges(theirs, block_size))))
     return sends, recvs
 
 
-def _runs(blocks: list[int], bs: int) -> list[tuple[int, int]]:
+def _block_ranges(blocks: list[int], bs: int) -> list[tuple[int, int]]:
     """Sorted block ids → merged [lo, hi) position ranges."""
     out: list[list[int]] = []
     for b in blocks:
