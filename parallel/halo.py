@@ -15,6 +15,7 @@ g > L), and one batch lets halo and globals overlap the local compute together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum, unique
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,20 @@ from parallel.context import ParallelContext
 from parallel.plan import HaloPlan
 
 Rows = tuple[tuple[int, int, str], ...]  # (lo, hi, kind) row ranges
+
+
+@unique
+class Tag(IntEnum):
+    """Message tags of every point-to-point exchange, in this one place. Exchanges that can be in
+    flight together need distinct tags (a receive matches a send by peer and tag), and the gradient
+    of an exchange travels back on its tag + 1 (``start_reverse``): hence steps of 10."""
+
+    KV = 10  # halo path: K/V rows (halo, global keys, random blocks)
+    GLOBAL_Q = 20  # halo path: bidirectional global queries, owners to every rank
+    GLOBAL_PARTIAL = 30  # halo path: the global queries' partials, every rank to their owners
+    TOPK_BLOCKS = 40  # top-k path: the fetched key blocks
+    KV_DOCS = 50  # halo path: document ids of the K/V rows, on the K/V routes
+    TOPK_DOCS = 60  # top-k path: document ids of the fetched blocks, on the block routes
 
 
 @dataclass(frozen=True)
@@ -56,9 +71,9 @@ class Pending:
 class P2PExchange:
     """Send ``sends`` rows of a tensor to peers and receive ``recvs`` rows from peers, and back."""
 
-    def __init__(self, ctx: ParallelContext, sends: list[Route], recvs: list[Route], tag: int,
+    def __init__(self, ctx: ParallelContext, sends: list[Route], recvs: list[Route], tag: Tag,
                  counter: CommCounter | None = None, layer: str | int = 0, kind: str | None = None):
-        self.ctx, self.sends, self.recvs, self.tag = ctx, sends, recvs, tag
+        self.ctx, self.sends, self.recvs, self.tag = ctx, sends, recvs, int(tag)
         self.counter, self.layer = counter, layer
         self.kind = kind  # counted under this kind instead of the routes' (e.g. document ids along K/V routes)
 

@@ -41,7 +41,7 @@ from kernels.stats import AttnStats, head_sums
 from model.pattern import Pattern
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
-from parallel.halo import P2PExchange, kv_routes
+from parallel.halo import P2PExchange, Tag, kv_routes
 from parallel.halo_attention import HaloSpec, halo_attention
 from parallel.plan import bidirectional_globals, build_plan, regular_queries, remote_rows
 from parallel.sharding import check_divisible
@@ -49,7 +49,6 @@ from parallel.topk import TopKSpec, check_blocks, topk_attention
 from parallel.ulysses import check_heads, ulysses_attention
 
 STRATEGIES = ("auto", "halo", "topk", "ulysses")
-_TAGS = {"kv": 10, "q": 20, "partial": 30, "doc": 50}  # distinct tags: these exchanges can be in flight together
 DOC_KIND = "doc_ids"
 
 
@@ -164,13 +163,13 @@ def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torc
         reg_start=qs - start, remote_pos=plan.remote_positions(r).to(device),
         remote_rows=None if len(rows) == start + L - qs else rows.to(device),
         kernel=kernel, scale=scale, return_stats=return_stats,
-        kv_exchange=P2PExchange(ctx, sends, recvs, _TAGS["kv"], counter, layer),
+        kv_exchange=P2PExchange(ctx, sends, recvs, Tag.KV, counter, layer),
         num_global_queries=g, sp_size=P, sp_rank=r, doc_ids=doc_ids,
     )
     if doc_ids is not None:  # the received keys' document ids: the same routes, one int64 column
-        spec.doc_exchange = P2PExchange(ctx, sends, recvs, _TAGS["doc"], counter, layer, kind=DOC_KIND)
+        spec.doc_exchange = P2PExchange(ctx, sends, recvs, Tag.KV_DOCS, counter, layer, kind=DOC_KIND)
     if g:
-        spec.q_exchange = P2PExchange(ctx, *global_queries.query_routes(g, L, P, r), _TAGS["q"], counter, layer)
-        spec.partial_exchange = P2PExchange(ctx, *global_queries.partial_routes(g, L, P, r), _TAGS["partial"],
+        spec.q_exchange = P2PExchange(ctx, *global_queries.query_routes(g, L, P, r), Tag.GLOBAL_Q, counter, layer)
+        spec.partial_exchange = P2PExchange(ctx, *global_queries.partial_routes(g, L, P, r), Tag.GLOBAL_PARTIAL,
                                             counter, layer)
     return spec

@@ -50,12 +50,10 @@ from kernels.stats import apply_sinks
 from model.pattern import Pattern, block_mean
 from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
-from parallel.halo import P2PExchange, Route
+from parallel.halo import P2PExchange, Route, Tag
 from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
 
 SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
-TAG = 40  # distinct from the halo path's tags (10, 20, 30, 50 and their +1 reverses)
-DOC_TAG = 60
 
 
 def check_blocks(local_len: int, block_size: int, sp_size: int) -> int:
@@ -192,10 +190,10 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> dict:
 
     s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v), "sinks": sink_leaf(sinks)}
     s["kv"] = torch.stack([s["k"], s["v"]])  # (2, B, Hkv, L, D): one message per peer for K and V
-    s["exchange"] = P2PExchange(ctx, sends, recvs, TAG, spec.counter, spec.layer)
+    s["exchange"] = P2PExchange(ctx, sends, recvs, Tag.TOPK_BLOCKS, spec.counter, spec.layer)
     docs = spec.doc_ids
     if docs is not None:  # the fetched rows' document ids, same routes: (B, L, 1) -> (B, R, 1)
-        doc_exchange = P2PExchange(ctx, sends, recvs, DOC_TAG, spec.counter, spec.layer, kind="doc_ids")
+        doc_exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_DOCS, spec.counter, spec.layer, kind="doc_ids")
         pend_doc = doc_exchange.start(docs[..., None])
     s["recv_kv"] = _leaf(s["exchange"].start(s["kv"].detach()).wait())  # (2, B, Hkv, R, D)
 
