@@ -3,7 +3,8 @@
 A ``CommCounter`` is passed to whoever communicates (it is not a global): every byte this rank
 sends and receives is added under (layer, direction, kind), where direction is ``forward`` or
 ``backward`` and kind is what travelled (``halo``, ``global``, ``blocks``, ``global_q``,
-``global_partial``, ``alltoall``). ``as_dict`` gives flat keys for metrics.
+``global_partial``, ``summary``, ``requests``, ``alltoall``, ``doc_ids``). ``as_dict`` gives flat
+keys for metrics.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 DIRECTIONS = ("forward", "backward")
+DOC_KIND = "doc_ids"  # document ids of received keys, whichever strategy moved them
 
 
 class CommCounter:

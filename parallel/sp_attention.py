@@ -39,7 +39,7 @@ import parallel.global_queries as global_queries
 from kernels import sparse_attention
 from kernels.stats import AttnStats, head_sums
 from model.pattern import Pattern
-from parallel.comm import CommCounter
+from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Tag, kv_routes
 from parallel.halo_attention import HaloSpec, halo_attention
@@ -49,7 +49,6 @@ from parallel.topk import TopKSpec, check_blocks, topk_attention
 from parallel.ulysses import check_heads, ulysses_attention
 
 STRATEGIES = ("auto", "halo", "topk", "ulysses")
-DOC_KIND = "doc_ids"
 
 
 @dataclass

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from kernels.stats import apply_sinks
 from model.pattern import Pattern, block_mean
-from parallel.comm import CommCounter
+from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route, Tag
 from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
@@ -193,7 +193,7 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> dict:
     s["exchange"] = P2PExchange(ctx, sends, recvs, Tag.TOPK_BLOCKS, spec.counter, spec.layer)
     docs = spec.doc_ids
     if docs is not None:  # the fetched rows' document ids, same routes: (B, L, 1) -> (B, R, 1)
-        doc_exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_DOCS, spec.counter, spec.layer, kind="doc_ids")
+        doc_exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_DOCS, spec.counter, spec.layer, kind=DOC_KIND)
         pend_doc = doc_exchange.start(docs[..., None])
     s["recv_kv"] = _leaf(s["exchange"].start(s["kv"].detach()).wait())  # (2, B, Hkv, R, D)
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from kernels.stats import AttnStats
 from model.pattern import Pattern
-from parallel.comm import CommCounter
+from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 
 KIND = "alltoall"
@@ -121,5 +121,5 @@ def _gather_docs(doc_ids: torch.Tensor, ctx: ParallelContext, counter, layer) ->
     dist.all_gather(parts, doc_ids.contiguous(), group=ctx.sp_group, async_op=True).wait(ctx.timeout)
     if counter is not None:
         moved = doc_ids.numel() * doc_ids.element_size() * (ctx.sp_size - 1)
-        counter.add(layer, "forward", "doc_ids", sent=moved, recv=moved)
+        counter.add(layer, "forward", DOC_KIND, sent=moved, recv=moved)
     return torch.cat(parts, dim=1)
