@@ -24,20 +24,20 @@ from collections import OrderedDict
 
 import torch
 
-from kernels.blocked import (
+from kernels.blocked_plan import (
     BLOCK,
     Chunk,
     Plan,
-    _block_docs,
-    _block_positions,
-    _content_plan,
-    _device_plan,
-    _group_blocks,
-    _mask_spans,
-    _positional_plan,
-    _rows_for,
-    _runs,
+    block_docs,
+    block_positions,
+    content_plan,
+    device_plan,
     gather_rows,
+    group_blocks,
+    mask_spans,
+    position_runs,
+    positional_plan,
+    rows_for,
 )
 from kernels.reference import document_rule
 from model.pattern import Pattern
@@ -49,18 +49,18 @@ _CACHE_SIZE = 4
 def doc_plan(pattern: Pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len: int) -> Plan:
     """The device plan for these positions and document ids (q_doc [B, Q], k_doc [B, K] on the CPU)."""
     if pattern.content_based:  # its blocks come from the data anyway: documents narrow the mask only
-        return _content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=(q_doc, k_doc))
+        return content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=(q_doc, k_doc))
     B, H, Hkv, K = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
     digest = hashlib.sha1(q_doc.numpy().tobytes() + b"|" + k_doc.numpy().tobytes()).hexdigest()
-    key = (pattern, _runs(q_pos), _runs(k_pos), seq_len, B, H, Hkv, K, digest, str(q.device))
+    key = (pattern, position_runs(q_pos), position_runs(k_pos), seq_len, B, H, Hkv, K, digest, str(q.device))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     # The document-free plan (cached by positions) raises EmptyRowError for a row the pattern leaves
     # empty; rows emptied by the documents alone are allowed (see the module docstring).
-    _positional_plan(pattern, _runs(q_pos), _runs(k_pos), seq_len, B * H)
+    positional_plan(pattern, position_runs(q_pos), position_runs(k_pos), seq_len, B * H)
     plan = _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len, B * H)
-    plan = _device_plan.__wrapped__(plan, q.device, B, Hkv, K)  # uncached: the key above is the cache
+    plan = device_plan(plan, q.device, B, Hkv, K)  # uncached: the key above is the cache
     _CACHE[key] = plan
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -85,22 +85,22 @@ def _one_document(pattern: Pattern, rows: torch.Tensor, k_pos, k_doc, block_doc)
 
 
 def _groups(single: list[bool], key_counts: list[int], bh: int) -> list[tuple[int, int]]:
-    """Chunks as ``_group_blocks`` makes them, never mixing blocks with and without a document
+    """Chunks as ``group_blocks`` makes them, never mixing blocks with and without a document
     boundary: a chunk's mask spans are the union over its blocks, so one boundary would otherwise
     make a whole chunk of single-document blocks pay a masking pass over all its columns."""
     out, start = [], 0
     for i in range(1, len(single) + 1):
         if i == len(single) or single[i] != single[start]:
-            out += [(start + a, start + b) for a, b in _group_blocks(key_counts[start:i], bh)]
+            out += [(start + a, start + b) for a, b in group_blocks(key_counts[start:i], bh)]
             start = i
     return out
 
 
 def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: int) -> Plan:
-    """Like ``blocked._positional_plan`` with the rows narrowed by documents; chunk masks [B, 1, nb, 1, BLOCK, Kc]."""
+    """Like ``blocked_plan.positional_plan`` with the rows narrowed by documents; chunk masks [B, 1, nb, 1, BLOCK, Kc]."""
     nqb = math.ceil(q_pos.numel() / BLOCK)
-    qb_pos, qb_doc = _block_positions(q_pos, nqb), _block_docs(q_doc, nqb)  # (nqb, BLOCK), (B, nqb, BLOCK)
-    rows = [_visible_rows(pattern, _rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)),
+    qb_pos, qb_doc = block_positions(q_pos, nqb), block_docs(q_doc, nqb)  # (nqb, BLOCK), (B, nqb, BLOCK)
+    rows = [_visible_rows(pattern, rows_for(k_pos, pattern.kv_ranges(int(p.min()), int(p.max()) + 1, seq_len)),
                           k_pos, k_doc, p, qb_doc[:, i]) for i, p in enumerate(qb_pos)]
     n_prefix_rows = int(torch.searchsorted(k_pos, torch.tensor(pattern.num_global)))
     single = [_one_document(pattern, r, k_pos, k_doc, qb_doc[:, i]) for i, r in enumerate(rows)]
@@ -113,11 +113,11 @@ def _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len: int, bh: 
         kp = k_pos[idx]
         allowed = pattern.allowed(qb_pos[b0:b1, :, None], kp[:, None, :], seq_len) & valid[:, None, :]
         if single[b0]:  # the documents mask nothing here: the pattern's mask, shared by the batch
-            masked = _mask_spans(~allowed[None, None, :, None])  # (1, 1, nb, 1, BLOCK, Kc)
+            masked = mask_spans(~allowed[None, None, :, None])  # (1, 1, nb, 1, BLOCK, Kc)
         else:
             docs = document_rule(pattern, qb_pos[b0:b1, :, None], kp[:, None, :], qb_doc[:, b0:b1, :, None],
                                  k_doc[:, idx][:, :, None, :])  # (B, nb, BLOCK, Kc)
-            masked = _mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
+            masked = mask_spans(~(allowed & docs)[:, None, :, None])  # (B, 1, nb, 1, BLOCK, Kc)
         is_global = (kp < pattern.num_global) & valid
         chunks.append(Chunk(b0 * BLOCK, b1 - b0, idx[None, None], masked, is_global[None, None, :, None, None], band,
                             BLOCK))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kernels import EmptyRowError, pick_backend, sparse_attention
-from kernels.blocked import BLOCK
+from kernels.blocked_plan import BLOCK
 from kernels.stats import head_summary, head_sums, merge_stats, merge_two
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
+from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
 
 PATTERNS = {
     "window": Window(window_left=37),
@@ -216,12 +216,12 @@ def test_blocked_leaves_inputs_untouched():
 @pytest.mark.parametrize("name", ["sink", "longformer", "bigbird", "dilated", "topk_small_blocks"])
 def test_blocked_many_chunks(name, monkeypatch):
     """Tiny chunks: many chunks per call, each with its own band offset and the scatter margins."""
-    import kernels.blocked as blocked
+    import kernels.blocked_plan as blocked_plan
 
-    monkeypatch.setattr(blocked, "CHUNK_ELEMS", 1 << 15)
-    blocked._positional_plan.cache_clear()
-    blocked._device_plan.cache_clear()
+    monkeypatch.setattr(blocked_plan, "CHUNK_ELEMS", 1 << 15)
+    blocked_plan.positional_plan.cache_clear()
+    blocked_plan.cached_device_plan.cache_clear()
     q, k, v = _inputs(1, 2, 2, 700, 700, 8, seed=13)
     _assert_match(q, k, v, PATTERNS[name])  # fp64: summation order only, see above
-    blocked._positional_plan.cache_clear()
-    blocked._device_plan.cache_clear()
+    blocked_plan.positional_plan.cache_clear()
+    blocked_plan.cached_device_plan.cache_clear()

@@ -136,8 +136,8 @@ def test_sink_mass_and_entropy_include_the_sink():
 def test_short_documents_gather_fewer_keys():
     """The blocked plan skips keys no query of a block can see: with 64-token documents a dense
     causal layer gathers at most (64 + BLOCK + globals) keys per block instead of the whole prefix."""
-    from kernels.blocked import BLOCK
     from kernels.blocked_docs import doc_plan
+    from kernels.blocked_plan import BLOCK
 
     n, pattern = 1024, Dense(causal=True, num_global=2)
     q, k = torch.zeros(1, 2, n, 8), torch.zeros(1, 2, n, 8)
@@ -227,24 +227,24 @@ def test_packed_document_equals_the_document_alone(pattern):
 @pytest.mark.parametrize("name", ["sink", "longformer"])
 def test_documents_with_many_chunks(name, monkeypatch):
     """Tiny chunks: document-narrowed window plans keep the band form, chunk by chunk, with margins."""
-    import kernels.blocked as blocked
     import kernels.blocked_docs as blocked_docs
+    import kernels.blocked_plan as blocked_plan
 
-    monkeypatch.setattr(blocked, "CHUNK_ELEMS", 1 << 15)
+    monkeypatch.setattr(blocked_plan, "CHUNK_ELEMS", 1 << 15)
     monkeypatch.setattr(blocked_docs, "_CACHE", type(blocked_docs._CACHE)())
-    blocked._positional_plan.cache_clear()
+    blocked_plan.positional_plan.cache_clear()
     q, k, v, sinks = _inputs(1, 2, 2, 700, 700, D=8, seed=13)
     docs = random_docs(1, 700, seed=13, short=100, long=400)
     plan = blocked_docs.doc_plan(PATTERNS[name], q, k, torch.arange(700), torch.arange(700), docs, docs, 700)
     assert len(plan.chunks) > 2 and any(c.band is not None for c in plan.chunks)
     _assert_match(q, k, v, sinks, PATTERNS[name], docs, docs)  # fp64: summation order only, see TOL
-    blocked._positional_plan.cache_clear()
+    blocked_plan.positional_plan.cache_clear()
 
 
 def test_no_future_leak_with_sinks_and_documents():
     """clm: with sinks, document masking and per-document positions, the logits at positions < t do
     not change when every token from t on (and so the later document ids) changes."""
-    from trainer.data import document_positions
+    from trainer.sampling import document_positions
 
     model = _tiny(True, Window(window_left=10, num_global=2))
     g = torch.Generator().manual_seed(4)
