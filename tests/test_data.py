@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainer import data as D
+from trainer import sampling as S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,11 +77,11 @@ def test_bad_settings_name_the_setting(tmp_path):
     with pytest.raises(D.DataConfigError, match="data.val_fraction"):
         D.load_corpus(val_fraction=1.5)
     with pytest.raises(D.DataConfigError, match=r"^seq_len: .*\(batch_size=2"):  # real (top-level) keys
-        D.LongDocSampler(np.zeros(100, np.uint8), seq_len=64, batch_size=2)
+        S.LongDocSampler(np.zeros(100, np.uint8), seq_len=64, batch_size=2)
     from parallel.context import ParallelConfigError
 
     with pytest.raises(ParallelConfigError, match=r"^seq_len=10 must be a multiple of parallel.sequence_parallel_size=3"):
-        D.shard_for_sp(torch.zeros(1, 11, dtype=torch.long), 0, 3)
+        S.shard_for_sp(torch.zeros(1, 11, dtype=torch.long), 0, 3)
 
 
 TOKENS = np.arange(5000, dtype=np.int64) % 251  # short stream: epochs of ~39 windows of 128
@@ -91,31 +92,31 @@ def _take(sampler, n):
 
 
 def test_sampler_deterministic_and_windows_are_contiguous():
-    a, b = (D.LongDocSampler(TOKENS, 128, 4, seed=7) for _ in range(2))
+    a, b = (S.LongDocSampler(TOKENS, 128, 4, seed=7) for _ in range(2))
     for x, y in zip(_take(a, 25), _take(b, 25)):  # 25 steps cross two epoch boundaries
         assert torch.equal(x, y)
         assert x.shape == (4, 129)
         assert ((x[:, 1:] - x[:, :-1]) % 251 == 1).all()  # consecutive stream tokens
-    other = D.LongDocSampler(TOKENS, 128, 4, seed=8)
-    assert not torch.equal(next(other), next(D.LongDocSampler(TOKENS, 128, 4, seed=7)))
+    other = S.LongDocSampler(TOKENS, 128, 4, seed=8)
+    assert not torch.equal(next(other), next(S.LongDocSampler(TOKENS, 128, 4, seed=7)))
 
 
 def test_sampler_exact_resume():
-    s = D.LongDocSampler(TOKENS, 128, 4, seed=1)
+    s = S.LongDocSampler(TOKENS, 128, 4, seed=1)
     _take(s, 11)  # into the second epoch
     state = s.state_dict()
     expected = _take(s, 15)
-    resumed = D.LongDocSampler(TOKENS, 128, 4, seed=1)
+    resumed = S.LongDocSampler(TOKENS, 128, 4, seed=1)
     resumed.load_state_dict(state)
     for x, y in zip(expected, _take(resumed, 15)):
         assert torch.equal(x, y)
     with pytest.raises(D.DataConfigError, match="batch_size"):
-        D.LongDocSampler(TOKENS, 128, 2, seed=1).load_state_dict(state)
+        S.LongDocSampler(TOKENS, 128, 2, seed=1).load_state_dict(state)
 
 
 def test_dp_ranks_get_disjoint_windows():
     dp = 3
-    samplers = [D.LongDocSampler(TOKENS, 64, 2, seed=0, rank_in_dp=r, dp_size=dp) for r in range(dp)]
+    samplers = [S.LongDocSampler(TOKENS, 64, 2, seed=0, rank_in_dp=r, dp_size=dp) for r in range(dp)]
     steps_per_epoch = ((len(TOKENS) - 64) // 64) // (2 * dp)  # a lower bound for every epoch offset
     seen = [s for _ in range(steps_per_epoch) for smp in samplers for s in smp.next_starts().tolist()]
     assert len(seen) == len(set(seen)) == steps_per_epoch * 2 * dp  # one epoch: no window twice
@@ -138,13 +139,13 @@ class SliceLog:
 
 def test_sp_shards_concatenate_to_the_window():
     sp, seq = 4, 128
-    full = next(D.LongDocSampler(TOKENS, seq, 3, seed=5))
+    full = next(S.LongDocSampler(TOKENS, seq, 3, seed=5))
     shards = []
     for r in range(sp):
         logged = SliceLog(TOKENS)
-        inputs, targets, positions = D.LongDocSampler(logged, seq, 3, seed=5).next_shard(r, sp)
+        inputs, targets, positions = S.LongDocSampler(logged, seq, 3, seed=5).next_shard(r, sp)
         assert all(stop - start == seq // sp + 1 for start, stop in logged.reads)  # only its own slice
-        for mine, ref in zip((inputs, targets, positions), D.shard_for_sp(full, r, sp)):
+        for mine, ref in zip((inputs, targets, positions), S.shard_for_sp(full, r, sp)):
             assert torch.equal(mine, ref)
         shards.append((inputs, targets, positions))
     assert torch.equal(torch.cat([s[0] for s in shards], 1), full[:, :-1])
@@ -331,7 +332,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
                                "model.n_learned_global=2"), 1)
     ctx = SimpleNamespace(device="cpu", dp_rank=0, dp_size=1, sp_rank=0, sp_size=1)
     row = loop.evaluate(ds, val, cfg, ctx, {}, None, lengths)
-    sampler = D.LongDocSampler(val, 64, 2, seed=3)
+    sampler = S.LongDocSampler(val, 64, 2, seed=3)
     scored = np.concatenate([val[s + 3: s + 65] for _ in range(3) for s in sampler.next_starts()])
     assert row["eval/loss"] == pytest.approx(0.7)
     assert row["eval/bpb"] == pytest.approx(0.7 * len(scored) / math.log(2) / lengths[scored].sum(), rel=1e-12)
@@ -349,7 +350,7 @@ def test_train_with_bpe_end_to_end(tmp_path):
     last = rows(out)[2]
     corpus = D.load_corpus(src, "bpe", cache, 0.1, 512)
     assert corpus.cache_hit  # the run built it
-    _, targets, _ = D.LongDocSampler(corpus.val, 256, 1, seed=0).next_shard()  # the run's one eval batch
+    _, targets, _ = S.LongDocSampler(corpus.val, 256, 1, seed=0).next_shard()  # the run's one eval batch
     bytes_per_token = corpus.tokenizer.byte_lengths[targets.numpy()].mean()
     assert bytes_per_token > 2  # BPE tokens of words: several bytes each
     assert last["eval/bpb"] == pytest.approx(last["eval/loss"] / math.log(2) / bytes_per_token, rel=1e-6)

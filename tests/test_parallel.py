@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
+from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
 from tests.mp_utils import rank_failures, run_workers
 
 L = 48  # local length: seq_len = 96, 144, 192 for P = 2, 3, 4

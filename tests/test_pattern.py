@@ -349,7 +349,7 @@ def test_topk_picks_the_aligned_block():
 def test_union_built_in_code_counts_its_parts_globals_and_reach():
     """The union's rules live in the pattern (not in from_config): globals are the largest of the
     parts', the local reach the widest."""
-    from model.pattern import Strided, PatternUnion, Window
+    from model.pattern import PatternUnion, Strided, Window
 
     u = PatternUnion(parts=(Window(window_left=4, num_global=3), Strided(stride=8)))
     assert u.num_global == 3

@@ -174,7 +174,8 @@ def load_candidates(names: list[str], cand_kv: dict, seq_len: int) -> dict[str, 
 
 def eval_batches(cfg) -> list:
     """The trainer's evaluation batches (one process): validation windows, or the task's eval stream."""
-    from trainer.data import LongDocSampler, load_corpus
+    from trainer.data import load_corpus
+    from trainer.sampling import LongDocSampler
 
     if getattr(cfg.data, "task", "text") != "text":
         from trainer.tasks import EVAL_STREAM, TaskSampler, task_params

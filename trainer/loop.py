@@ -15,13 +15,7 @@ import torch.distributed as dist
 from parallel.comm import CommCounter
 from trainer import checkpoint, engine
 from trainer.config import TrainConfig
-from trainer.data import (
-    IGNORE_INDEX,
-    LongDocSampler,
-    load_corpus,
-    passkey_batch,
-    shard_bounds,
-)
+from trainer.data import IGNORE_INDEX, load_corpus, passkey_batch
 from trainer.faults import (
     FaultInjection,
     Liveness,
@@ -32,6 +26,7 @@ from trainer.faults import (
 )
 from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
 from trainer.mlm import MaskedLMSampler
+from trainer.sampling import LongDocSampler, shard_bounds
 from trainer.tasks import TaskSampler, evaluate_task, task_params
 
 

@@ -1,0 +1,224 @@
+"""The training config's schema: one dataclass per YAML group, ``TrainConfig`` over them, and the
+conversion of a plain dict into them (``to_dataclass``: unknown keys and wrong types are one
+``ConfigError`` line). What the settings may be together is ``trainer.config``'s part (``validate``).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+
+from model.pattern import Pattern, from_config
+from model.transformer import ModelConfig, layer_patterns, model_preset
+from trainer.data import tokenizer_vocab_size
+from trainer.mlm import MlmSpec
+from trainer.tasks import MixParams, PasskeyParams, RecallParams
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary (TrainConfig.model_config)
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    rope_theta: float | None = None
+    n_learned_global: int = 0
+    # model.sink_logits, not attention.*: the sinks are parameters (they change the state dict),
+    # while the attention node describes which keys a query sees and is read by the pattern alone.
+    sink_logits: bool = False
+    activation_checkpointing: bool = False
+    dense_every: int = 0
+    layer_overrides: dict = field(default_factory=dict)
+
+    def build(self, tokenizer_vocab: int) -> ModelConfig:
+        """The preset with the fields set here; vocab_size unset is ``tokenizer_vocab``, not the preset's."""
+        skip = ("preset", "dense_every", "layer_overrides")
+        overrides = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in skip and getattr(self, f.name) is not None}
+        return model_preset(self.preset, **{"vocab_size": tokenizer_vocab, **overrides})
+
+
+@dataclass
+class ParallelSection:
+    sequence_parallel_size: int | None = None  # None: every rank not used by tensor parallelism
+    tensor_parallel_size: int = 1
+    strategy: str = "auto"
+    backend: str = "auto"
+    timeout_s: float = 120.0
+    zero_stage: int = 0
+    precision: str = "auto"
+
+
+@dataclass
+class DataSection:
+    path: str | None = None
+    tokenizer: str = "bytes"
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.01
+    cache_dir: str | None = None
+    document_mask: bool = False  # queries see only their own document (ids from DOC_SEP); globals excepted
+    reset_positions: bool | None = None  # rotary positions restart per document; None: = document_mask
+    task: str = "text"  # text | passkey | recall | mix: trainer/tasks.py (loss on the answers only)
+    passkey: PasskeyParams = field(default_factory=PasskeyParams)
+    recall: RecallParams = field(default_factory=RecallParams)
+    mix: MixParams = field(default_factory=MixParams)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoggingSection:
+    wandb: str = "offline"
+    project: str = "haloformer"
+    entity: str | None = None
+    run_name: str | None = None
+    stats_every: int = 25
+    log_every: int = 1
+    mask_png: bool = True
+
+
+@dataclass
+class MlmSection:
+    mask_prob: float = 0.15  # fraction of (non-global) positions chosen; trainer/mlm.py says what happens to them
+
+
+@dataclass
+class TrainerSection:
+    resume: str = "none"
+    ckpt_every: int = 0
+    ckpt_dir: str = "checkpoints"
+    keep_last: int = 0  # keep the newest N checkpoints, delete older ones after each save; 0 = keep all
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass
+class TrainConfig:
+    attention: dict
+    model: ModelSection
+    parallel: ParallelSection
+    data: DataSection
+    optim: OptimSection
+    logging: LoggingSection
+    trainer: TrainerSection
+    mlm: MlmSection = field(default_factory=MlmSection)
+    objective: str = "clm"
+    seq_len: int = 4096
+    batch_size: int = 1
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    eval_tasks: list[str] = field(default_factory=list)
+    # Derived by validate(), not read from the YAML:
+    world_size: int = field(default=1, metadata={"derived": True})
+
+    @property
+    def sp_size(self) -> int:
+        return self.parallel.sequence_parallel_size or self.world_size // self.parallel.tensor_parallel_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // (self.sp_size * self.parallel.tensor_parallel_size)
+
+    def tokenizer_vocab(self) -> int:
+        """The tokenizer's vocabulary (256 for bytes, data.bpe_vocab_size for bpe), from the config alone."""
+        return tokenizer_vocab_size(self.data.tokenizer, self.data.bpe_vocab_size)
+
+    def model_config(self) -> ModelConfig:
+        """The model to build: model.vocab_size unset follows the tokenizer, plus the mask token
+        (id = the tokenizer's vocabulary size) under objective=mlm."""
+        return self.model.build(self.tokenizer_vocab() + int(self.objective == "mlm"))
+
+    def mlm_spec(self) -> MlmSpec:
+        """What trainer/mlm.py needs: never chosen are the global positions of any layer."""
+        return MlmSpec(mask_prob=self.mlm.mask_prob, mask_id=self.tokenizer_vocab(),
+                       tokenizer_vocab=self.tokenizer_vocab(), num_global=max(p.num_global for p in self.patterns()),
+                       seed=self.seed)
+
+    def patterns(self) -> list[Pattern]:
+        """One validated pattern per layer (the attention group, dense_every, layer_overrides)."""
+        base = from_config(self.attention, self.seq_len)
+        n_layers = self.model_config().n_layers
+        pats = layer_patterns(base, n_layers, self.model.dense_every,
+                              {int(k): v for k, v in self.model.layer_overrides.items()})
+        for p in pats:
+            p.validate(self.seq_len)
+        return pats
+
+
+OBJECTIVES = ("clm", "mlm")
+EVAL_TASKS = ("passkey",)
+WANDB_MODES = ("offline", "online", "disabled")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --- DictConfig -> dataclasses ----------------------------------------------------------------------
+
+def _check_type(value, hint, key: str):
+    """``value`` as type ``hint`` (int, float, bool, str, None, X | None, tuple[...], list[...], dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint is dict or origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        raise TypeError(f"unsupported config type {hint!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{key}: must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def to_dataclass(cls, node: dict, prefix: str = ""):
+    """Build ``cls`` from a plain dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {node!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in fields(cls) if not f.metadata.get("derived")]
+    unknown = sorted(set(node) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(allowed)}")
+    kwargs = {}
+    for name, value in node.items():
+        hint = hints[name]
+        kwargs[name] = (to_dataclass(hint, value, f"{prefix}{name}.") if is_dataclass(hint)
+                        else _check_type(value, hint, prefix + name))
+    for f in fields(cls):
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}: missing; the config must set it")
+    return cls(**kwargs)
