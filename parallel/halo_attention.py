@@ -36,8 +36,8 @@ import torch
 import parallel.global_queries as global_queries
 from kernels.stats import AttnStats, apply_sinks, merge_stats, merge_two
 from model.pattern import Pattern
-from parallel.halo import P2PExchange
-from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
+from parallel.halo import P2PExchange, Pending
+from parallel.inner_graph import Leaves, Output, attend, grads_or_zeros, leaf, run_layer
 
 
 @dataclass
@@ -63,80 +63,85 @@ class HaloSpec:
     doc_exchange: P2PExchange | None = None  # the K/V routes, for the document ids of the received keys
 
 
+@dataclass
+class GlobalQueryState:
+    """Stage 2 of the forward (bidirectional global queries only): what backward stages A and B need."""
+
+    recv_q: torch.Tensor  # leaf: the global queries received from their owners (B, H, Gr, D)
+    partial: torch.Tensor  # packed partial of every global query over this rank's keys (B, H, n_gq, D+1(+3))
+    partial_cut: torch.Tensor  # leaf copy of ``partial``: backward stage A ends here, stage B resumes
+    recv_partials: torch.Tensor | None = None  # owners: leaf, the other ranks' partials of the owned rows
+    out_owned: torch.Tensor | None = None  # owners: output of the owned global rows, after sinks
+
+
+@dataclass
+class HaloState:
+    """What one layer's forward keeps for its backward, stage by stage."""
+
+    leaves: Leaves  # stage 1: the inputs; K/V exchange posted
+    global_q: GlobalQueryState | None  # stage 2: global-query partials (None: no such queries)
+    recv_kv: torch.Tensor  # stage 3: leaf, the received halo/global/block keys (2, B, Hkv, R, D)
+    out_reg: torch.Tensor | None  # stage 4: regular rows, local and remote merged, after sinks (None: none)
+    output: Output  # stage 5: [owned global rows | regular rows]
+
+
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: HaloSpec,
                    sinks: torch.Tensor | None = None):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
-    return run_layer(_HaloAttention, _forward, q, k, v, sinks, spec, spec.return_stats)
+    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.return_stats)
 
 
-class _HaloAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(fctx, q, k, v, sinks, spec):
-        return forward_with_inner_graph(fctx, _forward, q, k, v, sinks, spec)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(fctx, g_out, _g_lse, _g_stats):
-        gq, gk, gv, g_sinks = _backward(fctx.spec, fctx.state, g_out)
-        fctx.state = None
-        return gq, gk, gv, g_sinks, None
-
-
-def _leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_()
-
-
-def _attend(spec: HaloSpec, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None):
-    docs = {} if q_doc is None else {"q_doc": q_doc, "k_doc": k_doc}  # custom kernels need not know them
-    res = spec.kernel(q, k, v, spec.pattern, q_pos=q_pos, k_pos=k_pos, return_stats=spec.return_stats,
-                      scale=spec.scale, seq_len=spec.seq_len, **docs)
-    return res if spec.return_stats else (*res, None)
-
-
-def _forward(q, k, v, sinks, spec: HaloSpec) -> dict:
-    s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v), "sinks": sink_leaf(sinks)}
-    s["kv"] = torch.stack([s["k"], s["v"]])  # (2, B, Hkv, L, D): one message per peer for K and V
-    pend_kv = spec.kv_exchange.start(s["kv"].detach())
+def _forward(q, k, v, sinks, spec: HaloSpec) -> HaloState:
+    lv = Leaves.of(q, k, v, sinks)
+    pend_kv = spec.kv_exchange.start(lv.kv.detach())
     docs = spec.doc_ids
     pend_doc = spec.doc_exchange.start(docs[..., None]) if docs is not None else None  # (B, L, 1) rows
     n_gq = spec.num_global_queries
-    pend_q = spec.q_exchange.start(s["q"].detach()) if n_gq else None
+    pend_q = spec.q_exchange.start(lv.q.detach()) if n_gq else None
 
     r0, pos = spec.reg_start, spec.local_pos
-    q_reg = s["q"][:, :, r0:]
+    q_reg = lv.q[:, :, r0:]
     doc_reg = None if docs is None else docs[:, r0:]
     if q_reg.shape[2]:
-        local = _attend(spec, q_reg, s["k"], s["v"], pos[r0:], pos, doc_reg, docs)
-    pend_p = None
-    if n_gq:  # partial of every global query over this rank's keys; goes to the owners
-        s["recv_q"] = _leaf(pend_q.wait())
-        q_glob = global_queries.assemble_queries(s["recv_q"], s["q"], n_gq, len(pos), spec.sp_size,
-                                                 spec.sp_rank)
-        gq_pos = torch.arange(n_gq, device=pos.device)
-        s["partial"] = global_queries.pack(*_attend(spec, q_glob, s["k"], s["v"], gq_pos, pos))
-        s["partial_cut"] = _leaf(s["partial"])  # backward stage A ends here, stage B resumes
-        pend_p = spec.partial_exchange.start(s["partial_cut"].detach())
+        local = attend(spec, q_reg, lv.k, lv.v, pos[r0:], pos, doc_reg, docs)
+    global_q, pend_p = _global_partial(spec, lv, pend_q) if n_gq else (None, None)
 
-    s["recv_kv"] = _leaf(pend_kv.wait())  # (2, B, Hkv, R, D)
+    recv_kv = leaf(pend_kv.wait())  # (2, B, Hkv, R, D)
     recv_doc = None if pend_doc is None else pend_doc.wait()[..., 0]  # (B, R)
-    outs = []
+    outs, out_reg = [], None
     if q_reg.shape[2]:
-        merged = _merge_remote(spec, local, q_reg, s["recv_kv"], doc_reg, recv_doc)
-        s["out_reg"], lse_reg, st_reg = apply_sinks(*merged[:2], s["sinks"], merged[2])
-        outs.append((s["out_reg"], lse_reg, st_reg))
-    n_own = global_queries.owned_count(n_gq, len(pos), spec.sp_rank)
-    if n_own:
-        s["recv_p"] = _leaf(pend_p.wait())
-        o, lse_gq, st_gq = global_queries.merge_owned(s["partial_cut"], s["recv_p"], q.shape[-1], n_gq,
-                                                      len(pos), spec.sp_size, spec.sp_rank)
-        s["out_glob"], lse_gq, st_gq = apply_sinks(o.to(q.dtype), lse_gq, s["sinks"], st_gq)
-        outs.insert(0, (s["out_glob"], lse_gq, st_gq))
+        merged = _merge_remote(spec, local, q_reg, recv_kv, doc_reg, recv_doc)
+        out_reg, lse_reg, st_reg = apply_sinks(*merged[:2], lv.sinks, merged[2])
+        outs.append((out_reg, lse_reg, st_reg))
+    if global_queries.owned_count(n_gq, len(pos), spec.sp_rank):
+        outs.insert(0, _owned_rows(spec, lv, global_q, pend_p, q.dtype))
     elif pend_p is not None:
         pend_p.wait()
-    s["out"] = torch.cat([o for o, _, _ in outs], dim=2)
-    s["lse"] = torch.cat([lse for _, lse, _ in outs], dim=2)
-    s["stats"] = None if not spec.return_stats else _cat_stats([st for _, _, st in outs])
-    return s
+    output = Output(out=torch.cat([o for o, _, _ in outs], dim=2),
+                    lse=torch.cat([lse for _, lse, _ in outs], dim=2),
+                    stats=None if not spec.return_stats else _cat_stats([st for _, _, st in outs]))
+    return HaloState(leaves=lv, global_q=global_q, recv_kv=recv_kv, out_reg=out_reg, output=output)
+
+
+def _global_partial(spec: HaloSpec, lv: Leaves, pend_q) -> tuple[GlobalQueryState, Pending]:
+    """Partial of every global query over this rank's keys; posted to the owners."""
+    n_gq, pos = spec.num_global_queries, spec.local_pos
+    recv_q = leaf(pend_q.wait())
+    q_glob = global_queries.assemble_queries(recv_q, lv.q, n_gq, len(pos), spec.sp_size, spec.sp_rank)
+    gq_pos = torch.arange(n_gq, device=pos.device)
+    partial = global_queries.pack(*attend(spec, q_glob, lv.k, lv.v, gq_pos, pos))
+    global_q = GlobalQueryState(recv_q=recv_q, partial=partial, partial_cut=leaf(partial))
+    return global_q, spec.partial_exchange.start(global_q.partial_cut.detach())
+
+
+def _owned_rows(spec: HaloSpec, lv: Leaves, global_q: GlobalQueryState, pend_p, dtype) -> tuple:
+    """(out, lse, stats) of the global rows this rank owns: every rank's partial folded, then sinks."""
+    global_q.recv_partials = leaf(pend_p.wait())
+    o, lse_gq, st_gq = global_queries.merge_owned(global_q.partial_cut, global_q.recv_partials, lv.q.shape[-1],
+                                                  spec.num_global_queries, len(spec.local_pos), spec.sp_size,
+                                                  spec.sp_rank)
+    global_q.out_owned, lse_gq, st_gq = apply_sinks(o.to(dtype), lse_gq, lv.sinks, st_gq)
+    return global_q.out_owned, lse_gq, st_gq
 
 
 def _cat_stats(parts: list[AttnStats]) -> AttnStats:
@@ -157,7 +162,7 @@ def _merge_remote(spec: HaloSpec, local, q_reg, recv_kv, doc_reg=None, recv_doc=
     q_sub = q_reg if rows is None else q_reg[:, :, rows]
     p_sub = q_pos if rows is None else q_pos[rows]
     d_sub = doc_reg if doc_reg is None or rows is None else doc_reg[:, rows.to(doc_reg.device)]
-    out_r, lse_r, st_r = _attend(spec, q_sub, recv_kv[0], recv_kv[1], p_sub, spec.remote_pos, d_sub, recv_doc)
+    out_r, lse_r, st_r = attend(spec, q_sub, recv_kv[0], recv_kv[1], p_sub, spec.remote_pos, d_sub, recv_doc)
     if rows is not None:  # rows without remote keys: an empty partial (lse = -inf) merges as nothing
         out_r = out_l.new_zeros(out_l.shape).index_copy(2, rows, out_r)
         lse_r = torch.full_like(lse_l, float("-inf")).index_copy(2, rows, lse_r)
@@ -169,38 +174,31 @@ def _merge_remote(spec: HaloSpec, local, q_reg, recv_kv, doc_reg=None, recv_doc=
     return out, lse, stats
 
 
-def _grads(outputs, grad_outputs, inputs):
-    """torch.autograd.grad over the pairs that exist; zeros for inputs the outputs do not reach."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o is not None and o.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(x) for x in inputs]
-    got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
-
-
-def _backward(spec: HaloSpec, s: dict, g_out: torch.Tensor):
-    n_gq = spec.num_global_queries
-    n_own = global_queries.owned_count(n_gq, len(spec.local_pos), spec.sp_rank)
-    sinks = [s["sinks"]] if s["sinks"] is not None else []  # its gradient: this rank's queries' share
+def _backward(spec: HaloSpec, s: HaloState, g_out: torch.Tensor):
+    lv, global_q = s.leaves, s.global_q
+    n_own = global_queries.owned_count(spec.num_global_queries, len(spec.local_pos), spec.sp_rank)
+    sinks = [lv.sinks] if lv.sinks is not None else []  # its gradient: this rank's queries' share
     g_partial, g_sinks = None, 0
-    if n_gq:  # stage A: owners turn the gradient of their global rows into gradients of every partial
+    # stage A: owners turn the gradient of their global rows into gradients of every partial
+    if global_q is not None:
         if n_own:
-            g_recv_p, g_own, *g_s = _grads([s["out_glob"]], [g_out[:, :, :n_own]],
-                                           [s["recv_p"], s["partial_cut"]] + sinks)
+            g_recv_p, g_own, *g_s = grads_or_zeros([global_q.out_owned], [g_out[:, :, :n_own]],
+                                                   [global_q.recv_partials, global_q.partial_cut] + sinks)
             g_sinks = g_s[0] if sinks else 0
         else:  # nothing arrived here: no gradient to return, only the owners' to receive
-            g_recv_p, g_own = s["partial_cut"].detach()[:, :, :0], 0
-        g_partial = spec.partial_exchange.start_reverse(g_recv_p, like=s["partial_cut"]).wait() + g_own
+            g_recv_p, g_own = global_q.partial_cut.detach()[:, :, :0], 0
+        g_partial = spec.partial_exchange.start_reverse(g_recv_p, like=global_q.partial_cut).wait() + g_own
 
     # stage B: local backward, then the received rows' gradients go home
-    inputs = [s["q"], s["k"], s["v"], s["recv_kv"]] + ([s["recv_q"]] if n_gq else []) + sinks
-    gq, gk, gv, g_recv_kv, *rest = _grads(
-        [s.get("out_reg"), s.get("partial")], [g_out[:, :, n_own:], g_partial], inputs)
-    g_recv_q = rest[0] if n_gq else None
+    inputs = [lv.q, lv.k, lv.v, s.recv_kv] + ([global_q.recv_q] if global_q is not None else []) + sinks
+    partial = None if global_q is None else global_q.partial
+    g_q, g_k, g_v, g_recv_kv, *rest = grads_or_zeros([s.out_reg, partial], [g_out[:, :, n_own:], g_partial],
+                                                     inputs)
+    g_recv_q = rest[0] if global_q is not None else None
     g_sinks = g_sinks + rest[-1] if sinks else None
-    pend_kv = spec.kv_exchange.start_reverse(g_recv_kv, like=s["kv"])
-    pend_q = spec.q_exchange.start_reverse(g_recv_q, like=s["q"]) if n_gq else None
+    pend_kv = spec.kv_exchange.start_reverse(g_recv_kv, like=lv.kv)
+    pend_q = spec.q_exchange.start_reverse(g_recv_q, like=lv.q) if global_q is not None else None
     g_kv = pend_kv.wait()
     if pend_q is not None:
-        gq = gq + pend_q.wait()
-    return gq, gk + g_kv[0], gv + g_kv[1], g_sinks
+        g_q = g_q + pend_q.wait()
+    return g_q, g_k + g_kv[0], g_v + g_kv[1], g_sinks

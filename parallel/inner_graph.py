@@ -1,42 +1,105 @@
 """What the halo and top-k strategies share: one autograd Function per attention layer whose
 forward builds an inner autograd graph (exchanges + local kernel), so that its backward can run
-the exchanges in the same fixed order on every rank (see ``parallel/halo_attention.py``)."""
+the exchanges in the same fixed order on every rank (see ``parallel/halo_attention.py``).
+
+A strategy supplies two functions and a state dataclass that carries ``leaves`` and ``output``:
+
+    forward(q, k, v, sinks, spec) -> state      run with grad enabled; the state keeps the inner graph
+    backward(spec, state, g_out) -> (gq, gk, gv, g_sinks)
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from kernels.stats import AttnStats
 
 
-def run_layer(fn: type[torch.autograd.Function], forward: Callable, q, k, v, sinks, spec, return_stats: bool):
-    """(out, lse, AttnStats | None): ``fn.apply`` when a gradient is wanted, else ``forward`` without
-    keeping any graph (inference takes the same steps). ``sinks`` [H] or None: learned sink logits,
-    an input of the Function so that its gradient (this rank's queries' share) comes back."""
+def leaf(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The inner graph's own leaf for ``x`` (None stays None): where backward stops differentiating.
+
+    It requires grad only when grad is enabled: inside the Function's forward (always enabled
+    there), not on the inference path, which runs the same forward under ``torch.no_grad``."""
+    return None if x is None else x.detach().requires_grad_(torch.is_grad_enabled())
+
+
+@dataclass
+class Leaves:
+    """The layer's inputs as leaves of the inner graph, and K/V stacked for the exchanges."""
+
+    q: torch.Tensor  # [B, H, L, D]
+    k: torch.Tensor  # [B, Hkv, L, D]
+    v: torch.Tensor  # [B, Hkv, L, D]
+    sinks: torch.Tensor | None  # [H] learned sink logits, or None
+    kv: torch.Tensor  # (2, B, Hkv, L, D): one message per peer for K and V
+
+    @classmethod
+    def of(cls, q, k, v, sinks) -> Leaves:
+        q, k, v, sinks = leaf(q), leaf(k), leaf(v), leaf(sinks)
+        return cls(q, k, v, sinks, torch.stack([k, v]))
+
+
+@dataclass
+class Output:
+    """A layer's result for this rank's queries."""
+
+    out: torch.Tensor  # [B, H, L, D]
+    lse: torch.Tensor  # [B, H, L]
+    stats: AttnStats | None
+
+
+def attend(spec, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> tuple:
+    """(out, lse, stats | None) of ``spec.kernel`` on these rows at their true positions."""
+    docs = {} if q_doc is None else {"q_doc": q_doc, "k_doc": k_doc}  # custom kernels need not know them
+    res = spec.kernel(q, k, v, spec.pattern, q_pos=q_pos, k_pos=k_pos, return_stats=spec.return_stats,
+                      scale=spec.scale, seq_len=spec.seq_len, **docs)
+    return res if spec.return_stats else (*res, None)
+
+
+def grads_or_zeros(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
+    """torch.autograd.grad over the (output, grad) pairs that exist (an output may be None or outside
+    the graph on a rank with no such rows); zeros for inputs the outputs do not reach."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o is not None and o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
+
+
+def run_layer(forward: Callable, backward: Callable, q, k, v, sinks, spec, return_stats: bool):
+    """(out, lse, AttnStats | None): through the Function when a gradient is wanted, else ``forward``
+    without keeping any graph (inference takes the same steps). ``sinks`` [H] or None: learned sink
+    logits, an input of the Function so that its gradient (this rank's queries' share) comes back."""
     inputs = (q, k, v) + ((sinks,) if sinks is not None else ())
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
         with torch.no_grad():
-            s = forward(q, k, v, sinks, spec)
-        return s["out"], s["lse"], s["stats"]
-    out, lse, stats = fn.apply(q, k, v, sinks, spec)
+            res = forward(q, k, v, sinks, spec).output
+        return res.out, res.lse, res.stats
+    out, lse, stats = _InnerGraphLayer.apply(q, k, v, sinks, spec, forward, backward)
     return out, lse, (AttnStats(*stats.unbind(-1)) if return_stats else None)
 
 
-def sink_leaf(sinks):
-    """The inner graph's own leaf for the sink logits (None stays None)."""
-    return None if sinks is None else sinks.detach().requires_grad_(torch.is_grad_enabled())
+class _InnerGraphLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, sinks, spec, forward, backward):
+        """Run the strategy's ``forward`` with grad enabled, keep its state (with the inner graph) for
+        backward, return detached (out, lse, packed stats)."""
+        with torch.enable_grad():
+            state = forward(q, k, v, sinks, spec)
+        fctx.spec, fctx.state, fctx.strategy_backward = spec, state, backward
+        res = state.output
+        stats = res.stats
+        fields = () if stats is None else stats.fields() + ((stats.sink_mass,) if stats.sink_mass is not None else ())
+        packed = torch.stack(fields, -1) if stats is not None else res.lse.new_zeros(0)
+        fctx.mark_non_differentiable(res.lse, packed)
+        return res.out.detach(), res.lse.detach(), packed.detach()
 
-
-def forward_with_inner_graph(fctx, forward: Callable, q, k, v, sinks, spec):
-    """The body of such a Function's forward: run ``forward`` with grad enabled, keep its state
-    (with the inner graph) on ``fctx`` for backward, return detached (out, lse, packed stats)."""
-    with torch.enable_grad():
-        state = forward(q, k, v, sinks, spec)
-    fctx.spec, fctx.state = spec, state
-    out, lse, stats = state["out"], state["lse"], state["stats"]
-    fields = () if stats is None else stats.fields() + ((stats.sink_mass,) if stats.sink_mass is not None else ())
-    packed = torch.stack(fields, -1) if stats is not None else lse.new_zeros(0)
-    fctx.mark_non_differentiable(lse, packed)
-    return out.detach(), lse.detach(), packed.detach()
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(fctx, g_out, _g_lse, _g_stats):
+        state, fctx.state = fctx.state, None  # the inner graph is freed once backward returns
+        gq, gk, gv, g_sinks = fctx.strategy_backward(fctx.spec, state, g_out)
+        return gq, gk, gv, g_sinks, None, None, None

@@ -51,7 +51,7 @@ from model.pattern import Pattern, block_mean
 from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route, Tag
-from parallel.inner_graph import forward_with_inner_graph, run_layer, sink_leaf
+from parallel.inner_graph import Leaves, Output, attend, grads_or_zeros, leaf, run_layer
 
 SUMMARY, REQUESTS, BLOCKS = "summary", "requests", "blocks"
 
@@ -134,28 +134,21 @@ class TopKSpec:
     doc_ids: torch.Tensor | None = None  # [B, L] this shard's document ids (None: no document masking)
 
 
+@dataclass
+class TopKState:
+    """What one layer's forward keeps for its backward."""
+
+    leaves: Leaves  # the inputs, K/V stacked for the fetch
+    exchange: P2PExchange  # this call's block routes (data-dependent); gradients go back on them
+    recv_kv: torch.Tensor  # leaf: the fetched key blocks (2, B, Hkv, R, D)
+    output: Output
+
+
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopKSpec,
                    sinks: torch.Tensor | None = None):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
     check_blocks(q.shape[2], spec.pattern.block_size, spec.ctx.sp_size)
-    return run_layer(_TopKAttention, _forward, q, k, v, sinks, spec, spec.return_stats)
-
-
-class _TopKAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(fctx, q, k, v, sinks, spec):
-        return forward_with_inner_graph(fctx, _forward, q, k, v, sinks, spec)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(fctx, g_out, _g_lse, _g_stats):
-        s, fctx.state = fctx.state, None
-        inputs = [s["q"], s["k"], s["v"], s["recv_kv"]] + ([s["sinks"]] if s["sinks"] is not None else [])
-        got = torch.autograd.grad([s["out"]], inputs, [g_out], allow_unused=True)
-        gq, gk, gv, g_recv, *g_sinks = (torch.zeros_like(x) if g is None else g
-                                        for x, g in zip(inputs, got, strict=True))
-        g_kv = s["exchange"].start_reverse(g_recv, like=s["kv"]).wait()  # fetched rows' grads, summed at home
-        return gq, gk + g_kv[0], gv + g_kv[1], (g_sinks[0] if g_sinks else None), None
+    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.return_stats)
 
 
 def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, rank: int) -> torch.Tensor:
@@ -170,11 +163,7 @@ def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, ran
         return pattern.select_blocks(q_means, k_means, torch.arange(rank * nlb, (rank + 1) * nlb), torch.arange(nkb))
 
 
-def _leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_(torch.is_grad_enabled())
-
-
-def _forward(q, k, v, sinks, spec: TopKSpec) -> dict:
+def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:
     ctx, pattern = spec.ctx, spec.pattern
     r, L, bs = ctx.sp_rank, q.shape[2], pattern.block_size
     nlb = L // bs
@@ -188,29 +177,36 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> dict:
     needs = gather.all_gather(need.to(torch.uint8), REQUESTS).bool()  # (P, nKB)
     sends, recvs = block_routes(needs, r, nlb, bs)
 
-    s = {"q": _leaf(q), "k": _leaf(k), "v": _leaf(v), "sinks": sink_leaf(sinks)}
-    s["kv"] = torch.stack([s["k"], s["v"]])  # (2, B, Hkv, L, D): one message per peer for K and V
-    s["exchange"] = P2PExchange(ctx, sends, recvs, Tag.TOPK_BLOCKS, spec.counter, spec.layer)
+    lv = Leaves.of(q, k, v, sinks)
+    exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_BLOCKS, spec.counter, spec.layer)
     docs = spec.doc_ids
     if docs is not None:  # the fetched rows' document ids, same routes: (B, L, 1) -> (B, R, 1)
         doc_exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_DOCS, spec.counter, spec.layer, kind=DOC_KIND)
         pend_doc = doc_exchange.start(docs[..., None])
-    s["recv_kv"] = _leaf(s["exchange"].start(s["kv"].detach()).wait())  # (2, B, Hkv, R, D)
+    recv_kv = leaf(exchange.start(lv.kv.detach()).wait())  # (2, B, Hkv, R, D)
 
     # keys in position order: [fetched from lower ranks | local | fetched from higher ranks]
     remote_pos = [torch.arange(lo, hi) for route in recvs for lo, hi, _ in route.rows]
     remote_pos = torch.cat(remote_pos) if remote_pos else torch.zeros(0, dtype=torch.long)
     n_low = int((remote_pos < r * L).sum())
-    low, high = s["recv_kv"][:, :, :, :n_low], s["recv_kv"][:, :, :, n_low:]
-    keys = torch.cat([low, s["kv"], high], dim=3)
+    keys = torch.cat([recv_kv[:, :, :, :n_low], lv.kv, recv_kv[:, :, :, n_low:]], dim=3)  # (2, B, Hkv, R + L, D)
     local_pos = torch.arange(r * L, (r + 1) * L)
     k_pos = torch.cat([remote_pos[:n_low], local_pos, remote_pos[n_low:]]).to(q.device)
 
-    doc_kw = {}
+    k_doc = None
     if docs is not None:
         recv_doc = pend_doc.wait()[..., 0]  # (B, R)
-        doc_kw = {"q_doc": docs, "k_doc": torch.cat([recv_doc[:, :n_low], docs, recv_doc[:, n_low:]], dim=1)}
-    res = spec.kernel(s["q"], keys[0], keys[1], pattern, q_pos=local_pos.to(q.device), k_pos=k_pos,
-                      return_stats=spec.return_stats, scale=spec.scale, seq_len=spec.seq_len, **doc_kw)
-    s["out"], s["lse"], s["stats"] = apply_sinks(res[0], res[1], s["sinks"], res[2] if spec.return_stats else None)
-    return s
+        k_doc = torch.cat([recv_doc[:, :n_low], docs, recv_doc[:, n_low:]], dim=1)  # (B, R + L)
+    out, lse, stats = attend(spec, lv.q, keys[0], keys[1], local_pos.to(q.device), k_pos, docs, k_doc)
+    output = Output(*apply_sinks(out, lse, lv.sinks, stats))
+    return TopKState(leaves=lv, exchange=exchange, recv_kv=recv_kv, output=output)
+
+
+def _backward(spec: TopKSpec, s: TopKState, g_out: torch.Tensor):
+    """The local kernel's backward, then the fetched rows' gradients go home and are summed there."""
+    lv = s.leaves
+    sinks = [lv.sinks] if lv.sinks is not None else []  # its gradient: this rank's queries' share
+    g_q, g_k, g_v, g_recv_kv, *g_sinks = grads_or_zeros([s.output.out], [g_out],
+                                                        [lv.q, lv.k, lv.v, s.recv_kv] + sinks)
+    g_kv = s.exchange.start_reverse(g_recv_kv, like=lv.kv).wait()
+    return g_q, g_k + g_kv[0], g_v + g_kv[1], (g_sinks[0] if g_sinks else None)
