@@ -2,20 +2,23 @@
 forward builds an inner autograd graph (exchanges + local kernel), so that its backward can run
 the exchanges in the same fixed order on every rank (see ``parallel/halo_attention.py``).
 
-A strategy supplies two functions and a state dataclass that carries ``leaves`` and ``output``:
+A strategy supplies two functions and a state dataclass (its ``Leaves``, what its backward needs,
+and its ``output``):
 
     forward(q, k, v, sinks, spec) -> state      run with grad enabled; the state keeps the inner graph
-    backward(spec, state, g_out) -> (gq, gk, gv, g_sinks)
+    backward(spec, state, g_out) -> (g_q, g_k, g_v, g_sinks)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from kernels.stats import AttnStats
+from model.pattern import Pattern
 
 
 def leaf(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -51,7 +54,17 @@ class Output:
     stats: AttnStats | None
 
 
-def attend(spec, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> tuple:
+class KernelCall(Protocol):
+    """What ``attend`` reads from a strategy's spec (``HaloSpec`` and ``TopKSpec`` both have it)."""
+
+    pattern: Pattern
+    seq_len: int
+    kernel: Callable  # sparse_attention-like
+    scale: float | None
+    return_stats: bool
+
+
+def attend(spec: KernelCall, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> tuple:
     """(out, lse, stats | None) of ``spec.kernel`` on these rows at their true positions."""
     docs = {} if q_doc is None else {"q_doc": q_doc, "k_doc": k_doc}  # custom kernels need not know them
     res = spec.kernel(q, k, v, spec.pattern, q_pos=q_pos, k_pos=k_pos, return_stats=spec.return_stats,

@@ -156,19 +156,20 @@ def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torc
     qs, _ = regular_queries(pattern, start, start + L)
     rows = remote_rows(pattern, seq_len, P, r)
     sends, recvs = kv_routes(plan, r)
-    g = bidirectional_globals(pattern)
+    n_gq = bidirectional_globals(pattern)
     spec = HaloSpec(
         pattern=pattern, seq_len=seq_len, local_pos=torch.arange(start, start + L, device=device),
         reg_start=qs - start, remote_pos=plan.remote_positions(r).to(device),
         remote_rows=None if len(rows) == start + L - qs else rows.to(device),
         kernel=kernel, scale=scale, return_stats=return_stats,
         kv_exchange=P2PExchange(ctx, sends, recvs, Tag.KV, counter, layer),
-        num_global_queries=g, sp_size=P, sp_rank=r, doc_ids=doc_ids,
+        num_global_queries=n_gq, sp_size=P, sp_rank=r, doc_ids=doc_ids,
     )
     if doc_ids is not None:  # the received keys' document ids: the same routes, one int64 column
         spec.doc_exchange = P2PExchange(ctx, sends, recvs, Tag.KV_DOCS, counter, layer, kind=DOC_KIND)
-    if g:
-        spec.q_exchange = P2PExchange(ctx, *global_queries.query_routes(g, L, P, r), Tag.GLOBAL_Q, counter, layer)
-        spec.partial_exchange = P2PExchange(ctx, *global_queries.partial_routes(g, L, P, r), Tag.GLOBAL_PARTIAL,
-                                            counter, layer)
+    if n_gq:
+        q_routes = global_queries.query_routes(n_gq, L, P, r)
+        partial_routes = global_queries.partial_routes(n_gq, L, P, r)
+        spec.q_exchange = P2PExchange(ctx, *q_routes, Tag.GLOBAL_Q, counter, layer)
+        spec.partial_exchange = P2PExchange(ctx, *partial_routes, Tag.GLOBAL_PARTIAL, counter, layer)
     return spec
