@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated subset of {','.join(PATTERNS)}")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of the variants (none, sinks, docs=N, sinks+docs=N); default all")
     p.add_argument("--join-only", action="store_true",
                    help="time only the sinks' join (kernels.stats.apply_sinks, forward + backward) at this size")
     p.add_argument("--comm", type=int, default=0, metavar="P", help="measure the halo bytes on P gloo ranks instead")
@@ -134,6 +136,8 @@ def run_pattern(pattern: Pattern, args) -> list[dict]:
     q, k, v = (torch.randn(1, H, n, D, generator=g).requires_grad_() for _ in range(3))
     dout = torch.randn(1, H, n, D, generator=g)
     calls = variants(n, [int(x) for x in args.doc_lens.split(",")], H)
+    if args.variants:  # "none" always runs: it is what the ratios are taken against
+        calls = {name: kw for name, kw in calls.items() if name in args.variants.split(",") or name == "none"}
 
     def fwd(kw):
         with torch.no_grad():
@@ -157,6 +161,10 @@ def run_pattern(pattern: Pattern, args) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
+    known = variants(1, [int(x) for x in args.doc_lens.split(",")], 1)
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
+    if unknown:
+        raise SystemExit(f"--variants: {unknown[0]!r} is not one of {', '.join(known)}")
     if args.comm:
         rows = comm_rows(args.comm, [args.seq_len, 4 * args.seq_len])
         print("| P | seq_len | K/V halo+global bytes | doc_ids bytes | doc_ids / K/V |\n|---|---|---|---|---|")

@@ -10,8 +10,9 @@ exactly. ``lse`` [B, H, Q] fp32 lets partial results be merged (kernels.stats.me
 are the per-query partials of entropy, max logit and global mass (kernels.stats.AttnStats).
 
 ``sinks`` [H] (fp32, differentiable): learned sink logits, one extra softmax column per head with no
-value (gpt-oss). The reference computes that column directly; every other backend runs without it
-and joins it from (out, lse) afterwards (``kernels.stats.apply_sinks``), so any backend supports it.
+value (gpt-oss). The reference computes that column directly and backends in ``SINK_BACKENDS`` start
+each row's online softmax from it; every other backend runs without it and joins it from (out, lse)
+afterwards (``kernels.stats.apply_sinks``), so any backend supports it.
 ``q_doc`` [B, Q], ``k_doc`` [B, K] LongTensors: packed documents (``kernels.reference.document_rule``):
 a query sees a key only if the pattern allows it and both are in the same document, except global
 keys (seen by all) and, when bidirectional, global queries (see all). Backends in ``DOC_BACKENDS``
@@ -29,6 +30,7 @@ from kernels.stats import apply_sinks
 from model.pattern import Pattern
 
 DOC_BACKENDS = ("reference", "blocked", "flex")  # backends that take q_doc / k_doc themselves
+SINK_BACKENDS = ("fused",)  # backends that join the learned sinks inside the kernel (reference: below)
 
 
 # Each backend behind one signature: (q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats,
@@ -49,12 +51,12 @@ def _flex(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
     return flex_attention_backend(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
 
 
-def _fused(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+def _fused(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, sinks=None):
     from kernels.fused import (
         fused_attention,  # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
     )
 
-    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
+    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, sinks)
 
 
 KERNELS = {"reference": _reference, "blocked": _blocked, "flex": _flex, "fused": _fused}
@@ -79,6 +81,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     docs = {} if q_doc is None and k_doc is None else {"q_doc": q_doc, "k_doc": k_doc}
     if docs and backend not in DOC_BACKENDS:
         backend = "blocked"
+    if sinks is not None and backend in SINK_BACKENDS:
+        return KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, sinks=sinks)
     res = KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs)
     if sinks is None:
         return res
@@ -103,5 +107,5 @@ def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:
     return "blocked"
 
 
-__all__ = ["sparse_attention", "reference_attention", "EmptyRowError", "BACKENDS", "DOC_BACKENDS", "KERNELS",
-           "pick_backend"]
+__all__ = ["sparse_attention", "reference_attention", "EmptyRowError", "BACKENDS", "DOC_BACKENDS", "SINK_BACKENDS",
+           "KERNELS", "pick_backend"]

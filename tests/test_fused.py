@@ -15,6 +15,7 @@ import torch
 
 import kernels.fused as fused
 from kernels import EmptyRowError, pick_backend, sparse_attention
+from kernels.stats import apply_sinks
 from model.pattern import BigBird, Window
 
 PATTERNS = {
@@ -174,4 +175,112 @@ def test_fused_with_learned_sinks():
         loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()
         res.append((out, lse, *torch.autograd.grad(loss, (q, k, v, s))))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), *res):
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")  # TOL: see above
+
+
+# ---- learned sinks joined inside the kernel (the row's online softmax starts from the sink) ----
+
+SINK_NAMES = ("out", "lse", "stat_m", "max_logit", "global_mass", "sink_mass", "dq", "dk", "dv", "dsinks")
+
+
+def _sinks(H):
+    # From a sink that barely counts (−3) to one that takes nearly all the mass (8: the rows' running
+    # max starts at the sink and every key is rescaled below it).
+    return torch.linspace(-3.0, 8.0, H, dtype=torch.float64)
+
+
+def _run_sinks(backend, qkv, sinks, pattern, q_pos, k_pos, dtype):
+    q, k, v, s = (t.to(dtype).requires_grad_() for t in (*qkv, sinks))
+    out, lse, st = sparse_attention(q, k, v, pattern, q_pos, k_pos, backend=backend, return_stats=True, sinks=s)
+    loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()  # uses the lse gradient too
+    return (out, lse, st.m, st.max_logit, st.global_mass, st.sink_mass, *torch.autograd.grad(loss, (q, k, v, s)))
+
+
+def _assert_sinks_match(qkv, pattern, q_pos=None, k_pos=None):
+    assert isinstance(fused.geometry(qkv[0].float(), qkv[1].float(), pattern, q_pos, k_pos), fused.Geometry)
+    sinks = _sinks(qkv[0].shape[1])
+    ref = _run_sinks("reference", qkv, sinks, pattern, q_pos, k_pos, torch.float64)
+    got = _run_sinks("fused", qkv, sinks, pattern, q_pos, k_pos, torch.float32)
+    for name, a, b in zip(SINK_NAMES, ref, got):
+        assert b.dtype == torch.float32
+        # TOL: see above; dsinks sums p_sink·(dlse − Δ) over B·Q <= 666 rows of fp32 terms (~1e-5 relative).
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("shape", [(2, 4, 2), (1, 2, 1)], ids=["gqa", "one_kv_head"])
+def test_fused_sinks_match_reference(name, shape):
+    """out, lse, the stats over keys plus sink, and the gradients of q, k, v and sinks; (1, 2, 1) cuts
+    the single kv head into query segments, so the sinks' per-task partial sums are combined too."""
+    B, H, Hkv = shape
+    _assert_sinks_match(_inputs(B, H, Hkv, 333, 333, 16, seed=11), PATTERNS[name])
+
+
+@pytest.mark.parametrize("name", ["sink", "longformer", "bidir"])
+def test_fused_sinks_shard_shaped(name):
+    """A shard's queries against [globals | halo + local] keys at their true positions."""
+    pattern, n = PATTERNS[name], 400
+    q_pos = torch.arange(150, 281)
+    k_pos = torch.cat([torch.arange(s, e) for s, e in pattern.kv_ranges(150, 281, n)])
+    _assert_sinks_match(_inputs(2, 4, 2, len(q_pos), len(k_pos), 8, seed=12), pattern, q_pos, k_pos)
+
+
+def test_fused_sinks_equal_the_join_after_the_kernel():
+    """In-kernel sinks give what ``kernels.stats.apply_sinks`` gives joined after the kernel (the
+    path every other backend takes): same out, lse, stats and gradients up to fp32 rounding."""
+    pattern = PATTERNS["wide_sink"]
+    qkv = [t.float() for t in _inputs(1, 4, 2, 300, 300, 16, seed=13)]
+    sinks = _sinks(4).float()
+    res = []
+    for join_after in (False, True):
+        q, k, v, s = (t.clone().requires_grad_() for t in (*qkv, sinks))
+        if join_after:
+            out, lse, st = fused.fused_attention(q, k, v, pattern, return_stats=True)
+            out, lse, st = apply_sinks(out, lse, s, st)
+        else:
+            out, lse, st = fused.fused_attention(q, k, v, pattern, return_stats=True, sinks=s)
+        loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()
+        res.append((out, lse, st.m, st.max_logit, st.global_mass, st.sink_mass, *torch.autograd.grad(loss, (q, k, v, s))))
+    for name, a, b in zip(SINK_NAMES, *res):
+        # Both sides fp32: they differ by the order of a few roundings (sigmoid vs the online rescale).
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_minus_inf_sink_is_no_sink():
+    """A sink of −inf is a column of probability 0: the kernel starts that row from the empty state."""
+    pattern = PATTERNS["sink"]
+    q, k, v = (t.float() for t in _inputs(1, 2, 1, 130, 130, 8, seed=14))
+    with_sink = fused.fused_attention(q, k, v, pattern, sinks=torch.tensor([float("-inf"), 0.5]))
+    plain = fused.fused_attention(q, k, v, pattern)
+    assert torch.equal(with_sink[0][:, 0], plain[0][:, 0]) and torch.equal(with_sink[1][:, 0], plain[1][:, 0])
+    assert not torch.equal(with_sink[1][:, 1], plain[1][:, 1])
+
+
+def test_fused_kernel_sink_only_row():
+    """A row with no allowed key (``sparse_attention`` refuses it before the kernel, as the reference
+    does; the kernel itself is called here) is all sink: out 0, lse s_h, and d s_h = dlse of the row."""
+    pattern = Window(window_left=3)
+    q, k, v = (t.float().contiguous() for t in _inputs(1, 2, 1, 2, 10, 8, seed=15))
+    g = fused.geometry(q, k, pattern, torch.tensor([5, 100]), torch.arange(10))  # query 100 sees no key
+    sinks, scale = torch.tensor([0.25, -1.5]), 8 ** -0.5
+    out, lse = fused.extension().forward(q, k, v, sinks, *g.args(pattern), scale, False)
+    assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and torch.equal(lse[0, :, 1], sinks)
+    d_out, d_lse = torch.zeros_like(out), torch.zeros_like(lse)
+    d_lse[0, :, 1] = torch.tensor([2.0, 3.0])  # only the empty row carries a gradient
+    dq, dk, dv, ds = extension_backward(q, k, v, sinks, d_out, out, lse, d_lse, g, pattern, scale)
+    assert torch.equal(ds, torch.tensor([2.0, 3.0])) and not dk.any() and not dv.any() and not dq.any()
+
+
+def extension_backward(q, k, v, sinks, d_out, out, lse, d_lse, g, pattern, scale):
+    return fused.extension().backward(q, k, v, sinks, d_out, out, lse, d_lse, *g.args(pattern), scale)
+
+
+def test_fused_sinks_fall_back_with_the_join():
+    """Where the fused kernel does not apply (dilation), blocked runs and the sinks join after it."""
+    pattern = Window(window_left=60, dilation=3, num_global=2)
+    qkv = _inputs(1, 2, 2, 200, 200, 16, seed=16)
+    sinks = _sinks(2)
+    ref = _run_sinks("reference", qkv, sinks, pattern, None, None, torch.float64)
+    got = _run_sinks("fused", qkv, sinks, pattern, None, None, torch.float32)
+    for name, a, b in zip(SINK_NAMES, ref, got):
         torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")  # TOL: see above

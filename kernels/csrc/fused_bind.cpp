@@ -4,8 +4,9 @@
 
 #include "fused_common.h"
 
-static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qpos, const at::Tensor& kpos,
-                      int64_t P, int64_t kbase, int64_t wl, int64_t wr, int64_t ng, bool causal, double scale) {
+static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& sinks,
+                      const at::Tensor& qpos, const at::Tensor& kpos, int64_t P, int64_t kbase, int64_t wl, int64_t wr,
+                      int64_t ng, bool causal, double scale) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && q.is_contiguous() && k.is_contiguous(),
               "fused attention: q, k, v must be contiguous float32");
   TORCH_CHECK(q.size(3) % 8 == 0, "fused attention: head_dim must be a multiple of 8");
@@ -14,13 +15,16 @@ static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   g.P = P, g.L = g.K - P, g.kbase = kbase, g.wl = wl, g.wr = wr, g.ng = ng, g.causal = causal;
   g.scale = (float)scale;
   g.qpos = qpos.data_ptr<int64_t>(), g.kpos = kpos.data_ptr<int64_t>();
+  TORCH_CHECK(!sinks || (sinks->dtype() == at::kFloat && sinks->is_contiguous() && sinks->numel() == g.H),
+              "fused attention: sinks must be a contiguous float32 [H] tensor");
+  g.sinks = sinks ? sinks->data_ptr<float>() : nullptr;
   return g;
 }
 
-std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qpos, at::Tensor kpos,
-                                      int64_t P, int64_t kbase, int64_t wl, int64_t wr, int64_t ng, bool causal,
-                                      double scale, bool stats) {
-  fused::Geo g = geo(q, k, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> sinks,
+                                      at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase, int64_t wl,
+                                      int64_t wr, int64_t ng, bool causal, double scale, bool stats) {
+  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
   at::Tensor out = at::empty_like(q), lse = at::empty({g.B, g.H, g.Q}, q.options());
   std::vector<at::Tensor> res{out, lse};
   fused::FwdOut o{out.data_ptr<float>(), lse.data_ptr<float>(), nullptr, nullptr, nullptr};
@@ -32,22 +36,26 @@ std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, 
   return res;
 }
 
-std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor out,
-                                       at::Tensor lse, c10::optional<at::Tensor> dlse, at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase,
-                                       int64_t wl, int64_t wr, int64_t ng, bool causal, double scale) {
-  fused::Geo g = geo(q, k, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> sinks,
+                                       at::Tensor dout, at::Tensor out, at::Tensor lse, c10::optional<at::Tensor> dlse,
+                                       at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase, int64_t wl,
+                                       int64_t wr, int64_t ng, bool causal, double scale) {
+  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  at::Tensor dsinks = sinks ? at::zeros_like(*sinks) : at::Tensor();
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && (!dlse || dlse->is_contiguous()),
               "fused attention backward: dout, out and dlse must be contiguous");
   fused::BwdIn in{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
                   out.data_ptr<float>(), lse.data_ptr<float>(), dlse ? dlse->data_ptr<float>() : nullptr,
-                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
+                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                  sinks ? dsinks.data_ptr<float>() : nullptr};
   fused::backward(g, in, at::get_num_threads());
   dk.mul_(scale);  // the kernel accumulates dS^T Q with the unscaled queries
+  if (sinks) return {dq, dk, dv, dsinks};
   return {dq, dk, dv};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &fused_forward, "fused band attention forward -> [out, lse(, m, max_logit, global_mass)]");
-  m.def("backward", &fused_backward, "fused band attention backward -> [dq, dk, dv]");
+  m.def("forward", &fused_forward, "fused band attention forward (learned sinks inside) -> [out, lse(, m, max_logit, global_mass)]");
+  m.def("backward", &fused_backward, "fused band attention backward -> [dq, dk, dv(, dsinks)]");
 }

@@ -1,7 +1,8 @@
 // Backward of the fused band attention, one pass with 5 matmuls per (query tile, key tile):
 //   S^T = K Qsᵀ, P^T = exp(S^T − lse), dV += P^T dO, dP^T = V dOᵀ, dS^T = P^T ∘ (dP^T − Δ'),
 //   dK += dS^T Q, dQ += dS K           with Δ' = rowsum(dO ∘ O) − dlse computed per query tile (the
-//   lse gradient: ∂lse/∂s = p, so dlse enters as dS += p·dlse).
+//   lse gradient: ∂lse/∂s = p, so dlse enters as dS += p·dlse). A learned sink is already inside the
+//   saved lse (see fused_fwd.cpp), so P is the softmax over keys plus sink; its own gradient is per row.
 // Tasks are (batch, kv head, segment of query tiles). A task owns the dQ rows of its queries (all G
 // query heads sharing the kv head) and accumulates dK/dV of the keys they touch: straight into the
 // output when the head has one segment (no atomics, no second pass over the queries as in
@@ -64,7 +65,8 @@ static float delta(const float* dout, const float* out, int64_t D) {
 }
 
 // One (query tile of head h) × (its key tiles); dk/dv rows of key row kr live at acc + (kr − off(kr))·D.
-static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64_t qt, float* dk, float* dv,
+// Returns the tile's share of ∂loss/∂sinks[h] (0 without sinks).
+static double bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64_t qt, float* dk, float* dv,
                       int64_t off, BwdWork& w) {
   const int64_t D = g.D, G = g.H / g.Hkv, i0 = qt * TQ, row0 = (b * g.H + h) * g.Q + i0;
   const int nr = (int)std::min<int64_t>(TQ, g.Q - i0);
@@ -81,6 +83,11 @@ static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64
     w.lse[r] = r < nr ? in.lse[row0 + r] : 0.f;
     w.dl[r] = r < nr ? delta(doh + r * D, in.out + (row0 + r) * D, D) - (in.dlse ? in.dlse[row0 + r] : 0.f) : 0.f;
   }
+  // The sink is a column with score s_h and no value: dP = 0 there, so its dS is p_sink·(0 − Δ') with
+  // p_sink = exp(s_h − lse) (lse includes the sink); the keys' dS keep their form.
+  double dsink = 0.0;
+  if (g.sinks && g.sinks[h] != NEG_INF)
+    for (int r = 0; r < nr; ++r) dsink -= (double)std::exp(g.sinks[h] - w.lse[r]) * w.dl[r];
   float *st = w.st.data(), *dpt = w.dpt.data();
   for (const Tile& t : w.tiles) {
     const int64_t acc_row = t.k0 - (t.prefix ? 0 : off);
@@ -97,6 +104,7 @@ static void bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int64
     gemm(nr, (int)D, t.nc, dpt, 1, TQ, kh + t.k0 * D, D, dqh, D, true);   // dQ += dS K (scaled below)
   }
   for (int64_t i = 0; i < nr * D; ++i) dqh[i] *= g.scale;
+  return dsink;
 }
 
 void backward(const Geo& g, const BwdIn& in, int nthreads) {
@@ -105,6 +113,7 @@ void backward(const Geo& g, const BwdIn& in, int nthreads) {
   const int64_t nseg = std::min<int64_t>(nqt, heads >= 2 * nthreads ? 1 : (2 * nthreads + heads - 1) / heads);
   std::vector<std::vector<float>> priv(nseg > 1 ? heads * nseg : 0);
   std::vector<int64_t> jlo(heads * nseg), jhi(heads * nseg);
+  std::vector<double> dsink(heads * nseg * G, 0.0);  // per (task, query head of its group): summed below in order
   at::parallel_for(0, heads * nseg, 1, [&](int64_t t0, int64_t t1) {
     thread_local BwdWork w;
     w.qt.resize(D * TQ), w.dot.resize(D * TQ), w.st.resize(TK * TQ), w.dpt.resize(TK * TQ);
@@ -120,9 +129,15 @@ void backward(const Geo& g, const BwdIn& in, int nthreads) {
         dk = priv[task].data(), dv = dk + (g.P + jhi[task] - jlo[task]) * D;
       }
       for (int64_t qt = qt0; qt < qt1; ++qt)
-        for (int64_t j = 0; j < G; ++j) bwd_qtile(g, in, b, (hd % g.Hkv) * G + j, qt, dk, dv, off, w);
+        for (int64_t j = 0; j < G; ++j) dsink[task * G + j] += bwd_qtile(g, in, b, (hd % g.Hkv) * G + j, qt, dk, dv, off, w);
     }
   });
+  if (in.dsinks) {  // summed in task order, not in whatever order threads finish: deterministic
+    std::vector<double> per_head(g.H, 0.0);
+    for (int64_t task = 0; task < heads * nseg; ++task)
+      for (int64_t j = 0; j < G; ++j) per_head[(task / nseg % g.Hkv) * G + j] += dsink[task * G + j];
+    for (int64_t h = 0; h < g.H; ++h) in.dsinks[h] = (float)per_head[h];
+  }
   if (nseg == 1) return;
   at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {  // sum the segments' private dK/dV
     for (int64_t hd = h0; hd < h1; ++hd)

@@ -32,7 +32,16 @@ struct Geo {
   float scale;
   const int64_t* qpos;  // [Q]
   const int64_t* kpos;  // [K] (only the prefix is read)
+  const float* sinks;   // [H] learned sink logits (one extra softmax column per head, no value), or null
 };
+
+// The sink of head h as the softmax state a query row starts from: running max m0 = s_h and running
+// sum l0 = exp(s_h − m0) = 1, so that out and lse come out with the sink column included (no extra
+// pass). No sink, or s_h = −inf, starts from the empty state (−inf, 0).
+inline void sink_start(const Geo& g, int64_t h, float& m0, float& l0) {
+  m0 = g.sinks ? g.sinks[h] : NEG_INF;
+  l0 = m0 == NEG_INF ? 0.f : 1.f;
+}
 
 struct FwdOut {
   float* out;                    // [B, H, Q, D]
@@ -44,6 +53,7 @@ struct BwdIn {
   const float *q, *k, *v, *dout, *out, *lse;
   const float* dlse;                            // [B, H, Q] or null (no lse gradient)
   float *dq, *dk, *dv;                          // outputs, zero-initialised
+  float* dsinks;                                // [H] output (zero-initialised) when g.sinks, else null
 };
 
 void forward(const Geo& g, const float* q, const float* k, const float* v, const FwdOut& res);

@@ -71,9 +71,11 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   pack_t(qh, nr, D, g.scale, w.qt.data());
   float* o = w.o.data();
   std::fill(o, o + nr * D, 0.f);
-  std::fill(w.rs.m, w.rs.m + TQ, NEG_INF);
-  std::fill(w.rs.l, w.rs.l + TQ, 0.f);
-  std::fill(w.rs.es, w.rs.es + TQ, 0.f);
+  float m0, l0;  // the learned sink, if any, is the first "key" every row has seen
+  sink_start(g, h, m0, l0);
+  std::fill(w.rs.m, w.rs.m + TQ, m0);
+  std::fill(w.rs.l, w.rs.l + TQ, l0);
+  std::fill(w.rs.es, w.rs.es + TQ, l0 > 0.f ? m0 : 0.f);  // Σ e·s starts with the sink's 1·s_h
   std::fill(w.rs.eg, w.rs.eg + TQ, 0.f);
   float* st = w.st.data();
   for (const Tile& t : w.tiles) {
@@ -88,7 +90,8 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   }
   const int64_t row0 = bh * g.Q + i0;
   for (int r = 0; r < nr; ++r) {
-    const float l = w.rs.l[r], inv = 1.f / l;  // l == 0: an empty row, lse = −inf (the caller raises)
+    // l == 0: an empty row without a sink, lse = −inf (the caller raises); with a sink: out 0, lse s_h.
+    const float l = w.rs.l[r], inv = 1.f / l;
     float* dst = res.out + (row0 + r) * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
     res.lse[row0 + r] = w.rs.m[r] + std::log(l);
