@@ -38,7 +38,7 @@ def model_bytes(n, P, heads, kv_heads, head_dim, window, num_global, itemsize) -
 
 def _measure_one(ctx, n: int, cfg: dict) -> dict[str, int]:
     from model.pattern import Window
-    from parallel.halo import P2PExchange, kv_routes
+    from parallel.halo import P2PExchange, Tag, kv_routes
     from parallel.plan import build_plan
     from parallel.ulysses import ulysses_attention
 
@@ -48,7 +48,7 @@ def _measure_one(ctx, n: int, cfg: dict) -> dict[str, int]:
     got = {}
     counter = CommCounter()
     kv = torch.randn(2, 1, Hkv, L, D)
-    P2PExchange(ctx, *kv_routes(build_plan(pattern, n, P), ctx.sp_rank), 10, counter, 0).start(kv).wait()
+    P2PExchange(ctx, *kv_routes(build_plan(pattern, n, P), ctx.sp_rank), Tag.KV, counter, 0).start(kv).wait()
     got["halo"] = counter.total("recv", "forward")
 
     counter = CommCounter()
