@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+import torch.distributed as dist
+
+from parallel.context import ParallelContext
+
 DIRECTIONS = ("forward", "backward")
 DOC_KIND = "doc_ids"  # document ids of received keys, whichever strategy moved them
 
@@ -43,6 +48,19 @@ class CommCounter:
 
     def reset(self) -> None:
         self._bytes.clear()
+
+
+def counted_all_gather(x: torch.Tensor, ctx: ParallelContext, kind: str, counter: CommCounter | None = None,
+                       layer: str | int = 0) -> torch.Tensor:
+    """[P, *x.shape]: every SP rank's ``x`` in SP-rank order, carrying no gradient; counted under ``kind``
+    (block summaries and need vectors of the top-k path, document ids on the Ulysses path)."""
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(ctx.sp_size)]
+    dist.all_gather(parts, x, group=ctx.sp_group, async_op=True).wait(ctx.timeout)
+    if counter is not None:  # logically each rank sends its piece to, and receives one from, P−1 peers
+        moved = x.numel() * x.element_size() * (ctx.sp_size - 1)
+        counter.add(layer, "forward", kind, sent=moved, recv=moved)
+    return torch.stack(parts)
 
 
 # --- cost model (bytes per rank per layer, forward) ------------------------------------------------

@@ -44,11 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from kernels.stats import apply_sinks
 from model.pattern import Pattern, block_mean
-from parallel.comm import DOC_KIND, CommCounter
+from parallel.comm import DOC_KIND, CommCounter, counted_all_gather
 from parallel.context import ParallelConfigError, ParallelContext
 from parallel.halo import P2PExchange, Route, Tag
 from parallel.inner_graph import Leaves, Output, attend, grads_or_zeros, leaf, run_layer
@@ -65,23 +64,6 @@ def check_blocks(local_len: int, block_size: int, sp_size: int) -> int:
             f"must hold whole blocks); change attention.block_size or sequence_parallel_size, or use "
             f"strategy=ulysses")
     return local_len // block_size
-
-
-class SummaryExchange:
-    """All-gathers over the SP group that carry no gradient (block summaries, need vectors), counted."""
-
-    def __init__(self, ctx: ParallelContext, counter: CommCounter | None = None, layer: str | int = 0):
-        self.ctx, self.counter, self.layer = ctx, counter, layer
-
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """[P, *x.shape]: every rank's ``x`` in SP-rank order."""
-        x = x.detach().contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.ctx.sp_size)]
-        dist.all_gather(parts, x, group=self.ctx.sp_group, async_op=True).wait(self.ctx.timeout)
-        if self.counter is not None:  # logically each rank sends its piece to, and receives one from, P−1 peers
-            moved = x.numel() * x.element_size() * (self.ctx.sp_size - 1)
-            self.counter.add(self.layer, "forward", kind, sent=moved, recv=moved)
-        return torch.stack(parts)
 
 
 def block_routes(needs: torch.Tensor, rank: int, blocks_per_rank: int, block_size: int
@@ -167,14 +149,14 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:
     ctx, pattern = spec.ctx, spec.pattern
     r, L, bs = ctx.sp_rank, q.shape[2], pattern.block_size
     nlb = L // bs
-    gather = SummaryExchange(ctx, spec.counter, spec.layer)
     local_means = block_mean(k.detach(), torch.arange(L, device=k.device) // bs, nlb)  # (B, Hkv, nLB, D)
-    summaries = torch.cat(gather.all_gather(local_means, SUMMARY).unbind(0), dim=2)  # (B, Hkv, nKB, D)
+    gathered = counted_all_gather(local_means, ctx, SUMMARY, spec.counter, spec.layer)  # (P, B, Hkv, nLB, D)
+    summaries = torch.cat(gathered.unbind(0), dim=2)  # (B, Hkv, nKB, D)
 
     need = select_local(pattern, q.detach(), summaries, r).flatten(0, 2).any(0)  # (nKB,) over B, H, query blocks
     need[0] = True  # forced for every query block; already set, stated for the exactness argument
     need[r * nlb:(r + 1) * nlb] = False  # own blocks are local
-    needs = gather.all_gather(need.to(torch.uint8), REQUESTS).bool()  # (P, nKB)
+    needs = counted_all_gather(need.to(torch.uint8), ctx, REQUESTS, spec.counter, spec.layer).bool()  # (P, nKB)
     sends, recvs = block_routes(needs, r, nlb, bs)
 
     lv = Leaves.of(q, k, v, sinks)
@@ -189,7 +171,8 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:
     remote_pos = [torch.arange(lo, hi) for route in recvs for lo, hi, _ in route.rows]
     remote_pos = torch.cat(remote_pos) if remote_pos else torch.zeros(0, dtype=torch.long)
     n_low = int((remote_pos < r * L).sum())
-    keys = torch.cat([recv_kv[:, :, :, :n_low], lv.kv, recv_kv[:, :, :, n_low:]], dim=3)  # (2, B, Hkv, R + L, D)
+    low, high = recv_kv[:, :, :, :n_low], recv_kv[:, :, :, n_low:]
+    keys = torch.cat([low, lv.kv, high], dim=3)  # (2, B, Hkv, R + L, D)
     local_pos = torch.arange(r * L, (r + 1) * L)
     k_pos = torch.cat([remote_pos[:n_low], local_pos, remote_pos[n_low:]]).to(q.device)
 

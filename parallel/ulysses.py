@@ -21,11 +21,10 @@ its shared-memory op once, ~1–2 min, cached under ``TORCH_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kernels.stats import AttnStats
 from model.pattern import Pattern
-from parallel.comm import DOC_KIND, CommCounter
+from parallel.comm import DOC_KIND, CommCounter, counted_all_gather
 from parallel.context import ParallelConfigError, ParallelContext
 
 KIND = "alltoall"
@@ -85,7 +84,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         h = H // P
         extra["sinks"] = sinks[ctx.sp_rank * h:(ctx.sp_rank + 1) * h]  # this rank's heads after the all-to-all
     if doc_ids is not None:
-        full = _gather_docs(doc_ids, ctx, counter, layer)  # (B, n)
+        full = torch.cat(counted_all_gather(doc_ids, ctx, DOC_KIND, counter, layer).unbind(0), dim=1)  # (B, n)
         extra["q_doc"], extra["k_doc"] = full, full
 
     def local_attention(q_bnhd, k_bnhd, v_bnhd, *_args, **_kwargs):
@@ -113,13 +112,3 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     back = single_all_to_all(local, 1, 2, 0, ctx.sp_group).transpose(1, 2)  # (B, H, L, 4|5)
     lse, m, mx, gm, *sink = back.unbind(-1)
     return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink[0] if sink else None)
-
-
-def _gather_docs(doc_ids: torch.Tensor, ctx: ParallelContext, counter, layer) -> torch.Tensor:
-    """[B, n]: every rank's document ids [B, L] in SP-rank (= position) order."""
-    parts = [torch.empty_like(doc_ids) for _ in range(ctx.sp_size)]
-    dist.all_gather(parts, doc_ids.contiguous(), group=ctx.sp_group, async_op=True).wait(ctx.timeout)
-    if counter is not None:
-        moved = doc_ids.numel() * doc_ids.element_size() * (ctx.sp_size - 1)
-        counter.add(layer, "forward", DOC_KIND, sent=moved, recv=moved)
-    return torch.cat(parts, dim=1)
