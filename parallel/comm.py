@@ -4,7 +4,7 @@ A ``CommCounter`` is passed to whoever communicates (it is not a global): every 
 sends and receives is added under (layer, direction, kind), where direction is ``forward`` or
 ``backward`` and kind is what travelled (``halo``, ``global``, ``blocks``, ``global_q``,
 ``global_partial``, ``summary``, ``requests``, ``alltoall``, ``doc_ids``). ``as_dict`` gives flat
-keys for metrics.
+keys for metrics. ``counted_all_gather`` is the one all-gather here that counts its own bytes.
 """
 
 from __future__ import annotations
