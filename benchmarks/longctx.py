@@ -157,8 +157,13 @@ def sink_logits_available() -> bool:
         return False
 
 
+STABILITY_SEEDS = (0, 1, 2)  # one run per seed: one run's entropy spread hangs on whether a collapse happens
+
+
 def stability(study: Study, quick: bool) -> None:
-    base = ["seq_len=1024", "steps=150", "optim.lr=3.0e-2", "optim.min_lr=3.0e-3", "optim.warmup_steps=5",
+    """Window vs sink tokens vs learned sink logits at lr 0.3 (100x the default: at 3e-2 nothing moved,
+    LONGCTX.md), each over ``STABILITY_SEEDS``; dense (10x the cost) once, as the reference."""
+    base = ["seq_len=1024", "steps=300", "optim.lr=0.3", "optim.min_lr=0.03", "optim.warmup_steps=5",
             "eval_every=0", "eval_batches=2", "logging.stats_every=5", "batch_size=4"]
     patterns = {"window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
                 "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]}
@@ -167,30 +172,46 @@ def stability(study: Study, quick: bool) -> None:
                                    "model.sink_logits=true"]
     patterns["dense"] = ["attention=dense"]
     for label, overrides in patterns.items():
-        rows, _ = study.train("stability", label, [*base, *overrides])
-        if rows is None:
+        runs = []
+        for seed in STABILITY_SEEDS[:1] if label == "dense" else STABILITY_SEEDS:
+            rows, _ = study.train("stability", f"{label}_seed{seed}", [*base, f"seed={seed}", *overrides])
+            if rows is not None:
+                runs.append((seed, rows))
+        if not runs:
             study.add("stability", label, "final_loss", float("nan"), status="failed")
             continue
-        stability_rows(study, label, rows)
+        stability_rows(study, label, runs)
 
 
-def stability_rows(study: Study, label: str, rows: list[dict]) -> None:
+def run_stability(rows: list[dict]) -> dict[str, float]:
     """The stability metrics of one run's metrics rows. ``entropy_std``: the standard deviation, over
     the logged steps of the second half of training (after the initial fall from uniform attention,
     which every pattern shows), of the attention entropy averaged over layers and heads."""
-    losses = [r["train/loss"] for r in rows]
     ent_keys = sorted(k for k in rows[-1] if k.endswith("/entropy_mean"))
-    late = [r for r in rows if r["step"] > rows[-1]["step"] // 2]
     layer_mean = lambda r: statistics.mean(r[k] for k in ent_keys)  # noqa: E731
-    per_step = [layer_mean(r) for r in late if ent_keys and ent_keys[0] in r]
-    every = [layer_mean(r) for r in rows if ent_keys and ent_keys[0] in r]
+    late = [layer_mean(r) for r in rows if r["step"] > rows[-1]["step"] // 2 and ent_keys and ent_keys[0] in r]
     logits = [r[k] for r in rows for k in r if k.endswith("/max_logit")]
-    study.add("stability", label, "spikes", spikes(losses), definition="loss > 1.5 x median of previous 20 steps")
-    study.add("stability", label, "entropy_std", statistics.pstdev(per_step) if per_step else float("nan"),
-              definition="std over logged steps of the 2nd half of the layer-mean entropy (nats)",
-              all_steps=statistics.pstdev(every) if every else float("nan"))
-    study.add("stability", label, "max_logit", max(logits) if logits else float("nan"))
-    study.add("stability", label, "final_loss", _last(rows, "eval/loss"), bpb=_last(rows, "eval/bpb"))
+    nan = float("nan")
+    return {"spikes": spikes([r["train/loss"] for r in rows]), "entropy_std": statistics.pstdev(late) if late else nan,
+            "max_logit": max(logits) if logits else nan, "final_loss": _last(rows, "eval/loss"),
+            "bpb": _last(rows, "eval/bpb")}
+
+
+def stability_rows(study: Study, label: str, runs: list[tuple[int, list[dict]]]) -> None:
+    """One row per metric for ``label``'s runs (seed, metrics rows): the median over seeds (spikes: the
+    total), with every seed's value in ``per_seed``."""
+    per = [run_stability(rows) for _, rows in runs]
+    seeds = [seed for seed, _ in runs]
+    defs = {"spikes": "total over seeds of the steps whose loss > 1.5 x median of the previous 20",
+            "entropy_std": "median over seeds of the std over logged steps of the 2nd half of the layer-mean "
+                           "entropy (nats)",
+            "max_logit": "median over seeds of the run's largest logged max logit",
+            "final_loss": "median over seeds of the eval loss (nats/byte)"}
+    for metric, definition in defs.items():
+        vals = [m[metric] for m in per]
+        value = sum(vals) if metric == "spikes" else statistics.median(vals)
+        study.add("stability", label, metric, value, seeds=" ".join(map(str, seeds)),
+                  per_seed=" ".join(f"{v:.4g}" for v in vals), definition=definition)
 
 
 # --- experiment 4: coverage -----------------------------------------------------------------------
@@ -282,8 +303,12 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
     study = Study(Path(result["run_root"]), result["wandb_group"], 0)
     load_curves(study, Path(result["run_root"]), result["experiments"])
     if "stability" in study.curves:  # derived from the logged metrics: recomputed with this file's definitions
+        by_pattern: dict[str, list] = {}
         for label, rows in study.curves["stability"].items():
-            stability_rows(study, label, rows)
+            pattern, _, seed = label.partition("_seed")
+            by_pattern.setdefault(pattern, []).append((int(seed or 0), rows))
+        for pattern, runs in by_pattern.items():
+            stability_rows(study, pattern, runs)
         result["rows"] = [r for r in result["rows"] if r["experiment"] != "stability"] + study.rows
     merge(result, study, json.loads(old_path.read_text()))
     result["combined_by"] = " ".join(["python -m benchmarks.longctx", *sys.argv[1:]])

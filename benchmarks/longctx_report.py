@@ -22,15 +22,16 @@ SETTINGS = {
                      "question at the end of 512 tokens; tiny model (2 layers, d_model 64), lr 1e-2 (cosine to 1e-3), "
                      "batch 16; window 32 (reach 2 x 32 = 64 << 512), sink = window 32 + 16 global tokens",
     "content_vs_position": "passkey, key_len=1, needle start uniform in [0.25, 0.75] of 512 tokens; sink = window "
-                           "32 + 16 globals (48 keys/query), topk = top_k chosen blocks + own block + block 0 (the "
-                           "quick run: 2 blocks of 32, <= 128 keys/query; the default since: 4 blocks of 16, <= 96 "
-                           "keys/query, see the overrides column); same model and optimiser as experiment 1",
-    "stability": "text (stdlib bytes), seq_len 1024, batch 4, lr 3e-2 (10x the default), 150 steps, stats every 5",
+                           "32 + 16 globals (48 keys/query), topk = 4 chosen blocks of 16 + own block + block 0 "
+                           "(<= 96 keys/query; 2 blocks of 32 stayed at chance, see What was tried); same model and "
+                           "optimiser as experiment 1",
+    "stability": "text (stdlib bytes), seq_len 1024, batch 4, lr 0.3 (100x the default; cosine to 0.03), 300 steps, "
+                 "stats every 5; window, sink and sink_logits over seeds 0, 1, 2 (medians; every seed's value in "
+                 "per_seed), dense once (seed 0: 10x the cost of a sparse run)",
     "coverage": "dense on text, seq_len 1024, 300 steps; candidates with window 32 and 16 globals (bigbird: + 2 "
                 "random blocks of 64); fine-tune 60 steps with the candidate from the dense checkpoint "
-                "(60 more steps of training: part of any drop below the dense loss is just that). The dense model is weak "
-                "(3.59 bits/byte after 300 steps): it uses little context, so cheap pruning here is weak evidence",
-    "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 40 steps, 16k: 8 steps (dense at 16k costs ~20 s per step here); "
+                "(60 more steps of training: part of any drop below the dense loss is just that)",
+    "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 40 steps, 16k: 8 steps; "
             "the equal-time sink run gets the steps that the equal-steps runs' time ratio allows: its actual "
             "training seconds are in train_s (the shared machine's load changed between runs)",
 }
@@ -53,9 +54,13 @@ NOTES = [
     "mostly filler queries, and only chosen blocks get a gradient). Hence 4 x 16 and 600 steps for the longer run.",
     "The topk row of the first longer run (no overrides column: it started before the retune) is the quick run's "
     "2 blocks of 32 at 600 steps: still at chance (0.09). The second longer run is the retuned 4 blocks of 16.",
-    "Not tried, for lack of machine time (5 agents on 2 cores): stability at other learning rates or for longer (no "
-    "run spiked at 3e-2, so the claim was not stressed), coverage on a stronger text model, cost beyond 16k, more "
-    "than one seed per configuration (every number here is one run).",
+    "Stability at lr 3e-2, 150 steps, one seed (the first full run): no spikes, entropy std sink 0.0098 vs window "
+    "0.0102, so the claim was not stressed. Probes at 300 steps (one run each): lr 0.1 seed 0: window 0.026, sink "
+    "0.0027; lr 0.3 seed 0: window 0.54, sink 0.0053; lr 0.3 seed 1: window 0.0076, sink 0.032, sink_logits 0.051 "
+    "(max logits 4e3 to 8e4: the logits explode at these rates, the loss does not spike). One run's spread hangs on "
+    "whether a collapse happens in it, so the study now takes the median of three seeds at lr 0.3.",
+    "Not tried, for lack of machine time: coverage on a much stronger text model, cost beyond 16k, more than three "
+    "seeds for stability or more than one seed elsewhere (every other number here is one run).",
 ]
 
 
@@ -98,9 +103,11 @@ def verdict(result: dict, experiment: str) -> str:
             return "incomplete (a run failed)"
         good = s <= 0.8 * w and ss <= ws
         calm = all(r["value"] == 0 for r in _rows(result, experiment, "spikes"))
-        return (f"{'reproduced' if good else 'not reproduced'}: entropy std sink {s:.4f} vs window {w:.4f}, spikes "
-                f"sink {ss:.0f} vs window {ws:.0f} (threshold: sink spread at least 20% lower, no more spikes)"
-                + ("; no run had a single spike, so this learning rate did not test the claim hard" if calm else ""))
+        lg = v("sink_logits", "entropy_std")
+        return (f"{'reproduced' if good else 'not reproduced'}: median entropy std sink {s:.4f} vs window {w:.4f}"
+                + (f" (learned sink logits {lg:.4f})" if _ok(lg) else "")
+                + f", spikes sink {ss:.0f} vs window {ws:.0f} (threshold: sink spread at least 20% lower, no more spikes)"
+                + ("; no run had a single spike" if calm else ""))
     if experiment == "coverage":
         return _coverage_verdict(result)
     return _cost_verdict(result)
