@@ -1,9 +1,10 @@
-"""What learned sinks and document masking cost (or save) in the blocked kernel. A script, not a test.
+"""What learned sinks and document masking cost (or save) in the kernels. A script, not a test.
 
     python -m benchmarks.sinks_docs --seq-len 16384 --json benchmarks/sinks_docs_cpu.json
 
-Per pattern, variants of one attention call at B=1, H=8, D=64 fp32 (backend=blocked):
-``none`` (plain), ``sinks`` (learned sink logits, joined from out/lse), ``docs=N`` (packed documents of N
+Per pattern, variants of one attention call at B=1, H=8, D=64 fp32 (``--backend``, blocked by default):
+``none`` (plain), ``sinks`` (learned sink logits: joined from out/lse after blocked, inside the fused
+kernel), ``docs=N`` (packed documents of N
 tokens: the plan gathers only keys some query of a block may see), ``sinks+docs=N``. Every variant is
 timed in the same process, interleaved round by round, and reported as a ratio to ``none`` (the
 machine may be shared: ratios within one run are what to compare). Times are the minimum over rounds
