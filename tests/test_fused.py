@@ -267,12 +267,8 @@ def test_fused_kernel_sink_only_row():
     assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and torch.equal(lse[0, :, 1], sinks)
     d_out, d_lse = torch.zeros_like(out), torch.zeros_like(lse)
     d_lse[0, :, 1] = torch.tensor([2.0, 3.0])  # only the empty row carries a gradient
-    dq, dk, dv, ds = extension_backward(q, k, v, sinks, d_out, out, lse, d_lse, g, pattern, scale)
+    dq, dk, dv, ds = fused.extension().backward(q, k, v, sinks, d_out, out, lse, d_lse, *g.args(pattern), scale)
     assert torch.equal(ds, torch.tensor([2.0, 3.0])) and not dk.any() and not dv.any() and not dq.any()
-
-
-def extension_backward(q, k, v, sinks, d_out, out, lse, d_lse, g, pattern, scale):
-    return fused.extension().backward(q, k, v, sinks, d_out, out, lse, d_lse, *g.args(pattern), scale)
 
 
 def test_fused_sinks_fall_back_with_the_join():
