@@ -24,6 +24,14 @@ from model.pattern import Pattern, block_mean
 
 BLOCK = 128  # query rows per block of positional plans (measured best of 32/64/128 at 16k on CPU)
 CHUNK_ELEMS = 1 << 22  # score elements per chunk (16 MiB fp32): bounds the working set (and was fastest)
+# Two padding limits, neither tuned (commits 08add75, d927cef give no measurement). Measured for this
+# comment (n = 8192, D = 64, fwd+bwd CPU time, 1 thread, shared machine, min of 5): PAD_RATIO 1.5 was 4–7%
+# faster than 2 on a causal window with documents (H = 8), 4 and no limit 0–6% slower. Of the windows
+# tried (causal, bidirectional; with and without documents) BAND_SLACK changed only the plans of a
+# bidirectional window cut by documents, where 1.0 was 4–5% faster and 2.0 2% slower than 1.25.
+# Both are mild guesses, kept as they are so that every plan (and so every output) is unchanged.
+PAD_RATIO = 2  # group_blocks: a block joins a chunk only if its key count is within this factor of its widest
+BAND_SLACK = 1.25  # _band_form: a band may exceed the longest run by this factor (plus one BLOCK of rounding)
 
 
 @dataclass
@@ -76,13 +84,19 @@ def _pad_rows(rows_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def group_blocks(key_counts: list[int], bh: int, block: int = BLOCK) -> list[tuple[int, int]]:
-    """Greedy consecutive grouping of query blocks into chunks of bounded score size. A block whose
-    key count differs by more than 2× from the chunk's starts a new chunk (padding waste)."""
+    """Greedy consecutive grouping of query blocks into chunks of bounded score size.
+
+    Every block of a chunk is padded to the chunk's widest key count (``_pad_rows``); a padded column
+    costs a score, an exp and a matmul column like a real one, while each extra chunk costs one more
+    trip through the per-chunk loop. A block starts a new chunk when its key count is over
+    ``PAD_RATIO`` × the chunk's widest so far (the blocks in it would be padded more than that) or
+    under 1/``PAD_RATIO`` of it (it would itself be). Counts that keep growing (a causal dense layer)
+    can still pad a chunk's first block further; ``CHUNK_ELEMS`` bounds the chunk either way."""
     groups, start, kmax = [], 0, 0
     for i, kc in enumerate(key_counts):
         new_max = max(kmax, kc)
         too_big = (i - start + 1) * new_max * block * bh > CHUNK_ELEMS
-        mismatch = i > start and (kc > 2 * kmax or 2 * kc < kmax)
+        mismatch = i > start and (kc > PAD_RATIO * kmax or PAD_RATIO * kc < kmax)
         if i > start and (too_big or mismatch):
             groups.append((start, i))
             start, new_max = i, kc
@@ -121,7 +135,11 @@ def _band_form(rows: list[torch.Tensor], n_prefix_rows: int, b0: int):
     shift = [(i + b0) * BLOCK for i in range(len(rows))]
     a0 = min(a - sh for (a, _), sh in zip(runs, shift))
     band_len = math.ceil((max(e - sh for (_, e), sh in zip(runs, shift)) - a0) / BLOCK) * BLOCK
-    if band_len > 1.25 * max(e - a for a, e in runs) + BLOCK:
+    # An evenly sliding run (a plain window) gives a band of the run rounded up to whole BLOCKs, under
+    # one BLOCK more (the ``+ BLOCK``). Runs that do not slide evenly (a bidirectional window cut by
+    # documents) widen the band with masked columns; past BAND_SLACK × the longest run the chunk takes
+    # the generic padded gather and index_add_ scatter instead.
+    if band_len > BAND_SLACK * max(e - a for a, e in runs) + BLOCK:
         return None  # too much padding: the generic gather is cheaper
     band = a0 + torch.tensor(shift)[:, None] + torch.arange(band_len)  # [nb, band_len] (may be <0)
     valid_band = torch.zeros_like(band, dtype=torch.bool)
