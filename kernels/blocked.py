@@ -22,16 +22,16 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
-from kernels.blocked_docs import doc_plan
+from kernels.blocked_docs import DOC_PLANS, doc_plan
 from kernels.blocked_plan import Chunk, Plan, cached_device_plan, content_plan, position_runs, positional_plan
 from kernels.inputs import check_inputs
 from kernels.reference import check_docs
 from kernels.stats import AttnStats
 from model.pattern import Pattern
-
 
 # --- the math of one chunk --------------------------------------------------------------------------
 
@@ -78,21 +78,39 @@ def _ds(dp: torch.Tensor, delta: torch.Tensor, p: torch.Tensor):
     return dp.sub_(delta).mul_(p)
 
 
-@functools.cache
+@functools.cache  # process-wide, never cleared: a compiled step is the same function every time
 def _elementwise(name: str, compiled: bool):
-    """The elementwise step ``name``, fused by torch.compile when asked (HALOFORMER_COMPILE=1 or
-    ``set_compile(True)``): each step is 3–5 passes over the chunk's scores, which a fused loop
-    makes one. Off by default: the first compile costs ~30 s per process."""
+    """The elementwise step ``name``, fused by torch.compile when ``SETTINGS.compile``: each step is
+    3–5 passes over the chunk's scores, which a fused loop makes one. Off by default: the first
+    compile costs ~30 s per process."""
     fn = {"fwd": _mask_exp_fwd, "bwd": _mask_exp_bwd, "ds": _ds}[name]
     return torch.compile(fn, dynamic=True) if compiled else fn
 
 
-COMPILE = os.environ.get("HALOFORMER_COMPILE", "0") == "1"
+@dataclass
+class KernelSettings:
+    """Switches of this kernel for the whole process (every model, every thread): one instance,
+    ``SETTINGS``, read at each call. ``compile``: fuse the elementwise steps (``_elementwise``); it
+    starts as HALOFORMER_COMPILE=1 in the environment at import, and ``set_compile`` changes it."""
+
+    compile: bool = False
+
+
+SETTINGS = KernelSettings(compile=os.environ.get("HALOFORMER_COMPILE", "0") == "1")
 
 
 def set_compile(flag: bool) -> None:
-    global COMPILE
-    COMPILE = flag
+    """Turn the torch.compile'd elementwise steps on or off for every later call in this process."""
+    SETTINGS.compile = flag
+
+
+def clear_caches() -> None:
+    """Forget every memoised plan of this kernel (positional, per device, with documents). Results do
+    not change; the next call rebuilds its plan. Needed after patching a planning constant
+    (``blocked_plan.CHUNK_ELEMS``); the compiled elementwise steps are kept."""
+    positional_plan.cache_clear()
+    cached_device_plan.cache_clear()
+    DOC_PLANS.clear()
 
 
 def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
@@ -106,8 +124,8 @@ def _probs(qs: torch.Tensor, kc: torch.Tensor, c: Chunk, groups: int, lse=None):
     s6 = s.view(*s.shape[:3], groups, c.block, s.shape[-1])
     if lse is not None:
         lse6 = lse.view(*s.shape[:3], groups, c.block, 1)
-        return _elementwise("bwd", COMPILE)(s6, c.masked, lse6).view(s.shape)
-    e, denom, mx = _elementwise("fwd", COMPILE)(s6, c.masked)
+        return _elementwise("bwd", SETTINGS.compile)(s6, c.masked, lse6).view(s.shape)
+    e, denom, mx = _elementwise("fwd", SETTINGS.compile)(s6, c.masked)
     return e.view(s.shape), denom.view(*s.shape[:-1], 1), mx.view(s.shape[:-1])
 
 
@@ -203,7 +221,7 @@ class BlockedAttention(torch.autograd.Function):
             p = _probs(qc, kc, c, groups, lse=_q_chunk(lse_p[..., None], c, groups).squeeze(-1))
             _scatter(dv, c, torch.matmul(p.transpose(-1, -2), doc), plan.margin)
             ds = torch.matmul(doc, vc.transpose(-1, -2))
-            ds = _elementwise("ds", COMPILE)(ds, _q_chunk(delta[..., None], c, groups), p)
+            ds = _elementwise("ds", SETTINGS.compile)(ds, _q_chunk(delta[..., None], c, groups), p)
             _put_rows(dq, torch.matmul(ds, kc) * scale, c, groups)
             _scatter(dk, c, torch.matmul(ds.transpose(-1, -2), qc), plan.margin)
         dq = dq[:, :, :Q].to(q.dtype)

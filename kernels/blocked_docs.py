@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 
 import torch
 
@@ -39,11 +38,13 @@ from kernels.blocked_plan import (
     positional_plan,
     rows_for,
 )
+from kernels.caches import LRUCache
 from kernels.reference import document_rule
 from model.pattern import Pattern
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 4
+# Process-wide: (pattern, positions, shapes, ids digest, device) -> device plan, the last 4 (one step's
+# layers share one; cleared by kernels.blocked.clear_caches).
+DOC_PLANS = LRUCache(maxsize=4)
 
 
 def doc_plan(pattern: Pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len: int) -> Plan:
@@ -53,18 +54,15 @@ def doc_plan(pattern: Pattern, q, k, q_pos, k_pos, q_doc, k_doc, seq_len: int) -
     B, H, Hkv, K = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
     digest = hashlib.sha1(q_doc.numpy().tobytes() + b"|" + k_doc.numpy().tobytes()).hexdigest()
     key = (pattern, position_runs(q_pos), position_runs(k_pos), seq_len, B, H, Hkv, K, digest, str(q.device))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    # The document-free plan (cached by positions) raises EmptyRowError for a row the pattern leaves
-    # empty; rows emptied by the documents alone are allowed (see the module docstring).
-    positional_plan(pattern, position_runs(q_pos), position_runs(k_pos), seq_len, B * H)
-    plan = _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len, B * H)
-    plan = device_plan(plan, q.device, B, Hkv, K)  # uncached: the key above is the cache
-    _CACHE[key] = plan
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return plan
+
+    def build() -> Plan:
+        # The document-free plan (cached by positions) raises EmptyRowError for a row the pattern leaves
+        # empty; rows emptied by the documents alone are allowed (see the module docstring).
+        positional_plan(pattern, position_runs(q_pos), position_runs(k_pos), seq_len, B * H)
+        plan = _positional_doc_plan(pattern, q_pos, k_pos, q_doc, k_doc, seq_len, B * H)
+        return device_plan(plan, q.device, B, Hkv, K)  # uncached: DOC_PLANS is this plan's cache
+
+    return DOC_PLANS.get_or_build(key, build)
 
 
 def _visible_rows(pattern: Pattern, rows: torch.Tensor, k_pos, k_doc, block_pos, block_doc) -> torch.Tensor:

@@ -22,21 +22,37 @@ block may see is absent from the BlockMask, so short documents skip most blocks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections import OrderedDict
 
 import torch
 
+from kernels.caches import LRUCache
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs, document_rule
 from model.pattern import Pattern
 
 BLOCK = 128  # FlexAttention's default sparse block size
-_CACHE: OrderedDict = OrderedDict()  # (pattern, positions digest, shape, device, table?) -> BlockMask
-_CACHE_SIZE = 8
-_UNTRACEABLE: set = set()  # patterns whose rule failed inside mask_mod; they use the table
-_compiled = None
+# Process-wide memo of this backend (see kernels.caches; clear_caches empties all three):
+BLOCK_MASKS = LRUCache(maxsize=8)  # (pattern, positions digest, shape, device, table?) -> BlockMask
+UNTRACEABLE: set = set()  # patterns whose rule failed inside mask_mod; they use the table
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (the fused Triton kernel); built on the first CUDA call."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, fullgraph=True)
+
+
+def clear_caches() -> None:
+    """Forget the memoised block masks, the untraceable patterns and the compiled kernel. Results do
+    not change; the next calls rebuild (and recompile) what they need."""
+    BLOCK_MASKS.clear()
+    UNTRACEABLE.clear()
+    _compiled_flex.cache_clear()
 
 
 def flex_available() -> bool:
@@ -65,42 +81,35 @@ def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, sc
     k_pos = torch.arange(K) if k_pos is None else k_pos.cpu().long()
     n = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if pattern not in _UNTRACEABLE:
+    if pattern not in UNTRACEABLE:
         try:
             return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, False, docs), scale, H != Hkv)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:  # Dynamo's Unsupported and vmap errors are RuntimeErrors
-            _UNTRACEABLE.add(pattern)
+            UNTRACEABLE.add(pattern)
     return _run(q, k, v, _block_mask(pattern, q_pos, k_pos, n, q.device, True, docs), scale, H != Hkv)
 
 
 def _run(q, k, v, block_mask, scale, gqa):
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-    global _compiled
     fn = flex_attention
     if q.is_cuda:  # fused Triton kernel; eager would materialise the scores
-        _compiled = _compiled or torch.compile(flex_attention, fullgraph=True)
-        fn = _compiled
+        fn = _compiled_flex()
     out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
     return out, aux.lse.float()
 
 
 def _block_mask(pattern, q_pos, k_pos, seq_len, device, table, docs=None):
-    """The cached BlockMask for these positions and document ids (LRU of ``_CACHE_SIZE`` entries)."""
+    """The BlockMask for these positions and document ids, memoised in ``BLOCK_MASKS``."""
     raw = q_pos.numpy().tobytes() + b"|" + k_pos.numpy().tobytes()
     if docs is not None:
         raw += b"|" + docs[0].numpy().tobytes() + b"|" + docs[1].numpy().tobytes() + repr(docs[0].shape).encode()
     digest = hashlib.sha1(raw).hexdigest()
     key = (pattern, digest, len(q_pos), len(k_pos), seq_len, str(device), table)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    _CACHE[key] = bm = build_block_mask(pattern, q_pos, k_pos, seq_len, device, table, docs)
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return bm
+    return BLOCK_MASKS.get_or_build(key, lambda: build_block_mask(pattern, q_pos, k_pos, seq_len, device, table,
+                                                                  docs))
 
 
 def block_flags(pattern, q_pos, k_pos, seq_len, docs=None):

@@ -196,7 +196,7 @@ def test_blocked_compiled_elementwise_matches_eager(monkeypatch):
     q, k, v = _inputs(1, 4, 2, 200, 200, 8, dtype=torch.float32, seed=11)
     pattern = PATTERNS["sink"]
     eager = _run("blocked", q, k, v, pattern, None, None)
-    monkeypatch.setattr(blocked, "COMPILE", True)
+    monkeypatch.setattr(blocked.SETTINGS, "compile", True)
     fused = _run("blocked", q, k, v, pattern, None, None)
     for name, a, b in zip(NAMES, eager, fused):
         # Same fp32 math in a different evaluation order (vectorised exp and reductions): ~1e-6.
@@ -216,12 +216,44 @@ def test_blocked_leaves_inputs_untouched():
 @pytest.mark.parametrize("name", ["sink", "longformer", "bigbird", "dilated", "topk_small_blocks"])
 def test_blocked_many_chunks(name, monkeypatch):
     """Tiny chunks: many chunks per call, each with its own band offset and the scatter margins."""
+    import kernels.blocked as blocked
     import kernels.blocked_plan as blocked_plan
 
     monkeypatch.setattr(blocked_plan, "CHUNK_ELEMS", 1 << 15)
-    blocked_plan.positional_plan.cache_clear()
-    blocked_plan.cached_device_plan.cache_clear()
+    blocked.clear_caches()  # plans memoised with the real CHUNK_ELEMS must not be reused
     q, k, v = _inputs(1, 2, 2, 700, 700, 8, seed=13)
     _assert_match(q, k, v, PATTERNS[name])  # fp64: summation order only, see above
-    blocked_plan.positional_plan.cache_clear()
-    blocked_plan.cached_device_plan.cache_clear()
+    blocked.clear_caches()  # nor these tiny-chunk plans by later tests
+
+
+def test_memo_caches_are_bounded_clearable_and_keep_results():
+    """The kernels' process-wide memo (kernels.caches): least recently used entries go first, a failed
+    build stores nothing, and clear_caches empties the plan and block-mask caches without changing
+    a result."""
+    import kernels.blocked as blocked
+    import kernels.blocked_plan as blocked_plan
+    import kernels.flex as flex
+    from kernels.blocked_docs import DOC_PLANS
+    from kernels.caches import LRUCache
+
+    lru = LRUCache(maxsize=2)
+    for key in "abca":  # "a" is used again, so "b" is the least recently used when "c" arrives
+        lru.get_or_build(key, lambda k=key: k.upper())
+    assert len(lru) == 2 and lru.get_or_build("b", lambda: "rebuilt") == "rebuilt"
+    with pytest.raises(ZeroDivisionError):
+        lru.get_or_build("z", lambda: 1 / 0)
+    assert lru.get_or_build("z", lambda: "ok") == "ok"
+
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 300, 300, 8, dtype=torch.float32))
+    docs = (torch.arange(300) // 100)[None]
+    first = [sparse_attention(q, k, v, PATTERNS["sink"], backend="blocked", q_doc=d, k_doc=d)[0] for d in (None, docs)]
+    assert blocked_plan.positional_plan.cache_info().currsize > 0 and len(DOC_PLANS) > 0
+    blocked.clear_caches()
+    assert blocked_plan.positional_plan.cache_info().currsize == 0 and len(DOC_PLANS) == 0
+    again = [sparse_attention(q, k, v, PATTERNS["sink"], backend="blocked", q_doc=d, k_doc=d)[0] for d in (None, docs)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the same plan rebuilt: bit-identical
+    if flex.flex_available():  # CPU flex runs forward only, which is all the cache needs
+        sparse_attention(q, k, v, PATTERNS["sink"], backend="flex")
+        assert len(flex.BLOCK_MASKS) > 0
+        flex.clear_caches()
+        assert len(flex.BLOCK_MASKS) == 0 and not flex.UNTRACEABLE

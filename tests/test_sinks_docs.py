@@ -227,18 +227,18 @@ def test_packed_document_equals_the_document_alone(pattern):
 @pytest.mark.parametrize("name", ["sink", "longformer"])
 def test_documents_with_many_chunks(name, monkeypatch):
     """Tiny chunks: document-narrowed window plans keep the band form, chunk by chunk, with margins."""
+    import kernels.blocked as blocked
     import kernels.blocked_docs as blocked_docs
     import kernels.blocked_plan as blocked_plan
 
     monkeypatch.setattr(blocked_plan, "CHUNK_ELEMS", 1 << 15)
-    monkeypatch.setattr(blocked_docs, "_CACHE", type(blocked_docs._CACHE)())
-    blocked_plan.positional_plan.cache_clear()
+    blocked.clear_caches()  # plans memoised with the real CHUNK_ELEMS must not be reused
     q, k, v, sinks = _inputs(1, 2, 2, 700, 700, D=8, seed=13)
     docs = random_docs(1, 700, seed=13, short=100, long=400)
     plan = blocked_docs.doc_plan(PATTERNS[name], q, k, torch.arange(700), torch.arange(700), docs, docs, 700)
     assert len(plan.chunks) > 2 and any(c.band is not None for c in plan.chunks)
     _assert_match(q, k, v, sinks, PATTERNS[name], docs, docs)  # fp64: summation order only, see TOL
-    blocked_plan.positional_plan.cache_clear()
+    blocked.clear_caches()  # nor these tiny-chunk plans by later tests
 
 
 def test_no_future_leak_with_sinks_and_documents():
