@@ -8,7 +8,7 @@ import torch
 from kernels import EmptyRowError, pick_backend, sparse_attention
 from kernels.blocked_plan import BLOCK
 from kernels.stats import head_summary, head_sums, merge_stats, merge_two
-from model.pattern import BigBird, Dense, Strided, TopKBlocks, PatternUnion, Window
+from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
 
 PATTERNS = {
     "window": Window(window_left=37),
