@@ -62,6 +62,14 @@ def merge_stats(a: AttnStats, b: AttnStats, w_a: torch.Tensor, w_b: torch.Tensor
     )
 
 
+def merge_partials(a: tuple, b: tuple) -> tuple:
+    """Merge two (out, lse, stats or None) partials over disjoint key sets: ``merge_two`` for out and
+    lse, ``merge_stats`` with its weights (detached: statistics carry no gradient)."""
+    out, lse, (w_a, w_b) = merge_two(a[0], a[1], b[0], b[1])
+    stats = None if a[2] is None else merge_stats(a[2], b[2], w_a.detach(), w_b.detach())
+    return out, lse, stats
+
+
 class JoinSinks(torch.autograd.Function):
     """(out · w, logaddexp(lse, s)) with w = sigmoid(lse − s) per (batch, head, query), and its
     backward written out: with t = Σ_d dOut'·out, ∂/∂lse = t·w(1−w) + dlse'·w and ∂/∂s = −that sum

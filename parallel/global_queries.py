@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.stats import AttnStats, merge_stats, merge_two
+from kernels.stats import AttnStats, merge_partials
 from parallel.halo import Route
 
 Q_KIND, PARTIAL_KIND = "global_q", "global_partial"
@@ -89,11 +89,5 @@ def merge_owned(own_partial: torch.Tensor, recv_partials: torch.Tensor, head_dim
     acc = None
     for r in range(sp_size):
         part = unpack(own_partial[:, :, lo:lo + n] if r == rank else next(others), head_dim)
-        acc = part if acc is None else _merge(acc, part)
+        acc = part if acc is None else merge_partials(acc, part)
     return acc
-
-
-def _merge(a, b):
-    out, lse, (w_a, w_b) = merge_two(a[0], a[1], b[0], b[1])
-    stats = None if a[2] is None else merge_stats(a[2], b[2], w_a.detach(), w_b.detach())
-    return out, lse, stats

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import parallel.global_queries as global_queries
-from kernels.stats import AttnStats, apply_sinks, merge_stats, merge_two
+from kernels.stats import AttnStats, apply_sinks, merge_partials
 from model.pattern import Pattern
 from parallel.halo import P2PExchange, Pending
 from parallel.inner_graph import Leaves, Output, attend, grads_or_zeros, leaf, run_layer
@@ -169,9 +169,7 @@ def _merge_remote(spec: HaloSpec, local, q_reg, recv_kv, doc_reg=None, recv_doc=
         if st_r is not None:
             st_r = AttnStats(*(torch.full_like(lse_l, fill).index_copy(2, rows, f)
                                for fill, f in zip((0.0, float("-inf"), 0.0), st_r.fields(), strict=True)))
-    out, lse, (w_l, w_r) = merge_two(out_l, lse_l, out_r, lse_r)
-    stats = None if st_l is None else merge_stats(st_l, st_r, w_l.detach(), w_r.detach())
-    return out, lse, stats
+    return merge_partials((out_l, lse_l, st_l), (out_r, lse_r, st_r))
 
 
 def _backward(spec: HaloSpec, s: HaloState, g_out: torch.Tensor):

@@ -104,3 +104,21 @@ def rank_failures(per_rank: list[dict], key: str) -> list[str]:
     """Every failure line the ranks reported under ``results[key]`` ({case: [lines]}), rank-prefixed:
     the assertion of the multi-process parity suites (empty when every case matched)."""
     return [f"rank {r}: {f}" for r, res in enumerate(per_rank) for fs in res[key].values() for f in fs]
+
+
+def parity_suite(worker, sizes: list[int], timeout_s: float = 240.0):
+    """A module-scoped fixture ``suite`` -> (P, per-rank results of ``worker``) for each P in ``sizes``:
+    the multi-process parity suites run their worker once per world size and share the results."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=sizes, ids=lambda p: f"P{p}")
+    def suite(request):
+        return request.param, run_workers(worker, request.param, timeout_s=timeout_s, collective_timeout_s=30)
+
+    return suite
+
+
+def assert_no_rank_failures(per_rank: list[dict], key: str) -> None:
+    """The parity assertion: no rank reported a failure line under ``results[key]``."""
+    failures = rank_failures(per_rank, key)
+    assert not failures, "\n".join(failures)

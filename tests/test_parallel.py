@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
-from tests.mp_utils import rank_failures, run_workers
+from tests.mp_utils import assert_no_rank_failures, parity_suite
 
 L = 48  # local length: seq_len = 96, 144, 192 for P = 2, 3, 4
 D = 16
@@ -192,16 +192,12 @@ def _suite(rank, world_size):
     return results
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"P{p}")
-def suite(request):
-    P = request.param
-    return P, run_workers(_suite, P, timeout_s=240, collective_timeout_s=30)
+suite = parity_suite(_suite, [2, 3, 4])
 
 
 def test_matches_reference(suite):
     _, per_rank = suite
-    failures = rank_failures(per_rank, "cases")
-    assert not failures, "\n".join(failures)
+    assert_no_rank_failures(per_rank, "cases")
 
 
 def test_ulysses_equals_halo(suite):

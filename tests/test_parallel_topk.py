@@ -15,7 +15,7 @@ import torch
 
 from model.pattern import TopKBlocks, Window
 from parallel.context import ParallelConfigError
-from tests.mp_utils import rank_failures, run_workers
+from tests.mp_utils import assert_no_rank_failures, parity_suite
 
 D = 16
 # fp32 throughout: sharding only changes which keys sit in one softmax call and their order, so
@@ -219,16 +219,12 @@ def _suite(rank, world_size):
     return results
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
-def suite(request):
-    P = request.param
-    return P, run_workers(_suite, P, timeout_s=120, collective_timeout_s=30)
+suite = parity_suite(_suite, [2, 4], timeout_s=120)
 
 
 def test_matches_reference_and_ulysses_with_exact_bytes(suite):
     _, per_rank = suite
-    failures = rank_failures(per_rank, "fails")
-    assert not failures, "\n".join(failures)
+    assert_no_rank_failures(per_rank, "fails")
 
 
 def test_concentrated_choices_cost_far_less_than_ulysses(suite):
