@@ -7,8 +7,9 @@ each pattern buy and cost? Five claims, each an experiment run through the real 
 Every training is ``torchrun --nproc_per_node 2 -m trainer.train parallel=sp2`` on CPU (two ranks
 share each sequence), W&B offline with one group per study (``WANDB_RUN_GROUP``), run directories
 under ``.cache/longctx/<stamp>/<experiment>/<pattern>``. ``--quick`` runs experiments 1 and 2 only,
-with fewer steps. Results: ``--json`` ({"rows": [{experiment, pattern, metric, value, ...}],
-"wall_s", "quick"}), the Markdown report and PNG figures (benchmarks/longctx_report.py).
+at the full steps (with fewer, top-k stays at chance). Results: ``--json`` ({"rows": [{experiment,
+pattern, metric, value, ...}], "wall_s", "quick"}), the Markdown report and PNG figures
+(benchmarks/longctx_report.py).
 
 1. global_memory: passkey inside the first num_global positions, question at the end (seq_len far
    beyond n_layers x window): window vs sink vs dense; metric ``acc`` (exact match of the key).
@@ -118,21 +119,21 @@ def retrieval(study: Study, experiment: str, preset: str, patterns: dict[str, li
         study.add(experiment, label, "acc", _last(rows, "eval/task_acc"), **extra)
 
 
-def global_memory(study: Study, quick: bool) -> None:
+def global_memory(study: Study) -> None:
     retrieval(study, "global_memory", "passkey_global", {
         "window": ["attention=window", f"attention.window_left={WINDOW}", "attention.num_global=0"],
         "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"],
         "dense": ["attention=dense"],
-    }, steps=300 if quick else 600)
+    }, steps=600)
 
 
-def content_vs_position(study: Study, quick: bool) -> None:
+def content_vs_position(study: Study) -> None:
     retrieval(study, "content_vs_position", "passkey_middle", {
         "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"],
         # 4 chosen blocks of 16 (+ own block + block 0: <= 96 keys); 2 of 32 stayed at chance (LONGCTX.md)
         "topk": ["attention=topk", "attention.top_k=4", "attention.block_size=16", f"attention.num_global={GLOBALS}"],
         "dense": ["attention=dense"],
-    }, steps=300 if quick else 600)
+    }, steps=600)
 
 
 # --- experiment 3: stability ----------------------------------------------------------------------
@@ -160,7 +161,7 @@ def sink_logits_available() -> bool:
 STABILITY_SEEDS = (0, 1, 2)  # one run per seed: one run's entropy spread hangs on whether a collapse happens
 
 
-def stability(study: Study, quick: bool) -> None:
+def stability(study: Study) -> None:
     """Window vs sink tokens vs learned sink logits at lr 0.3 (100x the default: at 3e-2 nothing moved,
     LONGCTX.md), each over ``STABILITY_SEEDS``; dense (10x the cost) once, as the reference."""
     base = ["seq_len=1024", "steps=300", "optim.lr=0.3", "optim.min_lr=0.03", "optim.warmup_steps=5",
@@ -227,7 +228,7 @@ def coverage_tool(study: Study, ckpt: Path, out: Path, cands: list[str], extra: 
     return json.loads(out.read_text()) if proc.returncode == 0 else None
 
 
-def coverage(study: Study, quick: bool) -> None:
+def coverage(study: Study) -> None:
     steps, tune = 1200, 100  # 300 dense steps left a weak model (3.59 bits/byte) using little context
     text = ["seq_len=1024", "batch_size=2", "eval_every=0", "eval_batches=4", "logging.stats_every=50"]
     rows, run_dir = study.train("coverage", "dense", [*text, "attention=dense", f"steps={steps}", "trainer.ckpt_every=0",
@@ -254,7 +255,7 @@ def coverage(study: Study, quick: bool) -> None:
 
 # --- experiment 5: cost ---------------------------------------------------------------------------
 
-def cost(study: Study, quick: bool) -> None:
+def cost(study: Study) -> None:
     for seq_len, steps in ((4096, 40), (16384, 8)):
         text = [f"seq_len={seq_len}", "batch_size=1", "eval_every=0", "eval_batches=2", "logging.stats_every=0",
                 "optim.warmup_steps=5"]
@@ -326,7 +327,7 @@ RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_pos
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2, fewer steps (< 20 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2 only, at the full steps")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "longctx.json"))
     ap.add_argument("--report", default=str(REPO / "benchmarks" / "LONGCTX.md"))
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])
     old = json.loads(Path(args.merge).read_text()) if args.merge else None
     for i, name in enumerate(chosen):
-        RUNNERS[name](study, args.quick)
+        RUNNERS[name](study)
         # written after every experiment: an interrupted study still leaves what it measured
         done = list(chosen[: i + 1])
         result = {"rows": list(study.rows), "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
