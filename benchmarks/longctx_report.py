@@ -48,12 +48,13 @@ NOTES = [
     "key_len=1, seq_len 512, needle in the first 16 positions, window 64, lr 1e-2, batch 16, after 200 steps: dense "
     "0.63, sink 0.53, window 0.09 (chance); hence 300 steps with a cosine decay in the study, and window 32 so the "
     "question (position 511) is 8x beyond the window pattern's reach of 2 x 32.",
-    "topk with 2 chosen blocks of 32 (the quick run) stayed at chance for 300 steps in the trainer. Exploration with "
-    "4 blocks of 16, needle at depth 0.25-0.75, seq_len 512, lr 1e-2, batch 16: 0.09 at 300 steps, 0.23 at 350, "
-    "0.39 at 400, 0.56 at 450, 0.73 at 500 (routing by block means is learned late: the question's block mean is "
-    "mostly filler queries, and only chosen blocks get a gradient). Hence 4 x 16 and 600 steps for the longer run.",
-    "The topk row of the first longer run (no overrides column: it started before the retune) is the quick run's "
-    "2 blocks of 32 at 600 steps: still at chance (0.09). The second longer run is the retuned 4 blocks of 16.",
+    "topk with 2 chosen blocks of 32 stayed at chance in the trainer: 0.08 at 300 steps and 0.09 at 600. Exploration "
+    "with 4 blocks of 16, needle at depth 0.25-0.75, seq_len 512, lr 1e-2, batch 16: 0.09 at 300 steps, 0.23 at 350, "
+    "0.39 at 400, 0.56 at 450, 0.73 at 500 (routing is learned late: causal top-k ranks key blocks by each query "
+    "block's first query, and only chosen blocks get a gradient). Hence 4 x 16 and 600 steps.",
+    "At 300 steps (the earlier --quick) dense reached only 0.49 on global_memory and 0.30 on content_vs_position, "
+    "and top-k stayed at chance; at 600 steps every pattern that can reach the key does. So --quick now runs "
+    "experiments 1 and 2 at the full 600 steps.",
     "Stability at lr 3e-2, 150 steps, one seed (the first full run): no spikes, entropy std sink 0.0098 vs window "
     "0.0102, so the claim was not stressed. Probes at 300 steps (one run each): lr 0.1 seed 0: window 0.026, sink "
     "0.0027; lr 0.3 seed 0: window 0.54, sink 0.0053; lr 0.3 seed 1: window 0.0076, sink 0.032, sink_logits 0.051 "
@@ -62,6 +63,11 @@ NOTES = [
     "Coverage depends on how trained the dense model is: after 300 steps (3.59 bits/byte, the first full run) window, "
     "sink and bigbird kept 0.18-0.45 of the mass in the lowest layer; a probe at 1200 steps (2.74 bits/byte) gave "
     "0.55-0.67 (substituted eval loss +0.6% to +1.7%). Hence 1200 steps.",
+    "What the stability runs show instead (read from their metrics.jsonl): at lr 0.3 every run's loss jumps from "
+    "5.2-5.3 to 8-11 nats at steps 4-7, as warmup reaches the peak rate, before the 20-step history the spike rule "
+    "needs (peak, median over seeds: window 9.6, sink 9.6, sink_logits 9.0; dense 11.4, one seed), and in every run "
+    "the layer-mean attention entropy collapses to below 0.03 nats at some logged step. Sink tokens and sink logits "
+    "did not prevent either.",
     "Not tried, for lack of machine time: coverage on a much stronger text model, cost beyond 16k, more than three "
     "seeds for stability or more than one seed elsewhere (every other number here is one run).",
 ]
