@@ -327,7 +327,7 @@ RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_pos
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2 only, at the full steps")
+    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2 only, at the full steps (897 s on 2 quiet cores)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "longctx.json"))
     ap.add_argument("--report", default=str(REPO / "benchmarks" / "LONGCTX.md"))
