@@ -29,7 +29,7 @@ from kernels.reference import EmptyRowError, reference_attention
 from kernels.stats import apply_sinks
 from model.pattern import Pattern
 
-DOC_BACKENDS = ("reference", "blocked", "flex")  # backends that take q_doc / k_doc themselves
+DOC_BACKENDS = ("reference", "blocked", "flex", "fused")  # backends that take q_doc / k_doc themselves
 SINK_BACKENDS = ("fused",)  # backends that join the learned sinks inside the kernel (reference: below)
 
 
@@ -56,7 +56,7 @@ def _fused(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, s
         fused_attention,  # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
     )
 
-    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, sinks)
+    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, sinks, **docs)
 
 
 KERNELS = {"reference": _reference, "blocked": _blocked, "flex": _flex, "fused": _fused}

@@ -20,6 +20,14 @@ already included, at no extra pass over [B, H, Q, D] (``kernels.stats.apply_sink
 costs a fixed ~18 ms at 16k tokens, 8% of the forward on one thread). Backward needs nothing new for
 the keys (P is recomputed from that lse); the sink's own gradient is Σ_q p_sink·(dlse − Δ) per head.
 
+Packed documents (``q_doc`` [B, Q], ``k_doc`` [B, K], ``kernels.reference.document_rule``) are masked
+inside the kernel too: per query tile the id range of its queries is compared with each band tile's id
+range, tiles that share no document are skipped (so short documents make attention cheaper), tiles that
+are all one document run unmasked, and the rest are masked elementwise by id equality; global-prefix
+tiles and bidirectional global queries are exempt. Ranges are computed from the ids, so unsorted ids
+are correct too (they only skip less). A row the documents leave empty (a shard's partial over remote
+keys) gives out 0 and lse −inf, as the reference.
+
 The extension is built on first use into ``.cache/torch_extensions/haloformer_fused`` (~1 min,
 then cached); ``HALOFORMER_FUSED=0`` stops ``backend="auto"`` from choosing it.
 """
@@ -37,7 +45,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.inputs import check_inputs
-from kernels.reference import EmptyRowError
+from kernels.reference import EmptyRowError, check_docs
 from kernels.stats import AttnStats, apply_sinks
 from model.pattern import Pattern, Window
 
@@ -91,10 +99,21 @@ class Geometry:
     k_pos: torch.Tensor  # [K] int64
     prefix: int
     kbase: int
+    q_doc: torch.Tensor | None = None  # [B, Q] int32 document ids, or None
+    k_doc: torch.Tensor | None = None  # [B, K] int32
 
     def args(self, pattern: Window) -> tuple:
         return (self.q_pos, self.k_pos, self.prefix, self.kbase, pattern.window_left, pattern.window_right,
-                pattern.num_global, pattern.causal)
+                pattern.num_global, pattern.causal, self.q_doc, self.k_doc)
+
+
+def _docs32(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids as contiguous int32; ids beyond int32 are renumbered (only equality matters)."""
+    lo, hi = min(int(q_doc.min()), int(k_doc.min())), max(int(q_doc.max()), int(k_doc.max()))
+    if lo < -(2 ** 31) or hi >= 2 ** 31:
+        _, inv = torch.unique(torch.cat([q_doc.reshape(-1), k_doc.reshape(-1)]), return_inverse=True)
+        q_doc, k_doc = inv[: q_doc.numel()].view_as(q_doc), inv[q_doc.numel():].view_as(k_doc)
+    return q_doc.int().contiguous(), k_doc.int().contiguous()
 
 
 def geometry(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_pos, k_pos) -> Geometry | str:
@@ -156,21 +175,25 @@ class FusedAttention(torch.autograd.Function):
 
 
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
-                    sinks=None):
+                    sinks=None, q_doc=None, k_doc=None):
     """(out, lse) or (out, lse, AttnStats): the contract of ``kernels.sparse_attention``, learned
-    ``sinks`` [H] included; runs ``kernels.blocked`` (and joins the sinks after it) where the fused
-    kernel does not apply or cannot be built."""
+    ``sinks`` [H] and document ids included; runs ``kernels.blocked`` (and joins the sinks after it)
+    where the fused kernel does not apply or cannot be built."""
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
+    q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     g = geometry(q, k, pattern, q_pos, k_pos)
     if isinstance(g, str) or Q == 0 or extension() is None:
         from kernels.blocked import blocked_attention
 
-        res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats)
+        res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc=q_doc,
+                                k_doc=k_doc)
         if sinks is None:
             return res
         out, lse, st = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
         return (out, lse, st) if return_stats else (out, lse)
-    _check_rows(g, pattern, K)
+    _check_rows(g, pattern, K)  # the pattern's empty rows are errors; the documents' are out 0, lse −inf
+    if q_doc is not None:
+        g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s32 = None if sinks is None else sinks.float().contiguous()  # autograd casts its gradient back
     res = FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), s32, g.args(pattern), scale,

@@ -1,5 +1,6 @@
 """The fused C++ band kernel against the dense reference: out, lse, stats, dq/dk/dv with the lse
-gradient, GQA, shard-shaped keys, lengths that are not multiples of the 64-row tiles.
+gradient, GQA, shard-shaped keys, lengths that are not multiples of the 64-row tiles, learned sinks
+and packed documents.
 
 The kernel computes in fp32; the reference runs on the same values in fp64, so the comparison
 measures the kernel's own error. The first test in a fresh checkout compiles the extension (~1 min).
@@ -280,3 +281,97 @@ def test_fused_sinks_fall_back_with_the_join():
     got = _run_sinks("fused", qkv, sinks, pattern, None, None, torch.float32)
     for name, a, b in zip(SINK_NAMES, ref, got):
         torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")  # TOL: see above
+
+
+# ---- packed documents inside the kernel (kernels.reference.document_rule) ----
+
+DOC_NAMES = SINK_NAMES
+
+
+def _docs(B, n, seed, sizes=(1, 5, 20, 63, 64, 65, 130)):
+    """[B, n] nondecreasing ids, per row different: documents shorter than a tile, of exactly a tile,
+    and longer, so boundaries fall inside tiles, on their edges and one off them."""
+    g = torch.Generator().manual_seed(seed)
+    docs = torch.zeros(B, n, dtype=torch.long)
+    for b in range(B):
+        pos, doc = 0, 0
+        while pos < n:
+            size = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+            docs[b, pos:pos + size], pos, doc = doc, pos + size, doc + 1
+    return docs
+
+
+def _run_docs(backend, qkv, sinks, pattern, q_pos, k_pos, q_doc, k_doc, dtype):
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
+    s = None if sinks is None else sinks.to(dtype).requires_grad_()
+    out, lse, st = sparse_attention(q, k, v, pattern, q_pos, k_pos, backend=backend, return_stats=True, sinks=s,
+                                    q_doc=q_doc, k_doc=k_doc)
+    finite = torch.isfinite(lse)  # a row the documents leave empty (a shard's partial) has lse −inf
+    loss = (out * torch.cos(out)).sum() + torch.sin(torch.where(finite, lse, 0.0)).sum()
+    grads = torch.autograd.grad(loss, (q, k, v) + ((s,) if s is not None else ()))
+    sink_mass = st.sink_mass if st.sink_mass is not None else torch.zeros_like(lse)
+    return (out, lse, st.m, st.max_logit, st.global_mass, sink_mass, *grads)
+
+
+def _assert_docs_match(qkv, pattern, q_doc, k_doc, q_pos=None, k_pos=None, sinks=None, backend="fused"):
+    calls = []
+    real = fused.FusedAttention.apply
+    with pytest.MonkeyPatch.context() as mp:  # the C++ kernel, not the blocked fallback, must run
+        mp.setattr(fused.FusedAttention, "apply", lambda *a: calls.append(a[4][-1] is not None) or real(*a))
+        got = _run_docs(backend, qkv, sinks, pattern, q_pos, k_pos, q_doc, k_doc, torch.float32)
+    assert calls == [True], "the fused kernel did not run with the documents"
+    ref = _run_docs("reference", qkv, sinks, pattern, q_pos, k_pos, q_doc, k_doc, torch.float64)
+    for name, a, b in zip(DOC_NAMES, ref, got):
+        # TOL: see above (fp32 kernel vs fp64 reference); a key of another document moves values by ~1e-2.
+        torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["window", "sink", "wide_sink", "longformer", "bidir"])
+@pytest.mark.parametrize("sinks_on", [False, True], ids=["nosinks", "sinks"])
+def test_fused_documents_match_reference(name, sinks_on):
+    """Ids differ per batch row; GQA (4 query heads on 2 kv heads) and, without sinks, B=1 with one kv
+    head, whose query segments sum private dK/dV."""
+    B, H, Hkv = (2, 4, 2) if sinks_on else (1, 2, 1)
+    n = 333
+    docs = _docs(B, n, seed=len(name))
+    qkv = _inputs(B, H, Hkv, n, n, 16, seed=21)
+    _assert_docs_match(qkv, PATTERNS[name], docs, docs, sinks=_sinks(H) if sinks_on else None)
+
+
+@pytest.mark.parametrize("name", ["sink", "longformer", "bidir"])
+def test_fused_documents_shard_shaped(name):
+    """A shard's queries against [globals | halo + local] at true positions, ids gathered from the full row."""
+    pattern, n = PATTERNS[name], 400
+    q_pos = torch.arange(150, 281)
+    k_pos = torch.cat([torch.arange(s, e) for s, e in pattern.kv_ranges(150, 281, n)])
+    docs = _docs(2, n, seed=5)
+    qkv = _inputs(2, 4, 2, len(q_pos), len(k_pos), 8, seed=22)
+    # backend="auto" picks fused for fp32 bands on the CPU, documents or not.
+    _assert_docs_match(qkv, pattern, docs[:, q_pos], docs[:, k_pos], q_pos, k_pos, sinks=_sinks(4), backend="auto")
+
+
+def test_fused_documents_partial_with_empty_rows():
+    """Queries against only their left halo (no globals): rows whose document starts inside the shard
+    see no key here; the kernel gives out 0, lse −inf, m 0, mass 0 and zero gradients there."""
+    pattern, n = PATTERNS["sink"], 400  # window 70: query 219 still reaches key 149
+    q_pos, k_pos = torch.arange(150, 220), torch.arange(80, 150)
+    docs = torch.zeros(1, n, dtype=torch.long)
+    for cut in (100, 170, 200):
+        docs[:, cut:] += 1
+    qkv = _inputs(1, 2, 1, len(q_pos), len(k_pos), 8, seed=23)
+    _assert_docs_match(qkv, pattern, docs[:, q_pos], docs[:, k_pos], q_pos, k_pos)
+    out, lse = sparse_attention(*(t.float() for t in qkv), pattern, q_pos, k_pos, backend="fused",
+                                q_doc=docs[:, q_pos], k_doc=docs[:, k_pos])
+    assert torch.isneginf(lse).any() and (out[torch.isneginf(lse)] == 0).all()
+
+
+def test_fused_documents_unsorted_ids():
+    """Ids that are not nondecreasing along positions (arbitrary labels, a document split in two)
+    run in the fused kernel too: tiles are skipped by the id ranges computed from the ids."""
+    n = 300
+    g = torch.Generator().manual_seed(24)
+    docs = torch.randint(0, 3, (2, n), generator=g) * 10 ** 10  # beyond int32: renumbered
+    docs[:, 100:164] = 7  # one document across a whole tile: its tiles run unmasked
+    qkv = _inputs(2, 2, 2, n, n, 8, seed=25)
+    for name in ("sink", "longformer"):
+        _assert_docs_match(qkv, PATTERNS[name], docs, docs, sinks=_sinks(2))

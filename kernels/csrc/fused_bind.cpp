@@ -6,7 +6,8 @@
 
 static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& sinks,
                       const at::Tensor& qpos, const at::Tensor& kpos, int64_t P, int64_t kbase, int64_t wl, int64_t wr,
-                      int64_t ng, bool causal, double scale) {
+                      int64_t ng, bool causal, const c10::optional<at::Tensor>& qdoc,
+                      const c10::optional<at::Tensor>& kdoc, double scale) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && q.is_contiguous() && k.is_contiguous(),
               "fused attention: q, k, v must be contiguous float32");
   TORCH_CHECK(q.size(3) % 8 == 0, "fused attention: head_dim must be a multiple of 8");
@@ -18,13 +19,22 @@ static fused::Geo geo(const at::Tensor& q, const at::Tensor& k, const c10::optio
   TORCH_CHECK(!sinks || (sinks->dtype() == at::kFloat && sinks->is_contiguous() && sinks->numel() == g.H),
               "fused attention: sinks must be a contiguous float32 [H] tensor");
   g.sinks = sinks ? sinks->data_ptr<float>() : nullptr;
+  TORCH_CHECK(qdoc.has_value() == kdoc.has_value(), "fused attention: q_doc and k_doc must be given together");
+  if (qdoc) {
+    TORCH_CHECK(qdoc->dtype() == at::kInt && kdoc->dtype() == at::kInt && qdoc->is_contiguous() &&
+                    kdoc->is_contiguous() && qdoc->numel() == g.B * g.Q && kdoc->numel() == g.B * g.K,
+                "fused attention: q_doc, k_doc must be contiguous int32 [B, Q] and [B, K]");
+  }
+  g.qdoc = qdoc ? qdoc->data_ptr<int32_t>() : nullptr;
+  g.kdoc = kdoc ? kdoc->data_ptr<int32_t>() : nullptr;
   return g;
 }
 
 std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> sinks,
                                       at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase, int64_t wl,
-                                      int64_t wr, int64_t ng, bool causal, double scale, bool stats) {
-  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+                                      int64_t wr, int64_t ng, bool causal, c10::optional<at::Tensor> qdoc,
+                                      c10::optional<at::Tensor> kdoc, double scale, bool stats) {
+  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, qdoc, kdoc, scale);
   at::Tensor out = at::empty_like(q), lse = at::empty({g.B, g.H, g.Q}, q.options());
   std::vector<at::Tensor> res{out, lse};
   fused::FwdOut o{out.data_ptr<float>(), lse.data_ptr<float>(), nullptr, nullptr, nullptr};
@@ -39,8 +49,9 @@ std::vector<at::Tensor> fused_forward(at::Tensor q, at::Tensor k, at::Tensor v, 
 std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> sinks,
                                        at::Tensor dout, at::Tensor out, at::Tensor lse, c10::optional<at::Tensor> dlse,
                                        at::Tensor qpos, at::Tensor kpos, int64_t P, int64_t kbase, int64_t wl,
-                                       int64_t wr, int64_t ng, bool causal, double scale) {
-  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, scale);
+                                       int64_t wr, int64_t ng, bool causal, c10::optional<at::Tensor> qdoc,
+                                       c10::optional<at::Tensor> kdoc, double scale) {
+  fused::Geo g = geo(q, k, sinks, qpos, kpos, P, kbase, wl, wr, ng, causal, qdoc, kdoc, scale);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   at::Tensor dsinks = sinks ? at::zeros_like(*sinks) : at::Tensor();
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && (!dlse || dlse->is_contiguous()),
@@ -56,6 +67,6 @@ std::vector<at::Tensor> fused_backward(at::Tensor q, at::Tensor k, at::Tensor v,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &fused_forward, "fused band attention forward (learned sinks inside) -> [out, lse(, m, max_logit, global_mass)]");
+  m.def("forward", &fused_forward, "fused band attention forward (learned sinks and documents inside) -> [out, lse(, m, max_logit, global_mass)]");
   m.def("backward", &fused_backward, "fused band attention backward -> [dq, dk, dv(, dsinks)]");
 }

@@ -17,6 +17,7 @@ namespace fused {
 struct BwdWork {
   std::vector<float> qt, dot, st, dpt;
   std::vector<Tile> tiles;
+  QDocs qd;
   int32_t lo[TQ], hi[TQ];
   float lse[TQ], dl[TQ];
 };
@@ -77,10 +78,15 @@ static double bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int
   int64_t qmin, qmax;
   query_range(qp, nr, qmin, qmax);
   key_tiles(g, qmin, qmax, w.tiles);
+  if (g.qdoc) {
+    query_docs(g, b, i0, nr, w.qd);
+    doc_filter(g, b, w.qd, w.tiles);
+  }
   pack_t(qh, nr, D, g.scale, w.qt.data());
   pack_t(doh, nr, D, 1.f, w.dot.data());
   for (int r = 0; r < TQ; ++r) {  // padded lanes: finite values whose results are never read
     w.lse[r] = r < nr ? in.lse[row0 + r] : 0.f;
+    if (w.lse[r] == NEG_INF) w.lse[r] = -NEG_INF;  // a row left empty by the documents: P = exp(−inf − inf) = 0
     w.dl[r] = r < nr ? delta(doh + r * D, in.out + (row0 + r) * D, D) - (in.dlse ? in.dlse[row0 + r] : 0.f) : 0.f;
   }
   // The sink is a column with score s_h and no value: dP = 0 there, so its dS is p_sink·(0 − Δ') with
@@ -96,6 +102,7 @@ static double bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int
       tile_bounds(g, t, qp, nr, w.lo, w.hi);
       apply_mask(st, t.nc, w.lo, w.hi);
     }
+    if (t.docmask) apply_doc_mask(st, t.nc, g.kdoc + b * g.K + t.k0, w.qd);
     probs(st, t.nc, w.lse);
     gemm(t.nc, (int)D, nr, st, TQ, 1, doh, D, dv + acc_row * D, D, true);          // dV += P^T dO
     gemm(t.nc, TQ, (int)D, vh + t.k0 * D, D, 1, w.dot.data(), TQ, dpt, TQ, false);  // dP^T = V dOᵀ

@@ -33,6 +33,8 @@ struct Geo {
   const int64_t* qpos;  // [Q]
   const int64_t* kpos;  // [K] (only the prefix is read)
   const float* sinks;   // [H] learned sink logits (one extra softmax column per head, no value), or null
+  const int32_t* qdoc;  // [B, Q] document ids (kernels.reference.document_rule), or null: no documents
+  const int32_t* kdoc;  // [B, K]
 };
 
 // The sink of head h as the softmax state a query row starts from: running max m0 = s_h and running
@@ -63,7 +65,8 @@ struct Tile {
   int64_t k0;   // first key row (index into the head's K rows)
   int nc;       // keys in this tile (<= TK)
   bool prefix;  // global-prefix tile (every key is a global token)
-  bool full;    // every (query, key) pair of the tile is allowed: no mask needed
+  bool full;    // every (query, key) pair of the tile is allowed by the pattern: no position mask needed
+  bool docmask; // some (query, key) pair of the tile is in different documents: mask by document ids
 };
 
 // The key tiles a query tile with positions in [qmin, qmax] has to visit: the prefix in tiles of
@@ -73,7 +76,7 @@ inline void key_tiles(const Geo& g, int64_t qmin, int64_t qmax, std::vector<Tile
   for (int64_t c = 0; c < g.P; c += TK) {
     int nc = (int)std::min<int64_t>(TK, g.P - c);
     if (g.causal && g.kpos[c] > qmax) break;  // positions ascend: later prefix keys are later still
-    out.push_back({c, nc, true, !g.causal || g.kpos[c + nc - 1] <= qmin});
+    out.push_back({c, nc, true, !g.causal || g.kpos[c + nc - 1] <= qmin, false});
   }
   if (g.L == 0) return;
   const int64_t wr = g.causal ? 0 : g.wr;  // causal: nothing right of the query survives kj <= qi
@@ -88,7 +91,7 @@ inline void key_tiles(const Geo& g, int64_t qmin, int64_t qmax, std::vector<Tile
     int nc = (int)std::min<int64_t>(TK, hi - c);
     int64_t p0 = g.kbase + c, p1 = p0 + nc - 1;
     bool full = p0 >= qmax - g.wl && p1 <= qmin + wr;
-    out.push_back({g.P + c, nc, false, full});
+    out.push_back({g.P + c, nc, false, full, false});
   }
 }
 
@@ -214,6 +217,61 @@ inline void pack_t(const float* src, int nr, int64_t D, float scale, float* dst)
     float* row = dst + d * TQ;
     for (int r = 0; r < nr; ++r) row[r] = scale * src[r * D + d];
     for (int r = nr; r < TQ; ++r) row[r] = 0.f;
+  }
+}
+
+// Documents of one query tile: the ids per lane, which lanes are exempt from the document rule
+// (bidirectional global queries see every key), and the id range of the non-exempt queries.
+struct QDocs {
+  int32_t id[TQ], exempt[TQ];  // exempt: all-ones lane mask (for the AVX2 blend), else 0
+  int32_t lo, hi;              // id range of the non-exempt queries (lo > hi: every query is exempt)
+  bool any_exempt;
+};
+
+inline void query_docs(const Geo& g, int64_t b, int64_t i0, int nr, QDocs& d) {
+  const int32_t* qd = g.qdoc + b * g.Q + i0;
+  d.lo = INT32_MAX, d.hi = INT32_MIN, d.any_exempt = false;
+  for (int r = 0; r < TQ; ++r) {
+    d.id[r] = r < nr ? qd[r] : 0;
+    d.exempt[r] = r < nr && !g.causal && g.qpos[i0 + r] < g.ng ? -1 : 0;
+    if (r >= nr) continue;
+    if (d.exempt[r]) d.any_exempt = true;
+    else d.lo = std::min(d.lo, qd[r]), d.hi = std::max(d.hi, qd[r]);
+  }
+}
+
+// Applies the document rule to the tiles of one query tile: run tiles whose document ids meet none of
+// the (non-exempt) queries' are dropped, unless an exempt query sees them; the rest are flagged for
+// the elementwise mask unless query and key tile are all one document. Global-prefix tiles are kept
+// as they are (global keys are visible to every query). Ids need not be sorted: ranges are computed.
+inline void doc_filter(const Geo& g, int64_t b, const QDocs& d, std::vector<Tile>& tiles) {
+  if (!g.qdoc) return;
+  size_t n = 0;
+  for (const Tile& t : tiles) {
+    Tile u = t;
+    if (!t.prefix) {
+      const int32_t* kd = g.kdoc + b * g.K + t.k0;
+      int32_t lo = kd[0], hi = kd[0];
+      for (int c = 1; c < t.nc; ++c) lo = std::min(lo, kd[c]), hi = std::max(hi, kd[c]);
+      if (!d.any_exempt && (hi < d.lo || lo > d.hi)) continue;  // no query of the tile shares a document
+      u.docmask = !(lo == hi && d.lo == d.hi && lo == d.lo);
+    }
+    tiles[n++] = u;
+  }
+  tiles.resize(n);
+}
+
+// S^T rows [0, nc) × TQ lanes: set −inf where key kr's document differs from the query's (exempt lanes keep).
+inline void apply_doc_mask(float* st, int nc, const int32_t* kd, const QDocs& d) {
+  const __m256 ninf = _mm256_set1_ps(NEG_INF);
+  for (int v = 0; v < TQ / 8; ++v) {
+    __m256i id = _mm256_loadu_si256((const __m256i*)(d.id + 8 * v));
+    __m256i ex = _mm256_loadu_si256((const __m256i*)(d.exempt + 8 * v));
+    for (int kr = 0; kr < nc; ++kr) {
+      __m256i keep = _mm256_or_si256(_mm256_cmpeq_epi32(id, _mm256_set1_epi32(kd[kr])), ex);
+      float* p = st + kr * TQ + 8 * v;
+      _mm256_storeu_ps(p, _mm256_blendv_ps(ninf, _mm256_loadu_ps(p), _mm256_castsi256_ps(keep)));
+    }
   }
 }
 

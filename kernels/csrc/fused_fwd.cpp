@@ -53,6 +53,7 @@ struct FwdWork {  // per-thread buffers, kept across calls (no page faults on re
   std::vector<float> qt, st, o;
   std::vector<Tile> tiles;
   RowState rs;
+  QDocs qd;
   int32_t lo[TQ], hi[TQ];
 };
 
@@ -68,6 +69,10 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   int64_t qmin, qmax;
   query_range(qp, nr, qmin, qmax);
   key_tiles(g, qmin, qmax, w.tiles);
+  if (g.qdoc) {
+    query_docs(g, b, i0, nr, w.qd);
+    doc_filter(g, b, w.qd, w.tiles);
+  }
   pack_t(qh, nr, D, g.scale, w.qt.data());
   float* o = w.o.data();
   std::fill(o, o + nr * D, 0.f);
@@ -84,14 +89,16 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
       tile_bounds(g, t, qp, nr, w.lo, w.hi);
       apply_mask(st, t.nc, w.lo, w.hi);
     }
+    if (t.docmask) apply_doc_mask(st, t.nc, g.kdoc + b * g.K + t.k0, w.qd);
     online_softmax(st, t.nc, t.prefix, stats, w.rs);
     scale_rows(o, nr, D, w.rs.alpha);
     gemm(nr, (int)D, t.nc, st, 1, TQ, vh + t.k0 * D, D, o, D, true);  // O += P V (P read transposed)
   }
   const int64_t row0 = bh * g.Q + i0;
   for (int r = 0; r < nr; ++r) {
-    // l == 0: an empty row without a sink, lse = −inf (the caller raises); with a sink: out 0, lse s_h.
-    const float l = w.rs.l[r], inv = 1.f / l;
+    // l == 0: an empty row without a sink (the pattern's: the caller raises; the documents': a shard's
+    // partial over remote keys) gives out 0, lse −inf, m 0, mass 0, as the reference; with a sink out 0, lse s_h.
+    const float l = w.rs.l[r], inv = l > 0.f ? 1.f / l : 0.f;
     float* dst = res.out + (row0 + r) * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
     res.lse[row0 + r] = w.rs.m[r] + std::log(l);
