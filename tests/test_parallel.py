@@ -114,7 +114,7 @@ def _variants(P: int) -> list[tuple[str, object, dict]]:
     bigbird = BigBird(causal=False, window_left=8, window_right=8, num_global=4, random_blocks=2, block_size=16)
     return [
         ("sink_halo_for_ulysses", sink, {"strategy": "halo", "return_stats": False}),
-        ("longformer_blocked", longformer, {"strategy": "halo", "backend": "auto"}),
+        ("longformer_auto", longformer, {"strategy": "halo", "backend": "auto"}),
         ("bigbird_bidir_blocked", bigbird, {"strategy": "halo", "backend": "auto", "return_stats": False}),
         ("bigbird_bidir_batch2", bigbird, {"strategy": "halo", "batch": 2}),
         ("longformer_ulysses_batch2", longformer, {"strategy": "ulysses", "batch": 2}),

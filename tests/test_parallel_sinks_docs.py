@@ -124,8 +124,8 @@ def _suite(rank, world_size):
         for name, pattern, strategy, with_sinks, with_docs in _cases(world_size):
             fails, mine, ref = _run_case(ctx, name, pattern, strategy, with_sinks, with_docs)
             results["cases"][name], results["dsinks"][name] = fails, (mine, ref)
-        for name, pattern, strategy in (("sink_blocked", Window(causal=True, window_left=20, num_global=4), "halo"),
-                                        ("longformer_blocked", Window(causal=False, window_left=12, window_right=12,
+        for name, pattern, strategy in (("sink_auto", Window(causal=True, window_left=20, num_global=4), "halo"),
+                                        ("longformer_auto", Window(causal=False, window_left=12, window_right=12,
                                                                       num_global=4), "halo")):
             fails, mine, ref = _run_case(ctx, name, pattern, strategy, True, True, backend="auto")
             results["cases"][name], results["dsinks"][name] = fails, (mine, ref)
