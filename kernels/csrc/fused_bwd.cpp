@@ -75,13 +75,7 @@ static double bwd_qtile(const Geo& g, const BwdIn& in, int64_t b, int64_t h, int
   const float *kh = in.k + kv, *vh = in.v + kv, *qh = in.q + row0 * D, *doh = in.dout + row0 * D;
   float* dqh = in.dq + row0 * D;
   const int64_t* qp = g.qpos + i0;
-  int64_t qmin, qmax;
-  query_range(qp, nr, qmin, qmax);
-  key_tiles(g, qmin, qmax, w.tiles);
-  if (g.qdoc) {
-    query_docs(g, b, i0, nr, w.qd);
-    doc_filter(g, b, w.qd, w.tiles);
-  }
+  query_tile_plan(g, b, i0, nr, w.tiles, w.qd);
   pack_t(qh, nr, D, g.scale, w.qt.data());
   pack_t(doh, nr, D, 1.f, w.dot.data());
   for (int r = 0; r < TQ; ++r) {  // padded lanes: finite values whose results are never read

@@ -280,4 +280,16 @@ inline void query_range(const int64_t* qp, int nr, int64_t& qmin, int64_t& qmax)
   for (int r = 1; r < nr; ++r) qmin = std::min(qmin, qp[r]), qmax = std::max(qmax, qp[r]);
 }
 
+// The key tiles one query tile (rows [i0, i0 + nr) of batch b) visits, forward and backward alike:
+// the band and global tiles its positions reach, narrowed by the documents when there are any.
+inline void query_tile_plan(const Geo& g, int64_t b, int64_t i0, int nr, std::vector<Tile>& tiles, QDocs& qd) {
+  int64_t qmin, qmax;
+  query_range(g.qpos + i0, nr, qmin, qmax);
+  key_tiles(g, qmin, qmax, tiles);
+  if (g.qdoc) {
+    query_docs(g, b, i0, nr, qd);
+    doc_filter(g, b, qd, tiles);
+  }
+}
+
 }  // namespace fused

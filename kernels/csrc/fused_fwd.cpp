@@ -66,13 +66,7 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   const float* kh = k + (b * g.Hkv + h / G) * g.K * D;
   const float* vh = v + (b * g.Hkv + h / G) * g.K * D;
   const int64_t* qp = g.qpos + i0;
-  int64_t qmin, qmax;
-  query_range(qp, nr, qmin, qmax);
-  key_tiles(g, qmin, qmax, w.tiles);
-  if (g.qdoc) {
-    query_docs(g, b, i0, nr, w.qd);
-    doc_filter(g, b, w.qd, w.tiles);
-  }
+  query_tile_plan(g, b, i0, nr, w.tiles, w.qd);
   pack_t(qh, nr, D, g.scale, w.qt.data());
   float* o = w.o.data();
   std::fill(o, o + nr * D, 0.f);
