@@ -26,7 +26,7 @@ import torch
 
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, reference_attention
-from kernels.stats import apply_sinks
+from kernels.stats import join_sinks
 from model.pattern import Pattern
 
 DOC_BACKENDS = ("reference", "blocked", "flex", "fused")  # backends that take q_doc / k_doc themselves
@@ -81,13 +81,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     docs = {} if q_doc is None and k_doc is None else {"q_doc": q_doc, "k_doc": k_doc}
     if docs and backend not in DOC_BACKENDS:
         backend = "blocked"
-    if sinks is not None and backend in SINK_BACKENDS:
+    if backend in SINK_BACKENDS:  # the kernel joins the sinks itself
         return KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, sinks=sinks)
     res = KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs)
-    if sinks is None:
-        return res
-    out, lse, stats = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
-    return (out, lse, stats) if return_stats else (out, lse)
+    return join_sinks(res, sinks, return_stats)
 
 
 def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:

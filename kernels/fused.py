@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs
-from kernels.stats import AttnStats, apply_sinks
+from kernels.stats import AttnStats, join_sinks
 from model.pattern import Pattern, Window
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,10 +187,7 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
 
         res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc=q_doc,
                                 k_doc=k_doc)
-        if sinks is None:
-            return res
-        out, lse, st = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
-        return (out, lse, st) if return_stats else (out, lse)
+        return join_sinks(res, sinks, return_stats)
     _check_rows(g, pattern, K)  # the pattern's empty rows are errors; the documents' are out 0, lse −inf
     if q_doc is not None:
         g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))

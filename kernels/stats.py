@@ -115,6 +115,15 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None
     return new_out, new_lse, new_stats
 
 
+def join_sinks(res: tuple, sinks: torch.Tensor | None, return_stats: bool) -> tuple:
+    """A kernel's result ((out, lse) or (out, lse, stats)) with the sinks joined by ``apply_sinks``,
+    in the same shape; unchanged when ``sinks`` is None."""
+    if sinks is None:
+        return res
+    out, lse, stats = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
+    return (out, lse, stats) if return_stats else (out, lse)
+
+
 def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
     """Per-head sums over batch and queries ([H] each) that add up across sequence shards:
     ``entropy_sum``, ``global_mass_sum``, ``count`` (queries), ``max_logit`` (a max), and with
