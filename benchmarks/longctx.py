@@ -147,7 +147,7 @@ def sink_logits_available() -> bool:
     """Whether this trainer accepts ``model.sink_logits`` (the learned-sinks issue)."""
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

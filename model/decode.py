@@ -32,7 +32,7 @@ decoding step t equals a full forward over the whole sequence at t.
 Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
 each cached key keeps its document id, a query sees its own document's keys and the globals
 (``kernels.reference.document_rule``), and rotary positions restart after each separator, exactly as
-``trainer.sampling.document_positions`` counts them over the whole sequence.
+``trainer.data.sampling.document_positions`` counts them over the whole sequence.
 
 Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
 no value: ``out' = out · sigmoid(lse − sinks[h])``, joined after the keys (``kernels.stats.apply_sinks``).
@@ -244,7 +244,7 @@ class CachedAttention:
 
 @dataclass(frozen=True)
 class Documents:
-    """Packed documents as the model was trained with them (trainer.sampling.document_positions): a
+    """Packed documents as the model was trained with them (trainer.data.sampling.document_positions): a
     ``separator`` token ends its document; ``mask``: a query sees only its document's keys (and the
     globals); ``reset_positions``: rotary positions restart at 0 after each separator."""
 

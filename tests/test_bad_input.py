@@ -42,8 +42,8 @@ def saved_checkpoint(root: Path) -> Path:
     from hydra import compose, initialize_config_dir
 
     import trainer.train  # noqa: F401  (registers the launch_stamp resolver)
-    from trainer import checkpoint
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
+    from trainer.state import checkpoint
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = load_config(compose(config_name="config", overrides=["trainer.ckpt_dir=unused"]), 1)

@@ -11,7 +11,7 @@ import torch
 
 from model.pattern import BigBird, Dense, Window, from_config
 from model.transformer import Transformer, model_preset
-from trainer.coverage import CoverageError, check_subset, measure, pattern_coverage
+from trainer.tools.coverage import CoverageError, check_subset, measure, pattern_coverage
 
 T = 40
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer import data as D
-from trainer import sampling as S
+from trainer.data import corpus as D
+from trainer.data import sampling as S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -281,7 +281,7 @@ def _config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     import trainer.train  # noqa: F401  (registers the launch_stamp resolver)
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         node = compose(config_name="config", overrides=[*overrides, "seq_len=512", "attention.window_left=128",
@@ -290,7 +290,7 @@ def _config(*overrides: str):
 
 
 def test_model_vocab_follows_the_tokenizer(monkeypatch):
-    from trainer.config import ConfigError
+    from trainer.config.validate import ConfigError
 
     monkeypatch.setattr(D.bpe, "train", lambda *a: pytest.fail("validation must not train the tokenizer"))
     assert _config().model_config().vocab_size == 256
@@ -316,7 +316,6 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
     from types import SimpleNamespace
 
     from trainer import loop
-
     lengths = np.array([1, 2, 3, 4])  # bytes of token ids 0..3
     monkeypatch.setattr(loop.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
 
@@ -326,7 +325,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
 
     val = np.random.default_rng(0).integers(0, 4, size=2000)
     from tests.test_train import _compose
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     cfg = load_config(_compose("seq_len=64", "attention.window_left=16", "batch_size=2", "seed=3", "eval_batches=3",
                                "model.n_learned_global=2"), 1)

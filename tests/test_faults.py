@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, rows, train
-from trainer import checkpoint
+from trainer.state import checkpoint
 
 RUN = [*SMALL, "steps=6", "eval_every=3", "trainer.ckpt_every=2", "logging.wandb=disabled", "logging.mask_png=false"]
 

@@ -25,9 +25,10 @@ from model.decode import (
 from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
-from trainer.config import ConfigError
-from trainer.data import DOC_SEP, IGNORE_INDEX, ByteTokenizer, load_corpus
-from trainer.generate import (
+from trainer.config.validate import ConfigError
+from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, ByteTokenizer, load_corpus
+from trainer.data.sampling import LongDocSampler, document_positions
+from trainer.tools.generate import (
     _preflight,
     documents_of,
     generate_passkey_accuracy,
@@ -36,7 +37,6 @@ from trainer.generate import (
     resolve_checkpoint,
     run_config,
 )
-from trainer.sampling import LongDocSampler, document_positions
 
 # Tiny model with GQA (4 query heads on 2 key/value heads) and 2 learned global slots. init_std 0.3
 # (not 0.02) makes attention peaked and its output large in the residual stream, so a key missing
@@ -133,7 +133,7 @@ def test_cached_attention_with_sinks_equals_kernel(name):
                                              ("dense", True, True), ("bigbird", True, True), ("topk", True, True)])
 def test_packed_documents(name, mask, reset):
     """data.document_mask / data.reset_positions: document ids and per-document rotary positions
-    continue across steps exactly as trainer.sampling.document_positions counts them (sinks on too)."""
+    continue across steps exactly as trainer.data.sampling.document_positions counts them (sinks on too)."""
     model = tiny_model(PATTERNS[name], sink_logits=True)
     tokens = torch.randint(1, 64, (2, 30))
     tokens[torch.rand(2, 30) < 0.15] = DOC_SEP  # a few documents per row, at different places

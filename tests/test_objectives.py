@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.train_utils import REPO, SMALL, _env, rows, train
-from trainer.data import IGNORE_INDEX
+from trainer.data.corpus import IGNORE_INDEX
 
 ATTENTION = sorted(p.stem for p in (REPO / "conf" / "attention").glob("*.yaml"))
 SEQ = 64
@@ -86,7 +86,7 @@ def test_clm_accepts_only_models_blind_to_later_tokens(overrides, i, data):
     line: some layer's mask lets a query see a later key (the rule, also where the model's outputs
     happen not to show it, e.g. a last layer whose only such queries are learned global slots)."""
     from model.transformer import Transformer
-    from trainer.config import ConfigError, load_config
+    from trainer.config.validate import ConfigError, load_config
 
     try:
         as_mlm = load_config(_compose(*overrides[:1], "objective=mlm", *overrides[2:]), 1)
@@ -112,7 +112,7 @@ def test_clm_accepts_only_models_blind_to_later_tokens(overrides, i, data):
 
 
 def test_the_clm_guard_names_the_layer_and_pattern_of_an_override():
-    from trainer.config import ConfigError, load_config
+    from trainer.config.validate import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"^objective: clm .* layer 1's pattern Dense\(causal=False"):
         load_config(_compose("seq_len=512", "attention.window_left=128",
@@ -126,13 +126,13 @@ def test_the_clm_guard_names_the_layer_and_pattern_of_an_override():
 # --- mlm ------------------------------------------------------------------------------------------
 
 def _spec(**kw):
-    from trainer.mlm import MlmSpec
+    from trainer.data.mlm import MlmSpec
 
     return MlmSpec(**{"mask_prob": 0.15, "mask_id": 256, "tokenizer_vocab": 256, "num_global": 4, "seed": 3, **kw})
 
 
 def test_mlm_choice_is_the_same_on_sp_shards_and_blind_to_tokens():
-    from trainer.mlm import corrupt
+    from trainer.data.mlm import corrupt
 
     n, starts = 1024, np.array([5, 90_000])
     tokens = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(0))
@@ -155,7 +155,7 @@ def test_mlm_choice_is_the_same_on_sp_shards_and_blind_to_tokens():
 
 
 def test_mlm_proportions():
-    from trainer.mlm import ACTION_KEEP, ACTION_MASK, ACTION_RANDOM, draws
+    from trainer.data.mlm import ACTION_KEEP, ACTION_MASK, ACTION_RANDOM, draws
 
     chosen, action, _ = draws(_spec(num_global=0), 0, np.arange(64), np.arange(4096))
     frac = chosen.mean()
@@ -171,7 +171,7 @@ def test_mlm_proportions():
 def test_mlm_logits_at_a_replaced_position_ignore_its_token_and_the_loss_counts_the_chosen():
     from model.pattern import Window
     from model.transformer import ModelConfig, Transformer
-    from trainer.mlm import ACTION_KEEP, corrupt, draws
+    from trainer.data.mlm import ACTION_KEEP, corrupt, draws
 
     n, spec = 256, _spec(num_global=2)
     pattern = Window(causal=False, window_left=16, window_right=16, num_global=2)
@@ -196,7 +196,7 @@ def test_mlm_logits_at_a_replaced_position_ignore_its_token_and_the_loss_counts_
 
 
 def test_mlm_config_rules():
-    from trainer.config import ConfigError, load_config
+    from trainer.config.validate import ConfigError, load_config
 
     cfg = load_config(_compose("seq_len=512", "attention=longformer", "objective=mlm", "attention.window_left=64",
                                "attention.window_right=64"), 1)

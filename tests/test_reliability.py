@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, rows, train
-from trainer import checkpoint, integrity, preflight
-from trainer.config import ConfigError
+from trainer.config.validate import ConfigError
+from trainer.state import checkpoint, integrity, preflight
 
 # --- checkpoint integrity -------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ def test_checkpoint_meta_records_schema_and_sha256(tmp_path):
 
 def test_keep_last_n_and_resume_with_other_data(tmp_path):
     from tests.test_train import _compose
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     cfg = load_config(_compose("seq_len=512", "attention.window_left=128"), 1)
     path = _fake_checkpoint(tmp_path, 5)
@@ -82,7 +82,7 @@ def test_keep_last_n_and_resume_with_other_data(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "zeros", "flip_late_byte"])
 def test_a_damaged_token_cache_is_rebuilt_with_one_line(tmp_path, capsys, damage, monkeypatch):
-    from trainer.data import load_corpus
+    from trainer.data.corpus import load_corpus
 
     src, cache = tmp_path / "src", tmp_path / "cache"
     src.mkdir()
@@ -177,7 +177,7 @@ def test_data_preparation_waits_for_another_holder_of_its_lock(tmp_path, capsys)
     import threading
 
     from tests.test_train import _compose
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     src, cache = tmp_path / "src", tmp_path / "cache"
     src.mkdir()
@@ -202,8 +202,7 @@ def test_data_preparation_waits_for_another_holder_of_its_lock(tmp_path, capsys)
 # --- signals --------------------------------------------------------------------------------------
 
 def test_sigint_once_stops_like_sigterm_twice_exits(monkeypatch):
-    from trainer import faults
-
+    from trainer.state import faults
     exits = []
     monkeypatch.setattr(faults.os, "_exit", exits.append)
     now = [100.0]
@@ -328,7 +327,7 @@ def test_the_guard_never_refuses_a_config_the_trainer_accepts():
     random accepted SP=2 configs, short (the run's exact geometry) and long (a reduced probe)."""
     from tests.mp_utils import run_workers
     from tests.test_train import _compose
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     rng = np.random.default_rng(0)
     candidates = [["seq_len=1024", "attention.num_global=64"]]

@@ -244,7 +244,7 @@ def test_documents_with_many_chunks(name, monkeypatch):
 def test_no_future_leak_with_sinks_and_documents():
     """clm: with sinks, document masking and per-document positions, the logits at positions < t do
     not change when every token from t on (and so the later document ids) changes."""
-    from trainer.sampling import document_positions
+    from trainer.data.sampling import document_positions
 
     model = _tiny(True, Window(window_left=10, num_global=2))
     g = torch.Generator().manual_seed(4)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import IGNORE_INDEX, DataConfigError
-from trainer.tasks import (
+from trainer.data.corpus import IGNORE_INDEX, DataConfigError
+from trainer.data.tasks import (
     DIGITS,
     MARK,
     UPPER,
@@ -157,7 +157,7 @@ def _eval_on_rank(rank, world, wrong):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from trainer.tasks import evaluate_task
+    from trainer.data.tasks import evaluate_task
 
     seq, K = 24, 8
     cfg = SimpleNamespace(data=SimpleNamespace(task="passkey", passkey=PasskeyParams(key_len=K), recall=RecallParams(),
@@ -208,7 +208,7 @@ def test_the_trainer_config_refuses_bad_task_settings_in_one_line(overrides, mat
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import REPO_ROOT
-    from trainer.config import ConfigError, load_config
+    from trainer.config.validate import ConfigError, load_config
 
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         dcfg = compose(config_name="config", overrides=["seq_len=1024", "trainer.ckpt_dir=/tmp", *overrides])
@@ -221,7 +221,7 @@ def test_the_presets_compose_and_validate():
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import REPO_ROOT
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
 
     for preset in ("passkey_global", "passkey_middle", "recall"):
         with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):

@@ -207,7 +207,7 @@ def _compose(*overrides: str):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    from trainer.config import load_config
+    from trainer.config.validate import load_config
     from trainer.engine import lr_at
 
     cfg = load_config(_compose("steps=100", "optim.warmup_steps=10", "optim.lr=1e-3", "optim.min_lr=1e-4"), 1)
@@ -218,8 +218,8 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path):
-    from trainer import checkpoint
-    from trainer.config import ConfigError, load_config
+    from trainer.config.validate import ConfigError, load_config
+    from trainer.state import checkpoint
 
     cfg = load_config(_compose("seq_len=512", "attention.window_left=128", "steps=10", "trainer.resume=auto"), 1)
     cfg.trainer.ckpt_dir = str(tmp_path)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.train_utils import SMALL, _env, rows, train
-from trainer.data import DOC_SEP
-from trainer.sampling import LongDocSampler, document_positions
+from trainer.data.corpus import DOC_SEP
+from trainer.data.sampling import LongDocSampler, document_positions
 
 FEATURES = ["model.sink_logits=true", "data.document_mask=true", "model.n_learned_global=4", "attention.num_global=4"]
 

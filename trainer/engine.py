@@ -29,7 +29,7 @@ from parallel.comm import CommCounter
 from parallel.context import ParallelContext, init_parallel
 from parallel.guard import check_sp_attention
 from parallel.sp_attention import sp_attention
-from trainer.config import ParallelSection, TrainConfig
+from trainer.config.validate import ParallelSection, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,15 @@ import torch
 import torch.distributed as dist
 
 from parallel.comm import CommCounter
-from trainer import checkpoint, engine
-from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, load_corpus, passkey_batch
-from trainer.faults import (
+from trainer import engine
+from trainer.config.validate import TrainConfig
+from trainer.data.corpus import IGNORE_INDEX, load_corpus, passkey_batch
+from trainer.data.mlm import MaskedLMSampler
+from trainer.data.sampling import LongDocSampler, shard_bounds
+from trainer.data.tasks import TaskSampler, evaluate_task, task_params
+from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
+from trainer.state import checkpoint
+from trainer.state.faults import (
     FaultInjection,
     Liveness,
     NonFiniteGuard,
@@ -24,10 +29,6 @@ from trainer.faults import (
     TrainingAborted,
     write_status,
 )
-from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
-from trainer.mlm import MaskedLMSampler
-from trainer.sampling import LongDocSampler, shard_bounds
-from trainer.tasks import TaskSampler, evaluate_task, task_params
 
 
 @dataclass

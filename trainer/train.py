@@ -44,9 +44,10 @@ OmegaConf.register_new_resolver("run_dir_of", run_dir_of, replace=True)
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from trainer import checkpoint, engine, loop, preflight
-    from trainer.config import ConfigError, load_config
-    from trainer.faults import TrainingAborted, write_status
+    from trainer import engine, loop
+    from trainer.config.validate import ConfigError, load_config
+    from trainer.state import checkpoint, preflight
+    from trainer.state.faults import TrainingAborted, write_status
 
     engine.set_environment()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -90,7 +91,7 @@ def main(dcfg: DictConfig) -> None:
 
 def config_error(message: str, run_dir: str | Path | None) -> None:
     """Say it once (every rank finds the same error), leave status.json, exit 2."""
-    from trainer.faults import write_status
+    from trainer.state.faults import write_status
 
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"config error: {message}", file=sys.stderr)

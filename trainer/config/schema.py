@@ -1,6 +1,6 @@
 """The training config's schema: one dataclass per YAML group, ``TrainConfig`` over them, and the
 conversion of a plain dict into them (``to_dataclass``: unknown keys and wrong types are one
-``ConfigError`` line). What the settings may be together is ``trainer.config``'s part (``validate``).
+``ConfigError`` line). What the settings may be together is ``trainer.config.validate``'s part (``validate``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from model.pattern import Pattern, from_config
 from model.transformer import ModelConfig, layer_patterns, model_preset
-from trainer.data import tokenizer_vocab_size
-from trainer.mlm import MlmSpec
-from trainer.tasks import MixParams, PasskeyParams, RecallParams
+from trainer.data.corpus import tokenizer_vocab_size
+from trainer.data.mlm import MlmSpec
+from trainer.data.tasks import MixParams, PasskeyParams, RecallParams
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from parallel.sharding import local_range
-from trainer.data import DOC_SEP, DataConfigError
+from trainer.data.corpus import DOC_SEP, DataConfigError
 
 
 def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:

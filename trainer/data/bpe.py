@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from trainer.data import Document
+    from trainer.data.corpus import Document
 
 SEP = "\x00"  # id 0
 # Training reads at most the first 8 MiB of the training split (a deterministic sample): ~2 s on
@@ -81,7 +81,7 @@ def _stream_prefix(docs: list[Document], limit: int) -> Iterator[bytes]:
 
 def sample_bytes(docs: list[Document], val_fraction: float) -> int:
     """How many leading bytes of the stream training reads: SAMPLE_BYTES, or fewer so as to stop where
-    the validation split starts (trainer.data.split_point: after t - int(t·val_fraction) of the t bytes).
+    the validation split starts (trainer.data.corpus.split_point: after t - int(t·val_fraction) of the t bytes).
     That grows with t, so when it already exceeds the cap at the file sizes (a lower bound of t: headers
     only add), no file is read to find it."""
     def train_bytes(total: int) -> int:

@@ -24,7 +24,7 @@ Validation split: the longest suffix of the stream that encodes at most ``int(by
 bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens). The BPE tokenizer trains on
 bytes before that point only, so it has never seen the validation text.
 
-Sampling windows of the stream and cutting them into sequence shards is ``trainer.sampling``.
+Sampling windows of the stream and cutting them into sequence shards is ``trainer.data.sampling``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import bpe, integrity
+from trainer.data import bpe
+from trainer.state import integrity
 
 DOC_SEP = 0
 IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokens"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tokens"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes
 
 

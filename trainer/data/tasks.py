@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.data import IGNORE_INDEX, DataConfigError
-from trainer.sampling import LongDocSampler, shard_bounds
+from trainer.data.corpus import IGNORE_INDEX, DataConfigError
+from trainer.data.sampling import LongDocSampler, shard_bounds
 
 TASKS = ("text", "passkey", "recall", "mix")
 MIX_TASKS = ("passkey", "recall")

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer import integrity
-from trainer.config import ConfigError, TrainConfig
-from trainer.faults import TrainingAborted
+from trainer.config.validate import ConfigError, TrainConfig
+from trainer.state import integrity
+from trainer.state.faults import TrainingAborted
 
 META = "meta.json"
 SCHEMA = 2  # 1: files -> size; 2: files -> {size, sha256}

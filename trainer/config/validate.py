@@ -5,7 +5,7 @@ keys (naming the key and the allowed keys), wrong types, out-of-range values and
 combinations (seq_len not divisible by the SP size, SP x TP not dividing the world, ...) with ONE
 ``ConfigError`` line — before any process group, file or tensor is touched. Everything below the
 trainer receives these dataclasses (or the ``ModelConfig`` / ``Pattern`` objects built from them).
-The dataclasses themselves are ``trainer.schema``; this module is what they may hold together.
+The dataclasses themselves are ``trainer.config.schema``; this module is what they may hold together.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from model.pattern import PatternError
 from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
-from trainer.data import DataConfigError, tokenizer_vocab_size
-from trainer.schema import (
+from trainer.config.schema import (
     EVAL_TASKS,
     OBJECTIVES,
     PRECISIONS,
@@ -42,8 +41,9 @@ from trainer.schema import (
     TrainerSection,
     to_dataclass,
 )
-from trainer.tasks import check as check_task
-from trainer.tasks import task_params
+from trainer.data.corpus import DataConfigError, tokenizer_vocab_size
+from trainer.data.tasks import check as check_task
+from trainer.data.tasks import task_params
 
 # The config's public names, importable from here as before the schema had its own module.
 __all__ = ["ConfigError", "DataSection", "LoggingSection", "MlmSection", "ModelSection", "OptimSection",

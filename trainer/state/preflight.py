@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.data import DEFAULT_CACHE_DIR, DataConfigError, load_corpus
+from trainer.config.validate import ConfigError, TrainConfig
+from trainer.data.corpus import DEFAULT_CACHE_DIR, DataConfigError, load_corpus
 
 
 @dataclass(frozen=True)

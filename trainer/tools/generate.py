@@ -1,0 +1,266 @@
+"""Sample from a trained checkpoint: ``python -m trainer.generate trainer.resume=CKPT prompt="..." max_new_tokens=N``.
+
+The user gives only the checkpoint (a ``step_*`` directory, or a directory of them: its newest
+intact one). The run's ``config.yaml`` (the trainer writes it into the run directory, the parent
+of ``trainer.ckpt_dir`` by default) gives the tokenizer and every layer's pattern; ``meta.json``
+gives the model's shape, and the two must agree. Weights are read from DeepSpeed's files without a
+process group: ZeRO stage 0 from the module state (bf16 runs stored bf16 weights; they are cast to
+fp32), stages 1-3 as the fp32 master weights DeepSpeed's ``zero_to_fp32`` reconstructs.
+
+Greedy by default (``temperature=0``); ``temperature``, ``top_k``, ``top_p`` and ``seed`` sample.
+The prompt is prefilled with the training kernels, then one token at a time over a per-layer KV
+cache chosen from the pattern (model/decode.py: bounded patterns keep globals + a ring buffer).
+Learned global slots (model.n_learned_global = g) come first: the prompt starts at position g, after
+g separator tokens whose embeddings the model replaces; an empty prompt is one separator (DOC_SEP,
+what precedes every document in training). A model trained with packed documents
+(data.document_mask / data.reset_positions) decodes with them: the prompt is then a new document. Positions are absolute: a prompt plus generation longer
+than the trained seq_len is allowed, with a note on stderr, since windows apply as they are and
+rotary angles extrapolate (model/decode.py). A bidirectional (objective=mlm) checkpoint is refused.
+
+Prints the prompt and its continuation, then one line: tokens/s and the cache's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from model.decode import Decoder, Documents, Sampling, generate
+from model.pattern import PatternError
+from model.transformer import Transformer
+from trainer.config.validate import ConfigError, TrainConfig, to_dataclass
+from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, DataConfigError, documents, get_tokenizer
+from trainer.state import checkpoint
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class ResumeSection:
+    resume: str = "none"
+
+
+@dataclass
+class GenerateConfig:
+    trainer: ResumeSection = field(default_factory=ResumeSection)
+    prompt: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
+
+def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
+    """The checked GenerateConfig (ConfigError: one line naming the setting)."""
+    from kernels import BACKENDS
+
+    node = OmegaConf.to_container(dcfg, resolve=True)
+    node.pop("hydra", None)
+    cfg = to_dataclass(GenerateConfig, node)
+    if cfg.trainer.resume in ("none", "auto", ""):
+        raise ConfigError(f"trainer.resume: give the checkpoint to sample from (a step_* directory or a directory "
+                          f"of them); got {cfg.trainer.resume!r}")
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: must be one of auto, cpu, cuda; got {cfg.device!r}")
+    try:
+        cfg.sampling().validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+# --- the checkpoint -----------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str) -> Path:
+    """One intact checkpoint directory: ``path`` itself, or the newest intact one under it (or under
+    its ``checkpoints/``: a run directory)."""
+    p = Path(path).expanduser()
+    found = ([p] if (p / checkpoint.META).is_file() else
+             checkpoint.complete_checkpoints(p) or checkpoint.complete_checkpoints(p / "checkpoints"))
+    if not found:
+        raise ConfigError(f"trainer.resume: {path!r} is neither a checkpoint (with {checkpoint.META}), nor a directory "
+                          "holding one, nor a run directory with checkpoints/")
+    ckpt = checkpoint.newest_intact(found, warn=True)
+    if ckpt is None:
+        raise ConfigError(f"trainer.resume: {found[-1]} is corrupt: {checkpoint.problem(found[-1])}")
+    return ckpt
+
+
+def run_config(ckpt: Path) -> TrainConfig:
+    """The training config of the run that wrote ``ckpt``, checked against its meta.json."""
+    candidates = [ckpt / "config.yaml", ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"trainer.resume: no config.yaml of the run next to {ckpt} (looked in "
+                          f"{', '.join(str(c.parent) for c in candidates)}); copy the run's config.yaml there")
+    node = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+    node.pop("hydra", None)
+    cfg = to_dataclass(TrainConfig, node)
+    meta = checkpoint.read_meta(ckpt)
+    try:
+        shape = {k: v for k, v in vars(cfg.model_config()).items() if k in checkpoint.SHAPE_KEYS}
+        patterns = cfg.patterns()
+    except (PatternError, DataConfigError, ValueError) as e:
+        raise ConfigError(f"{found}: {str(e).splitlines()[0]}") from None
+    if shape != meta["model"]:
+        raise ConfigError(f"trainer.resume: {found} describes a model of shape {shape}, {ckpt / checkpoint.META} "
+                          f"another: {meta['model']}; this config.yaml is not the checkpoint's run")
+    if getattr(cfg, "objective", "clm") != "clm" or not all(p.causal for p in patterns):
+        raise ConfigError(f"attention.causal: {ckpt} was trained bidirectionally (objective="
+                          f"{getattr(cfg, 'objective', 'clm')}); generation decodes left to right and needs "
+                          "causal patterns (objective=clm)")
+    return cfg
+
+
+def load_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 weights from DeepSpeed's files, without a process group."""
+    if zero_stage == 0:
+        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ConfigError(f"trainer.resume: {ckpt} holds no mp_rank_*_model_states.pt (DeepSpeed's model file)")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def load_model(ckpt: Path, device: torch.device) -> tuple[Transformer, TrainConfig]:
+    cfg = run_config(ckpt)
+    model = Transformer(cfg.model_config(), cfg.patterns())
+    state = load_state_dict(ckpt, checkpoint.read_meta(ckpt)["zero_stage"])
+    model.load_state_dict(state, strict=False)  # lm_head.weight may be absent: tied to wte.weight
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.model_config().tie_embeddings else set())
+    if missing:
+        raise ConfigError(f"trainer.resume: {ckpt} lacks weights {sorted(missing)[:3]}")
+    return model.to(device).eval(), cfg
+
+
+def documents_of(cfg: TrainConfig) -> Documents | None:
+    """The packed-document settings the model was trained with (data.document_mask / reset_positions)."""
+    mask = cfg.data.document_mask
+    reset = mask if cfg.data.reset_positions is None else cfg.data.reset_positions
+    return Documents(DOC_SEP, mask, reset) if mask or reset else None
+
+
+def tokenizer_of(cfg: TrainConfig):
+    d = cfg.data
+    docs = documents(d.path) if d.tokenizer != "bytes" else None
+    return get_tokenizer(d.tokenizer, docs, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
+
+
+def prompt_tokens(text: str, tokenizer, n_slots: int) -> torch.Tensor:
+    """[1, P]: ``n_slots`` separators (the learned global slots), then the prompt (or one separator)."""
+    ids = [int(i) for i in tokenizer.encode(text)] or [DOC_SEP]
+    return torch.tensor([[DOC_SEP] * n_slots + ids], dtype=torch.long)
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+@hydra.main(config_path=str(CONF), config_name="generate", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    from trainer.engine import set_environment
+    from trainer.train import config_error
+
+    set_environment()
+    try:
+        cfg = load_generate_config(dcfg)
+        ckpt = resolve_checkpoint(cfg.trainer.resume)
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+        model, train_cfg = load_model(ckpt, device)
+        tok = tokenizer_of(train_cfg)
+    except (ConfigError, DataConfigError) as e:
+        config_error(str(e).splitlines()[0], None)
+    g = model.cfg.n_learned_global
+    tokens = prompt_tokens(cfg.prompt, tok, g).to(device)
+    total = tokens.shape[1] + cfg.max_new_tokens
+    if total > train_cfg.seq_len:
+        print(f"note: prompt + max_new_tokens = {total} positions > the trained seq_len={train_cfg.seq_len}: the "
+              "patterns apply as they are and rotary angles extrapolate to positions never trained on",
+              file=sys.stderr)
+    out = generate(model, tokens, cfg.max_new_tokens, cfg.sampling(), backend=cfg.backend,
+                   documents=documents_of(train_cfg))
+    print(tok.decode(out.tokens[0, g:].tolist()), flush=True)
+    rate = (cfg.max_new_tokens - 1) / out.decode_s if cfg.max_new_tokens > 1 else float("nan")
+    print(f"[{ckpt}] {cfg.max_new_tokens} tokens, {rate:,.1f} tokens/s decoding (prefill {tokens.shape[1]} tokens "
+          f"in {out.prefill_s:.3f} s); KV cache {out.cache_bytes:,} bytes ({out.cache})", file=sys.stderr)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_passkey_accuracy(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor,
+                              backend: str = "auto", documents: Documents | None = None) -> float:
+    """Exact-match rate of the answers, generated greedily: the prompt (everything before the first
+    answer) is prefilled, then one token at a time over the KV cache. ``inputs``/``targets`` [B, T]:
+    a task batch of the whole sequence (learned global slots included), answers where targets are
+    not IGNORE_INDEX. Between answers (recall's questions) the given tokens are fed; through a run of
+    answers (passkey's digits) the fed token is the answer, which equals the generated one in every
+    row still exact, so a row's score is that of free generation."""
+    scored = targets != IGNORE_INDEX  # (B, T)
+    cols = torch.nonzero(scored.any(0)).flatten().tolist()
+    if not cols:
+        raise ValueError("targets: no answer to score (every target is IGNORE_INDEX)")
+    dec = Decoder(model, cols[-1] + 1, backend, documents)
+    logits = dec.prefill(inputs[:, :cols[0] + 1])  # predicts targets[:, cols[0]]
+    exact = torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
+    for j in range(cols[0], cols[-1] + 1):
+        if j > cols[0]:
+            logits = dec.step(inputs[:, j])
+        exact &= (logits.argmax(-1) == targets[:, j]) | ~scored[:, j]
+    return float(exact.float().mean())
+
+
+def _preflight(argv: list[str]) -> str | None:
+    """A composition error (unknown key, bad override) of conf/generate.yaml as one line; None if it composes."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import _VALUE_FLAGS
+
+    overrides, skip = [], False
+    for arg in argv:  # Hydra's own flags (and the values of those that take one) are not overrides
+        if not skip and not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra."):
+            overrides.append(arg)
+        skip = arg in _VALUE_FLAGS
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose(config_name="generate", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - any composition error is reported, in one line
+        text = " ".join(str(e).split())
+        if text.startswith("Could not override"):
+            key = text.split("'")[1]
+            allowed = [f.name for f in fields(GenerateConfig) if f.name != "trainer"] + ["trainer.resume"]
+            return f"{key}: not a key of the generate config; allowed: {', '.join(allowed)}"
+        return f"{' '.join(overrides)}: {text[:300]}"
+    return None
+
+
+def cli() -> None:
+    """``python -m trainer.generate``: composition errors in one line, then the Hydra command."""
+    if (problem := _preflight(sys.argv[1:])) is not None:
+        print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
