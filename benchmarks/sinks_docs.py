@@ -62,6 +62,7 @@ def parse_args(argv=None):
 
 
 def _comm_worker(rank: int, P: int, store: str, ns: list[int], out_dir: str) -> None:
+    from kernels.contract import AttnCall, AttnResult
     from parallel.comm import CommCounter
     from parallel.context import world_context
     from parallel.sp_attention import sp_attention
@@ -70,16 +71,16 @@ def _comm_worker(rank: int, P: int, store: str, ns: list[int], out_dir: str) -> 
                             timeout=timedelta(seconds=120))
     ctx, pattern, rows = world_context(120), Window(causal=True, window_left=512, num_global=16), {}
 
-    def stand_in(q, k, v, pattern, **_):  # the exchanges are measured, not the kernel
-        return q * 0, q.new_zeros(q.shape[:3])
+    def stand_in(q, k, v, pattern, call):  # the exchanges are measured, not the kernel
+        return AttnResult(q * 0, q.new_zeros(q.shape[:3]), None)
 
     for n in ns:
         L, counter = n // P, CommCounter()
         q, k, v = torch.zeros(1, 8, L, 64), torch.zeros(1, 8, L, 64), torch.zeros(1, 8, L, 64)
         docs = ((torch.arange(L) + rank * L) // 1024)[None]
         with torch.no_grad():
-            sp_attention(q, k, v, pattern, ctx, strategy="halo", backend=stand_in, seq_len=n, counter=counter,
-                         sinks=torch.zeros(8), doc_ids=docs)
+            sp_attention(q, k, v, pattern, ctx, AttnCall(seq_len=n, sinks=torch.zeros(8), q_doc=docs), strategy="halo",
+                         backend=stand_in, counter=counter)
         rows[n] = {"kv": counter.total("recv", kind=("halo", "global")), "doc_ids": counter.total("recv", kind="doc_ids")}
     torch.save(rows, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -145,7 +146,7 @@ def run_pattern(pattern: Pattern, args) -> list[dict]:
             sparse_attention(q, k, v, pattern, backend=args.backend, **kw)
 
     def fwd_bwd(kw):
-        out, _ = sparse_attention(q, k, v, pattern, backend=args.backend, **kw)
+        out, _, _ = sparse_attention(q, k, v, pattern, backend=args.backend, **kw)
         out.backward(dout)
 
     best = {name: [float("inf"), float("inf")] for name in calls}

@@ -1,8 +1,13 @@
-"""Sparse attention kernels. One contract for every backend:
+"""Sparse attention kernels behind one contract (``kernels.contract``):
 
     sparse_attention(q, k, v, pattern, q_pos=None, k_pos=None, backend="auto", return_stats=False,
-                     sinks=None, q_doc=None, k_doc=None)
-        -> (out, lse) or (out, lse, stats)
+                     scale=None, seq_len=None, sinks=None, q_doc=None, k_doc=None) -> AttnResult
+    attend(q, k, v, pattern, call: AttnCall, backend="auto") -> AttnResult
+
+``sparse_attention`` is the keyword form for users and tests; it builds the ``AttnCall`` and calls
+``attend``, which every adapter (the model's attention function, the SP strategies, the decode cache,
+the coverage recorder) calls with the call it was handed. The result is always (out, lse, stats),
+stats None unless ``return_stats``.
 
 q [B, H, Q, D]; k, v [B, Hkv, K, D] (GQA when Hkv < H); q_pos [Q], k_pos [K] absolute positions
 (default arange), so a sequence shard — queries a sub-range, keys ``[globals | range]`` — is computed
@@ -10,88 +15,103 @@ exactly. ``lse`` [B, H, Q] fp32 lets partial results be merged (kernels.stats.me
 are the per-query partials of entropy, max logit and global mass (kernels.stats.AttnStats).
 
 ``sinks`` [H] (fp32, differentiable): learned sink logits, one extra softmax column per head with no
-value (gpt-oss). The reference computes that column directly and backends in ``SINK_BACKENDS`` start
-each row's online softmax from it; every other backend runs without it and joins it from (out, lse)
-afterwards (``kernels.stats.apply_sinks``), so any backend supports it.
-``q_doc`` [B, Q], ``k_doc`` [B, K] LongTensors: packed documents (``kernels.reference.document_rule``):
-a query sees a key only if the pattern allows it and both are in the same document, except global
-keys (seen by all) and, when bidirectional, global queries (see all). Backends in ``DOC_BACKENDS``
-apply it in the kernel (skipping key blocks no query of a block can see); any other backend falls back
-to ``blocked`` when document ids are given.
+value (gpt-oss). Backends whose row of ``BACKENDS`` says ``sinks`` start each row's online softmax
+from it; for every other backend ``attend`` joins it from (out, lse) afterwards
+(``kernels.stats.apply_sinks``), so any backend supports it.
+``q_doc`` [B, Q], ``k_doc`` [B, K] LongTensors: packed documents (``model.pattern.documents``): a
+query sees a key only if the pattern allows it and both are in the same document, except global keys
+(seen by all) and, when bidirectional, global queries (see all). Backends whose row says
+``documents`` apply it in the kernel; ``attend`` sends any other backend's call to ``blocked``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.contract import BACKENDS as TABLE
+from kernels.contract import AttnCall, AttnResult
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, reference_attention
 from kernels.stats import join_sinks
 from model.pattern import Pattern
 
-DOC_BACKENDS = ("reference", "blocked", "flex", "fused")  # backends that take q_doc / k_doc themselves
-SINK_BACKENDS = ("fused",)  # backends that join the learned sinks inside the kernel (reference: below)
+
+# Each backend behind one signature: (q, k, v, pattern, call) -> AttnResult. Imported on first use:
+# flex needs torch's FlexAttention, fused a build.
+def _reference(q, k, v, pattern, c: AttnCall) -> AttnResult:
+    return reference_attention(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.q_doc,
+                               c.k_doc, c.sinks)
 
 
-# Each backend behind one signature: (q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats,
-# docs) -> (out, lse[, stats]). Imported on first use: flex needs torch's FlexAttention, fused a build.
-def _reference(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
-    return reference_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
-
-
-def _blocked(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+def _blocked(q, k, v, pattern, c: AttnCall) -> AttnResult:
     from kernels.blocked import blocked_attention
 
-    return blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+    return blocked_attention(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.q_doc, c.k_doc)
 
 
-def _flex(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs):
+def _flex(q, k, v, pattern, c: AttnCall) -> AttnResult:
     from kernels.flex import flex_attention_backend
 
-    return flex_attention_backend(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, **docs)
+    return flex_attention_backend(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.q_doc,
+                                  c.k_doc)
 
 
-def _fused(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, sinks=None):
-    from kernels.fused import (
-        fused_attention,  # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
-    )
+def _fused(q, k, v, pattern, c: AttnCall) -> AttnResult:
+    # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
+    from kernels.fused import fused_attention
 
-    return fused_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, sinks, **docs)
+    return fused_attention(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.sinks, c.q_doc,
+                           c.k_doc)
 
 
 KERNELS = {"reference": _reference, "blocked": _blocked, "flex": _flex, "fused": _fused}
+assert KERNELS.keys() == TABLE.keys()
 BACKENDS = ("auto", *KERNELS)
+DOC_BACKENDS = tuple(name for name, b in TABLE.items() if b.documents)
+SINK_BACKENDS = tuple(name for name, b in TABLE.items() if b.sinks)
+
+
+def check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
+    """The sinks shape rule, in one place (kernels and SP strategies): one logit per query head."""
+    if sinks is not None and tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks: must be [H] = [{heads}] (one logit per query head), got {list(sinks.shape)}")
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                      q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
                      backend: str = "auto", return_stats: bool = False, scale: float | None = None,
                      seq_len: int | None = None, sinks: torch.Tensor | None = None,
-                     q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None):
-    """Sparse attention with the pattern; see the module docstring for the contract."""
+                     q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> AttnResult:
+    """Sparse attention with the pattern, keyword form; see the module docstring for the contract."""
+    return attend(q, k, v, pattern, AttnCall(q_pos, k_pos, seq_len, scale, sinks, q_doc, k_doc, return_stats),
+                  backend)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, call: AttnCall,
+           backend: str = "auto") -> AttnResult:
+    """Sparse attention of one described call: the backend is chosen here, once (``choose_backend``)."""
+    check_inputs(q, k, v, call.q_pos, call.k_pos)
+    check_sinks(call.sinks, q.shape[1])
+    name = choose_backend(q, pattern, call, backend)
+    if TABLE[name].sinks:  # the kernel joins the sinks itself
+        return KERNELS[name](q, k, v, pattern, call)
+    return join_sinks(KERNELS[name](q, k, v, pattern, call.without_sinks()), call.sinks)
+
+
+def choose_backend(q: torch.Tensor, pattern: Pattern, call: AttnCall, backend: str = "auto") -> str:
+    """The backend that runs this call: ``backend`` itself, ``auto``'s pick (``pick_backend``), and
+    ``blocked`` for a call with documents the chosen backend cannot mask (the table's ``documents``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    check_inputs(q, k, v, q_pos, k_pos)
-    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
-        raise ValueError(f"sinks: must be [H] = [{q.shape[1]}] (one logit per query head), got {list(sinks.shape)}")
-    if backend == "auto":
-        backend = pick_backend(q, pattern, return_stats)
-    if backend == "reference":  # the oracle computes the sink column itself
-        return reference_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc, k_doc, sinks)
-    docs = {} if q_doc is None and k_doc is None else {"q_doc": q_doc, "k_doc": k_doc}
-    if docs and backend not in DOC_BACKENDS:
-        backend = "blocked"
-    if backend in SINK_BACKENDS:  # the kernel joins the sinks itself
-        return KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs, sinks=sinks)
-    res = KERNELS[backend](q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, docs)
-    return join_sinks(res, sinks, return_stats)
+    name = pick_backend(q, pattern, call.return_stats) if backend == "auto" else backend
+    return name if not call.docs or TABLE[name].documents else "blocked"
 
 
 def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:
     """``flex`` only where it runs forward and backward (CUDA, positional pattern, no stats);
     ``fused`` for fp32 band patterns on CPU (kernels.fused); ``blocked`` everywhere else.
     FlexAttention has no CPU backward, so ``auto`` never picks it on CPU."""
-    if q.is_cuda and not pattern.content_based and not return_stats:
+    if q.is_cuda and not pattern.content_based and (TABLE["flex"].stats or not return_stats):
         from kernels.flex import flex_available
 
         if flex_available():
@@ -104,5 +124,5 @@ def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:
     return "blocked"
 
 
-__all__ = ["sparse_attention", "reference_attention", "EmptyRowError", "BACKENDS", "DOC_BACKENDS", "SINK_BACKENDS",
-           "KERNELS", "pick_backend"]
+__all__ = ["sparse_attention", "attend", "AttnCall", "AttnResult", "reference_attention", "EmptyRowError", "BACKENDS",
+           "DOC_BACKENDS", "SINK_BACKENDS", "TABLE", "KERNELS", "choose_backend", "pick_backend", "check_sinks"]

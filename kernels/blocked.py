@@ -28,6 +28,7 @@ import torch
 
 from kernels.blocked_docs import DOC_PLANS, doc_plan
 from kernels.blocked_plan import Chunk, Plan, cached_device_plan, content_plan, position_runs, positional_plan
+from kernels.contract import AttnResult
 from kernels.inputs import check_inputs
 from kernels.reference import check_docs
 from kernels.stats import AttnStats
@@ -232,7 +233,7 @@ class BlockedAttention(torch.autograd.Function):
 
 def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
                       q_doc=None, k_doc=None):
-    """(out, lse) or (out, lse, AttnStats); the contract of ``kernels.sparse_attention``. With document
+    """``AttnResult`` (out, lse, AttnStats or None); the contract of ``kernels.sparse_attention``. With document
     ids the plan gathers only keys some query of each block may see (``kernels.blocked_docs``)."""
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
@@ -256,5 +257,5 @@ def blocked_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=N
     res = BlockedAttention.apply(q, k.contiguous(), v.contiguous(), plan, scale, return_stats)
     if return_stats:
         out, lse, m, mx, gm = res
-        return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm)
-    return res
+        return AttnResult(out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm))
+    return AttnResult(*res, None)

@@ -29,6 +29,7 @@ import math
 import torch
 
 from kernels.caches import LRUCache
+from kernels.contract import AttnResult
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs, document_rule
 from model.pattern import Pattern
@@ -66,7 +67,7 @@ def flex_available() -> bool:
 
 def flex_attention_backend(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None,
                            return_stats=False, q_doc=None, k_doc=None):
-    """(out [B, H, Q, D], lse [B, H, Q] fp32) with FlexAttention; same contract as reference_attention."""
+    """``AttnResult`` (out [B, H, Q, D], lse [B, H, Q] fp32, None) with FlexAttention; same contract as reference_attention."""
     if pattern.content_based:
         raise ValueError(f"backend=flex takes positional patterns only; {type(pattern).__name__} is content-based "
                          "(use backend=blocked or backend=reference)")
@@ -98,7 +99,7 @@ def _run(q, k, v, block_mask, scale, gqa):
     if q.is_cuda:  # fused Triton kernel; eager would materialise the scores
         fn = _compiled_flex()
     out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
-    return out, aux.lse.float()
+    return AttnResult(out, aux.lse.float(), None)
 
 
 def _block_mask(pattern, q_pos, k_pos, seq_len, device, table, docs=None):

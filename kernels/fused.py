@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.contract import AttnResult
 from kernels.inputs import check_inputs
 from kernels.reference import EmptyRowError, check_docs
 from kernels.stats import AttnStats, join_sinks
@@ -176,7 +177,7 @@ class FusedAttention(torch.autograd.Function):
 
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
                     sinks=None, q_doc=None, k_doc=None):
-    """(out, lse) or (out, lse, AttnStats): the contract of ``kernels.sparse_attention``, learned
+    """``AttnResult`` (out, lse, AttnStats or None): the contract of ``kernels.sparse_attention``, learned
     ``sinks`` [H] and document ids included; runs ``kernels.blocked`` (and joins the sinks after it)
     where the fused kernel does not apply or cannot be built."""
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
@@ -187,7 +188,7 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
 
         res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc=q_doc,
                                 k_doc=k_doc)
-        return join_sinks(res, sinks, return_stats)
+        return join_sinks(res, sinks)
     _check_rows(g, pattern, K)  # the pattern's empty rows are errors; the documents' are out 0, lse −inf
     if q_doc is not None:
         g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))
@@ -196,8 +197,8 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
     res = FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), s32, g.args(pattern), scale,
                                return_stats)
     if not return_stats:
-        return res
+        return AttnResult(*res, None)
     out, lse, m, mx, gm = res
     # The sink's probability p_sink = exp(s_h − lse), lse including the sink (kernels.stats.apply_sinks).
     sink_mass = None if sinks is None else torch.exp(s32.detach()[None, :, None] - lse.detach())  # (B, H, Q)
-    return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink_mass)
+    return AttnResult(out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink_mass))

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from kernels.contract import AttnResult
 from kernels.inputs import check_inputs
 from kernels.stats import stats_from_probs
 from model.pattern import Pattern
@@ -64,9 +65,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
                         scale: float | None = None, seq_len: int | None = None, return_stats: bool = False,
                         q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
                         sinks: torch.Tensor | None = None):
-    """(out [B, H, Q, D], lse [B, H, Q] fp32, fp64 for fp64 q) of softmax(scale · q kᵀ + mask) v.
-
-    With ``return_stats`` also the per-query statistics partials (``kernels.stats.AttnStats``).
+    """``AttnResult``: out [B, H, Q, D], lse [B, H, Q] fp32 (fp64 for fp64 q) of softmax(scale · q kᵀ + mask) v,
+    and with ``return_stats`` the per-query statistics partials (``kernels.stats.AttnStats``), else None.
     ``q_doc`` [B, Q], ``k_doc`` [B, K]: document ids (``document_rule``); a query left with no key by
     the documents alone (a shard's partial over remote keys) gets out = 0, lse = −inf, while a query
     the pattern itself leaves empty is an error. ``sinks`` [H]: learned sink logits (softmax over keys
@@ -107,5 +107,5 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
             st = stats_from_probs(s, p, is_global)
             if sinks is not None:
                 st.sink_mass = p[..., K]
-            return out, lse, st
-    return out, lse
+            return AttnResult(out, lse, st)
+    return AttnResult(out, lse, None)

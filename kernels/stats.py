@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.contract import AttnResult
+
 
 @dataclass
 class AttnStats:
@@ -115,13 +117,11 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None
     return new_out, new_lse, new_stats
 
 
-def join_sinks(res: tuple, sinks: torch.Tensor | None, return_stats: bool) -> tuple:
-    """A kernel's result ((out, lse) or (out, lse, stats)) with the sinks joined by ``apply_sinks``,
-    in the same shape; unchanged when ``sinks`` is None."""
+def join_sinks(res: AttnResult, sinks: torch.Tensor | None) -> AttnResult:
+    """A kernel's result with the sinks joined by ``apply_sinks``; unchanged when ``sinks`` is None."""
     if sinks is None:
         return res
-    out, lse, stats = apply_sinks(res[0], res[1], sinks, res[2] if return_stats else None)
-    return (out, lse, stats) if return_stats else (out, lse)
+    return AttnResult(*apply_sinks(res.out, res.lse, sinks, res.stats))
 
 
 def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
@@ -137,6 +137,19 @@ def head_sums(lse: torch.Tensor, st: AttnStats) -> dict[str, torch.Tensor]:
     if st.sink_mass is not None:
         sums["sink_mass_sum"] = st.sink_mass.sum(dim=(0, 2))
     return sums
+
+
+def reduce_head_sums(sums: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
+    """``head_sums`` of every rank of ``group`` combined, in fp64: summed, ``max_logit`` maxed — over an
+    SP group, the single-device sums of the whole sequence. Two all-reduces whatever the keys."""
+    import torch.distributed as dist
+
+    keys = [k for k in sums if k != "max_logit"]
+    summed = torch.stack([sums[k].double() for k in keys])
+    peak = sums["max_logit"].double().clone()
+    dist.all_reduce(summed, group=group)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return {**dict(zip(keys, summed.unbind(0), strict=True)), "max_logit": peak}
 
 
 def head_summary(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

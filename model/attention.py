@@ -6,32 +6,26 @@ holds positions [r·L, (r+1)·L) rotates exactly as the unsharded model does, an
 runs on one device (``local_attention``) or sequence-parallel (``parallel/`` supplies a function
 with the same signature that exchanges halo and global keys first).
 
-The injection contract, in one place (``AttentionFn``)::
+The injection contract is the kernels' (``kernels.contract``)::
 
-    attention_fn(q, k, v, pattern, positions, seq_len, return_stats, *, layer[, sinks=..., doc_ids=...]) -> (out, sums)
+    attention_fn(q, k, v, pattern, call: AttnCall) -> AttnResult(out, lse, stats | None)
 
     q          [B, H, T, D]    this rank's queries, rotated
     k, v       [B, Hkv, T, D]  this rank's keys/values (GQA when Hkv < H), k rotated
     pattern    model.pattern.Pattern of this layer
-    positions  LongTensor [T]  absolute positions of the T rows (ascending)
-    seq_len    int             length n of the full (unsharded) sequence
-    return_stats bool
-    layer      keyword int: the index of the calling layer (0-based), for functions that keep
-               per-layer state (a KV cache, per-layer counters); passed explicitly, never inferred
-               from the order of calls
+    call       q_pos = k_pos = the absolute positions [T] of the T rows (ascending); seq_len, the
+               length n of the full (unsharded) sequence; sinks [H] when the layer has them (joined
+               once per query after all its keys, ``kernels.stats.apply_sinks``); q_doc = k_doc =
+               the rows' document ids [B, T] for packed documents; return_stats; layer, the calling
+               layer's index (0-based) for functions that keep per-layer state (a KV cache,
+               per-layer counters), passed explicitly, never inferred from the order of calls
     out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
                                wherever those keys live
-    sinks      keyword, passed only when the layer has them: [H] fp32 learned sink logits (gpt-oss),
-               one extra softmax column per head with no value, joined once per query after all
-               its keys (``kernels.stats.apply_sinks``); differentiable
-    doc_ids    keyword, passed only for packed documents: LongTensor [B, T] document ids of the
-               T rows; a query sees a key only in its own document, except global keys and (when
-               bidirectional) global queries (``kernels.reference.document_rule``)
-    out        [B, H, T, D]    attention output of the T queries over every key the pattern allows,
-                               wherever those keys live
-    sums       None, or per-head sums over this rank's queries (``kernels.stats.head_sums``:
-               entropy_sum, global_mass_sum, sink_mass_sum, count, max_logit — each [H]) when
-               return_stats; with sinks every statistic is over the keys plus the sink
+    lse, stats [B, H, T]       of those queries, over every key (and the sink); stats None unless
+                               ``call.return_stats``
+
+The module turns the statistics into per-head sums over its queries (``kernels.stats.head_sums``), so
+an attention function never has to.
 
 Rotary angles come from ``rope_positions`` when given (e.g. restarting at every document: [T] or
 [B, T]), otherwise from ``positions``; the pattern always sees the absolute ``positions``, so the
@@ -45,7 +39,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from kernels import sparse_attention
+from kernels import attend
+from kernels.contract import AttnCall, AttnResult
 from kernels.stats import head_sums
 from model.pattern import Pattern
 
@@ -56,23 +51,14 @@ class AttentionFn(Protocol):
     """The attention function the model calls; see the module docstring for the contract."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                 positions: torch.Tensor, seq_len: int, return_stats: bool, *, layer: int,
-                 sinks: torch.Tensor | None = None,
-                 doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StatSums | None]: ...
+                 call: AttnCall) -> AttnResult: ...
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                    positions: torch.Tensor, seq_len: int, return_stats: bool = False,
-                    backend: str = "auto", sinks: torch.Tensor | None = None,
-                    doc_ids: torch.Tensor | None = None, layer: int = 0) -> tuple[torch.Tensor, StatSums | None]:
-    """Single-device ``AttentionFn``: every key is local, so queries and keys share ``positions``
-    (and ``doc_ids``); it keeps no per-layer state, so ``layer`` is unused. Bind another kernel with ``functools.partial(local_attention, backend="reference")``."""
-    res = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=backend,
-                           return_stats=return_stats, seq_len=seq_len, sinks=sinks, q_doc=doc_ids, k_doc=doc_ids)
-    if not return_stats:
-        return res[0], None
-    out, lse, stats = res
-    return out, head_sums(lse, stats)
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, call: AttnCall,
+                    backend: str = "auto") -> AttnResult:
+    """Single-device ``AttentionFn``: every key is local, so the call goes to the kernel as it is. Bind
+    another kernel with ``functools.partial(local_attention, backend="reference")``."""
+    return attend(q, k, v, pattern, call, backend)
 
 
 # --- rotary embeddings ----------------------------------------------------------------------------
@@ -143,12 +129,9 @@ class Attention(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): one set of angles per batch row
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        extra = {}  # passed only when used, so attention functions without these features keep working
-        if self.sinks is not None:
-            extra["sinks"] = self.sinks
-        if doc_ids is not None:
-            extra["doc_ids"] = doc_ids
-        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, layer=layer, **extra)  # y: (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
-        return self.wo(y), sums
+        call = AttnCall(q_pos=positions, k_pos=positions, seq_len=seq_len, sinks=self.sinks, q_doc=doc_ids,
+                        k_doc=doc_ids, return_stats=return_stats, layer=layer)
+        res = attention_fn(q, k, v, pattern, call)
+        y = res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, H, T, D) -> (B, T, H·D)
+        return self.wo(y), (head_sums(res.lse, res.stats) if return_stats else None)
 

@@ -1,6 +1,6 @@
 """Incremental decoding with a per-layer KV cache chosen from the pattern: equal to a full forward.
 
-    prompt [B, P] ── model.forward (prefill: the training kernels, ``kernels.sparse_attention``) ──┐
+    prompt [B, P] ── model.forward (prefill: the training kernels, ``kernels.attend``) ────────────┐
     token  [B]    ── model.forward at position [t] (one query over the cache) ── logits [B, V] ◀──┘
 
 The model is not changed: decoding runs the model's own forward (embedding, learned global slots,
@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import sparse_attention
+from kernels import attend
+from kernels.contract import AttnCall, AttnResult
 from kernels.reference import document_rule
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, PatternUnion, Window
@@ -211,11 +212,11 @@ class CachedAttention:
         self.backend = backend
         self.next_pos = [0] * len(patterns)
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int, sinks=None,
-                 doc_ids=None):
-        if return_stats:
+    def __call__(self, q, k, v, pattern, call: AttnCall) -> AttnResult:
+        if call.return_stats:
             raise ValueError("return_stats: decoding keeps no attention statistics")
-        i, cache = layer, self.caches[layer]
+        positions, seq_len, doc_ids = call.q_pos, call.seq_len, call.q_doc
+        i, cache = call.layer, self.caches[call.layer]
         if int(positions[0]) != self.next_pos[i] or (self.next_pos[i] and q.shape[2] != 1):
             raise ValueError(f"decode: layer {i} expects one query at position {self.next_pos[i]} after the "
                              f"prompt, got positions {positions[0]}..{positions[-1]}")
@@ -223,8 +224,7 @@ class CachedAttention:
         if pattern.content_based:  # the block's summary comes from its queries (TopKBlocks.query_summary)
             cache.add_queries(q, positions)
         if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
-            out, lse = sparse_attention(q, k, v, pattern, q_pos=positions, k_pos=positions, backend=self.backend,
-                                        seq_len=seq_len, q_doc=doc_ids, k_doc=doc_ids)
+            out, lse, _ = attend(q, k, v, pattern, call.without_sinks(), self.backend)
             cache.add(k, v, positions, doc_ids)
         else:
             cache.add(k, v, positions, doc_ids)  # the query sees its own key
@@ -238,8 +238,7 @@ class CachedAttention:
                 allowed = allowed & same[:, None]  # (B, H or 1, 1, K)
                 allowed = allowed.expand(q.shape[0], q.shape[1], 1, k_pos.numel())
             out, lse = attend_one(q, k_all, v_all, allowed)
-        out, _, _ = apply_sinks(out, lse, sinks)
-        return out, None
+        return AttnResult(*apply_sinks(out, lse, call.sinks))
 
 
 @dataclass(frozen=True)

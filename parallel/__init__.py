@@ -9,8 +9,7 @@ from parallel.comm import CommCounter
 from parallel.context import ParallelConfigError, ParallelContext, init_parallel, world_context
 from parallel.guard import ShardMismatchError, check_sp_attention
 from parallel.sharding import positions, shard
-from parallel.sp_attention import ShardStats, reduce_head_sums, sp_attention
+from parallel.sp_attention import sp_attention
 
 __all__ = ["CommCounter", "ParallelConfigError", "ParallelContext", "init_parallel", "world_context",
-           "ShardMismatchError", "check_sp_attention", "positions", "shard", "ShardStats", "reduce_head_sums",
-           "sp_attention"]
+           "ShardMismatchError", "check_sp_attention", "positions", "shard", "sp_attention"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.contract import AttnCall
 from kernels.reference import reference_attention
 from model.pattern import Pattern
 from parallel.context import ParallelContext
@@ -42,7 +43,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _errors(pattern, ctx, strategy, backend, n, H, Hkv, head_dim, seed) -> list[float]:
     """[local kernel, output, gradients] max errors of this rank (inf where the step raised)."""
     q, k, v, w = _probe(seed, H, Hkv, n, head_dim, ctx.device)
-    ref, _ = reference_attention(q, k, v, pattern, seq_len=n)
+    ref = reference_attention(q, k, v, pattern, seq_len=n).out
     (ref * w).sum().backward()
     errs = [float("inf")] * 3
     kernel = resolve_kernel(backend)
@@ -50,11 +51,11 @@ def _errors(pattern, ctx, strategy, backend, n, H, Hkv, head_dim, seed) -> list[
     with torch.no_grad():
         # content-based patterns choose blocks from the queries' block means: give them every query
         q_in, q_pos = (q, all_pos) if pattern.content_based else (shard(q, ctx, 2), pos)
-        out_k = kernel(q_in, k, v, pattern, q_pos=q_pos, k_pos=all_pos, seq_len=n)[0]
+        out_k = kernel(q_in, k, v, pattern, AttnCall(q_pos=q_pos, k_pos=all_pos, seq_len=n)).out
         out_k = shard(out_k, ctx, 2) if pattern.content_based else out_k
     errs[0] = _max_err(out_k, shard(ref, ctx, 2))
     mine = [shard(x.detach(), ctx, 2).clone().requires_grad_() for x in (q, k, v)]
-    out = sp_attention(*mine, pattern, ctx, strategy=strategy, backend=backend, seq_len=n)
+    out = sp_attention(*mine, pattern, ctx, AttnCall(seq_len=n), strategy=strategy, backend=backend).out
     errs[1] = _max_err(out, shard(ref, ctx, 2))
     (out * shard(w, ctx, 2)).sum().backward()
     errs[2] = max(_max_err(x.grad, shard(full.grad, ctx, 2)) for x, full in zip(mine, (q, k, v), strict=True))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import parallel.global_queries as global_queries
+from kernels.contract import AttnCall, AttnResult
 from kernels.stats import AttnStats, apply_sinks, merge_partials
 from model.pattern import Pattern
 from parallel.halo import P2PExchange, Pending
@@ -45,21 +46,18 @@ class HaloSpec:
     """Everything static about one call on this rank (built by ``parallel.sp_attention``)."""
 
     pattern: Pattern
-    seq_len: int
+    call: AttnCall  # the layer's call over keys: seq_len, scale, return_stats, this shard's q_doc, layer
     local_pos: torch.Tensor  # [L] absolute positions of this shard
     reg_start: int  # first local row served by the halo path (global queries come before it)
     remote_pos: torch.Tensor  # [R] positions of the received keys, buffer order
     remote_rows: torch.Tensor | None  # rows of the regular queries that have remote keys (None: all)
-    kernel: Callable  # sparse_attention-like
-    scale: float | None
-    return_stats: bool
+    kernel: Callable  # (q, k, v, pattern, call) -> AttnResult
     kv_exchange: P2PExchange
     num_global_queries: int  # bidirectional global queries (0: none)
     q_exchange: P2PExchange | None = None
     partial_exchange: P2PExchange | None = None
     sp_size: int = 1
     sp_rank: int = 0
-    doc_ids: torch.Tensor | None = None  # [B, L] this shard's document ids (None: no document masking)
     doc_exchange: P2PExchange | None = None  # the K/V routes, for the document ids of the received keys
 
 
@@ -86,15 +84,15 @@ class HaloState:
 
 
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: HaloSpec,
-                   sinks: torch.Tensor | None = None):
-    """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
-    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.return_stats)
+                   sinks: torch.Tensor | None = None) -> AttnResult:
+    """``AttnResult`` (out [B, H, L, D], lse [B, H, L], stats | None) for this rank's shard."""
+    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.call.return_stats)
 
 
 def _forward(q, k, v, sinks, spec: HaloSpec) -> HaloState:
     lv = Leaves.of(q, k, v, sinks)
     pend_kv = spec.kv_exchange.start(lv.kv.detach())
-    docs = spec.doc_ids
+    docs = spec.call.q_doc  # [B, L] this shard's document ids, or None
     pend_doc = spec.doc_exchange.start(docs[..., None]) if docs is not None else None  # (B, L, 1) rows
     n_gq = spec.num_global_queries
     pend_q = spec.q_exchange.start(lv.q.detach()) if n_gq else None
@@ -119,7 +117,7 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> HaloState:
         pend_p.wait()
     output = Output(out=torch.cat([o for o, _, _ in outs], dim=2),
                     lse=torch.cat([lse for _, lse, _ in outs], dim=2),
-                    stats=None if not spec.return_stats else _cat_stats([st for _, _, st in outs]))
+                    stats=None if not spec.call.return_stats else _cat_stats([st for _, _, st in outs]))
     return HaloState(leaves=lv, global_q=global_q, recv_kv=recv_kv, out_reg=out_reg, output=output)
 
 

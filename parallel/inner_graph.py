@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from kernels.contract import AttnCall, AttnResult
 from kernels.stats import AttnStats
 from model.pattern import Pattern
 
@@ -58,18 +59,13 @@ class KernelCall(Protocol):
     """What ``attend`` reads from a strategy's spec (``HaloSpec`` and ``TopKSpec`` both have it)."""
 
     pattern: Pattern
-    seq_len: int
-    kernel: Callable  # sparse_attention-like
-    scale: float | None
-    return_stats: bool
+    call: AttnCall  # the layer's call over keys (no sinks: they join after the merge)
+    kernel: Callable  # (q, k, v, pattern, call) -> AttnResult, ``kernels.attend``-like
 
 
-def attend(spec: KernelCall, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> tuple:
-    """(out, lse, stats | None) of ``spec.kernel`` on these rows at their true positions."""
-    docs = {} if q_doc is None else {"q_doc": q_doc, "k_doc": k_doc}  # custom kernels need not know them
-    res = spec.kernel(q, k, v, spec.pattern, q_pos=q_pos, k_pos=k_pos, return_stats=spec.return_stats,
-                      scale=spec.scale, seq_len=spec.seq_len, **docs)
-    return res if spec.return_stats else (*res, None)
+def attend(spec: KernelCall, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> AttnResult:
+    """``spec.kernel`` on these rows at their true positions (and document ids)."""
+    return spec.kernel(q, k, v, spec.pattern, spec.call.at(q_pos, k_pos, q_doc, k_doc))
 
 
 def grads_or_zeros(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
@@ -82,17 +78,17 @@ def grads_or_zeros(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
 
 
-def run_layer(forward: Callable, backward: Callable, q, k, v, sinks, spec, return_stats: bool):
-    """(out, lse, AttnStats | None): through the Function when a gradient is wanted, else ``forward``
+def run_layer(forward: Callable, backward: Callable, q, k, v, sinks, spec, return_stats: bool) -> AttnResult:
+    """``AttnResult`` of the layer: through the Function when a gradient is wanted, else ``forward``
     without keeping any graph (inference takes the same steps). ``sinks`` [H] or None: learned sink
     logits, an input of the Function so that its gradient (this rank's queries' share) comes back."""
     inputs = (q, k, v) + ((sinks,) if sinks is not None else ())
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
         with torch.no_grad():
             res = forward(q, k, v, sinks, spec).output
-        return res.out, res.lse, res.stats
+        return AttnResult(res.out, res.lse, res.stats)
     out, lse, stats = _InnerGraphLayer.apply(q, k, v, sinks, spec, forward, backward)
-    return out, lse, (AttnStats(*stats.unbind(-1)) if return_stats else None)
+    return AttnResult(out, lse, AttnStats(*stats.unbind(-1)) if return_stats else None)
 
 
 class _InnerGraphLayer(torch.autograd.Function):

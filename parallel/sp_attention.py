@@ -1,13 +1,15 @@
-"""Sequence-parallel sparse attention: this rank's shard of q, k, v in, this rank's output out.
+"""Sequence-parallel sparse attention: this rank's shard of q, k, v in, this rank's result out.
 
-    sp_attention(q, k, v, pattern, ctx, return_stats=False, strategy="auto", backend="auto",
-                 sinks=None, doc_ids=None)
+    sp_attention(q, k, v, pattern, ctx, call=AttnCall(), strategy="auto", backend="auto", counter=None)
+        -> AttnResult(out [B, H, L, D], lse [B, H, L], stats | None)
 
-q [B, H, L, D] and k, v [B, Hkv, L, D] hold positions [r·L, (r+1)·L) of a sequence of n = L·P.
-``sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
+q [B, H, L, D] and k, v [B, Hkv, L, D] hold positions [r·L, (r+1)·L) of a sequence of n = L·P
+(``call.seq_len``; None: L·P); the call's positions are those, whatever it says. lse and stats are
+exact: merged over every rank's keys (and the sink). Ulysses without statistics returns lse None (it
+stays on the ranks that own the heads). ``call.sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
 gradient each rank returns for them is its own queries' share (Ulysses: its heads' slice), so the
 sum over the SP group — what the trainer's gradient all-reduce computes — is the single-device one.
-``doc_ids`` [B, L]: this shard's document ids (``kernels.reference.document_rule``); the ids of
+``call.q_doc`` [B, L]: this shard's document ids (``kernels.reference.document_rule``); the ids of
 received keys travel with them (halo, top-k) or are all-gathered once per call (Ulysses, which moves
 O(n) anyway); counted as ``doc_ids``.
 Strategies:
@@ -22,22 +24,22 @@ Strategies:
   the plan needs more bytes than Ulysses would (e.g. strided or dense patterns whose plan approaches
   an all-gather) and the heads split over P.
 
-``backend`` picks the local kernel (``kernels.sparse_attention``'s backend names) or is a callable
-with ``sparse_attention``'s signature (the startup guard's tests pass a deliberately broken one).
+``backend`` picks the local kernel (``kernels.attend``'s backend names) or is a callable with
+``kernels.attend``'s signature, (q, k, v, pattern, call) -> AttnResult (the startup guard's tests pass a
+deliberately broken one).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 
 import parallel.global_queries as global_queries
-from kernels import sparse_attention
-from kernels.stats import AttnStats, head_sums
+from kernels import attend, check_sinks
+from kernels.contract import AttnCall, AttnResult
 from model.pattern import Pattern
 from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
@@ -51,31 +53,8 @@ from parallel.ulysses import check_heads, ulysses_attention
 STRATEGIES = ("auto", "halo", "topk", "ulysses")
 
 
-@dataclass
-class ShardStats:
-    """Exact per-query statistics of this rank's queries, merged over every rank's keys."""
-
-    lse: torch.Tensor  # [B, H, L]
-    stats: AttnStats
-
-    def head_sums(self, ctx: ParallelContext) -> dict[str, torch.Tensor]:
-        """``kernels.stats.head_sums`` summed (max for max_logit) over the SP group: equal to the
-        single-device sums of the whole sequence."""
-        return reduce_head_sums(head_sums(self.lse, self.stats), ctx)
-
-
-def reduce_head_sums(sums: dict[str, torch.Tensor], ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sums.items():
-        value = value.clone()
-        op = dist.ReduceOp.MAX if key == "max_logit" else dist.ReduceOp.SUM
-        dist.all_reduce(value, op=op, group=ctx.sp_group)
-        out[key] = value
-    return out
-
-
 def resolve_kernel(backend: str | Callable) -> Callable:
-    return backend if callable(backend) else functools.partial(sparse_attention, backend=backend)
+    return backend if callable(backend) else functools.partial(attend, backend=backend)
 
 
 def pick_strategy(pattern: Pattern, sp_size: int, seq_len: int, heads: int, kv_heads: int,
@@ -113,43 +92,39 @@ def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads:
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,
-                 return_stats: bool = False, strategy: str = "auto", backend: str | Callable = "auto",
-                 seq_len: int | None = None, counter: CommCounter | None = None, layer: str | int = 0,
-                 scale: float | None = None, sinks: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
-    """Attention of this rank's queries; ``out`` or ``(out, ShardStats)``. See the module docstring."""
+                 call: AttnCall | None = None, strategy: str = "auto", backend: str | Callable = "auto",
+                 counter: CommCounter | None = None) -> AttnResult:
+    """Attention of this rank's queries; see the module docstring."""
+    call = AttnCall() if call is None else call
     H, L = q.shape[1], q.shape[2]
     if k.shape[2] != L or v.shape != k.shape:
         raise ValueError(f"k and v must be this rank's shard like q: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if sinks is not None and tuple(sinks.shape) != (H,):
-        raise ValueError(f"sinks: must be [H] = [{H}] (one logit per query head), got {list(sinks.shape)}")
-    if doc_ids is not None and (tuple(doc_ids.shape) != (q.shape[0], L) or doc_ids.is_floating_point()):
-        raise ValueError(f"doc_ids: must be this shard's integer document ids [B, L] = [{q.shape[0]}, {L}], "
-                         f"got {doc_ids.dtype} {list(doc_ids.shape)}")
-    doc_ids = None if doc_ids is None else doc_ids.long()
-    n = L * ctx.sp_size if seq_len is None else seq_len
+    check_sinks(call.sinks, H)
+    doc = call.q_doc
+    if doc is not None and (tuple(doc.shape) != (q.shape[0], L) or doc.is_floating_point()):
+        raise ValueError(f"q_doc: must be this shard's integer document ids [B, L] = [{q.shape[0]}, {L}], "
+                         f"got {doc.dtype} {list(doc.shape)}")
+    n = L * ctx.sp_size if call.seq_len is None else call.seq_len
     if check_divisible(n, ctx.sp_size) != L:
         raise ParallelConfigError(f"seq_len={n} / parallel.sequence_parallel_size={ctx.sp_size} must equal the "
                                   f"local length {L} of q")
+    doc = None if doc is None else doc.long()
+    call = replace(call, seq_len=n, q_doc=doc, k_doc=doc)
     kernel = resolve_kernel(backend)
     chosen = pick_strategy(pattern, ctx.sp_size, n, H, k.shape[1], strategy)
     if chosen == "ulysses":
-        out, lse, stats = ulysses_attention(q, k, v, pattern, ctx, kernel, n, scale, return_stats, counter, layer,
-                                            sinks, doc_ids)
-    elif chosen == "topk":
-        spec = TopKSpec(pattern, n, ctx, kernel, scale, return_stats, counter, layer, doc_ids)
-        out, lse, stats = topk_attention(q, k, v, spec, sinks)
-    else:
-        spec = halo_spec(pattern, ctx, n, q.device, kernel, scale, return_stats, counter, layer, doc_ids)
-        out, lse, stats = halo_attention(q, k, v, spec, sinks)
-    return (out, ShardStats(lse, stats)) if return_stats else out
+        return ulysses_attention(q, k, v, pattern, ctx, kernel, call, counter)
+    keys_call = call.without_sinks()  # the strategies join the sinks once, after every partial is merged
+    if chosen == "topk":
+        return topk_attention(q, k, v, TopKSpec(pattern, keys_call, ctx, kernel, counter), call.sinks)
+    return halo_attention(q, k, v, halo_spec(pattern, ctx, keys_call, q.device, kernel, counter), call.sinks)
 
 
-def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torch.device, kernel: Callable,
-              scale: float | None, return_stats: bool, counter: CommCounter | None, layer: str | int,
-              doc_ids: torch.Tensor | None = None) -> HaloSpec:
+def halo_spec(pattern: Pattern, ctx: ParallelContext, call: AttnCall, device: torch.device, kernel: Callable,
+              counter: CommCounter | None) -> HaloSpec:
     """The static description of one halo call on this rank (plan, rows, exchanges)."""
-    P, r = ctx.sp_size, ctx.sp_rank
+    P, r, seq_len, layer = ctx.sp_size, ctx.sp_rank, call.seq_len, call.layer
     plan = build_plan(pattern, seq_len, P)
     L = plan.local_len
     start = r * L
@@ -158,14 +133,14 @@ def halo_spec(pattern: Pattern, ctx: ParallelContext, seq_len: int, device: torc
     sends, recvs = kv_routes(plan, r)
     n_gq = bidirectional_globals(pattern)
     spec = HaloSpec(
-        pattern=pattern, seq_len=seq_len, local_pos=torch.arange(start, start + L, device=device),
+        pattern=pattern, call=call, local_pos=torch.arange(start, start + L, device=device),
         reg_start=qs - start, remote_pos=plan.remote_positions(r).to(device),
         remote_rows=None if len(rows) == start + L - qs else rows.to(device),
-        kernel=kernel, scale=scale, return_stats=return_stats,
+        kernel=kernel,
         kv_exchange=P2PExchange(ctx, sends, recvs, Tag.KV, counter, layer),
-        num_global_queries=n_gq, sp_size=P, sp_rank=r, doc_ids=doc_ids,
+        num_global_queries=n_gq, sp_size=P, sp_rank=r,
     )
-    if doc_ids is not None:  # the received keys' document ids: the same routes, one int64 column
+    if call.q_doc is not None:  # the received keys' document ids: the same routes, one int64 column
         spec.doc_exchange = P2PExchange(ctx, sends, recvs, Tag.KV_DOCS, counter, layer, kind=DOC_KIND)
     if n_gq:
         q_routes = global_queries.query_routes(n_gq, L, P, r)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.contract import AttnCall
 from kernels.stats import apply_sinks
 from model.pattern import Pattern, block_mean
 from parallel.comm import DOC_KIND, CommCounter, counted_all_gather
@@ -106,14 +107,14 @@ class TopKSpec:
     """Everything static about one call on this rank (built by ``parallel.sp_attention``)."""
 
     pattern: Pattern
-    seq_len: int
+    call: AttnCall  # the layer's call over keys: seq_len, scale, return_stats, this shard's q_doc, layer
     ctx: ParallelContext
-    kernel: Callable  # sparse_attention-like
-    scale: float | None
-    return_stats: bool
+    kernel: Callable  # (q, k, v, pattern, call) -> AttnResult
     counter: CommCounter | None = None
-    layer: str | int = 0
-    doc_ids: torch.Tensor | None = None  # [B, L] this shard's document ids (None: no document masking)
+
+    @property
+    def layer(self) -> int:
+        return self.call.layer
 
 
 @dataclass
@@ -130,7 +131,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopK
                    sinks: torch.Tensor | None = None):
     """(out [B, H, L, D], lse [B, H, L], stats AttnStats | None) for this rank's shard."""
     check_blocks(q.shape[2], spec.pattern.block_size, spec.ctx.sp_size)
-    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.return_stats)
+    return run_layer(_forward, _backward, q, k, v, sinks, spec, spec.call.return_stats)
 
 
 def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, rank: int) -> torch.Tensor:
@@ -161,7 +162,7 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:
 
     lv = Leaves.of(q, k, v, sinks)
     exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_BLOCKS, spec.counter, spec.layer)
-    docs = spec.doc_ids
+    docs = spec.call.q_doc  # [B, L] this shard's document ids, or None
     if docs is not None:  # the fetched rows' document ids, same routes: (B, L, 1) -> (B, R, 1)
         doc_exchange = P2PExchange(ctx, sends, recvs, Tag.TOPK_DOCS, spec.counter, spec.layer, kind=DOC_KIND)
         pend_doc = doc_exchange.start(docs[..., None])

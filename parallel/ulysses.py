@@ -20,8 +20,11 @@ its shared-memory op once, ~1–2 min, cached under ``TORCH_EXTENSIONS_DIR``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from kernels.contract import AttnCall, AttnResult
 from kernels.stats import AttnStats
 from model.pattern import Pattern
 from parallel.comm import DOC_KIND, CommCounter, counted_all_gather
@@ -67,10 +70,9 @@ def _count(counter, layer, direction, x, sp_size):
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,
-                      kernel, seq_len: int, scale: float | None = None, return_stats: bool = False,
-                      counter: CommCounter | None = None, layer: str | int = 0, sinks: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None):
-    """(out [B, H, L, D], lse [B, H, L], stats | None) for this rank's shard via head all-to-all."""
+                      kernel, call: AttnCall, counter: CommCounter | None = None) -> AttnResult:
+    """``AttnResult`` (out [B, H, L, D], lse [B, H, L], stats | None) for this rank's shard via head
+    all-to-all; ``call``: the layer's (seq_len, this shard's q_doc, sinks for every head, layer)."""
     from deepspeed.sequence.layer import DistributedAttention, single_all_to_all
 
     P, H, Hkv = ctx.sp_size, q.shape[1], k.shape[1]
@@ -79,21 +81,20 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         k, v = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
     ensure_deepspeed_comm(ctx)
     side = {}
-    extra = {}
-    if sinks is not None:
-        h = H // P
-        extra["sinks"] = sinks[ctx.sp_rank * h:(ctx.sp_rank + 1) * h]  # this rank's heads after the all-to-all
-    if doc_ids is not None:
-        full = torch.cat(counted_all_gather(doc_ids, ctx, DOC_KIND, counter, layer).unbind(0), dim=1)  # (B, n)
-        extra["q_doc"], extra["k_doc"] = full, full
+    seq_len, layer, return_stats = call.seq_len, call.layer, call.return_stats
+    pos = torch.arange(seq_len, device=q.device)
+    full = None
+    if call.q_doc is not None:
+        full = torch.cat(counted_all_gather(call.q_doc, ctx, DOC_KIND, counter, layer).unbind(0), dim=1)  # (B, n)
+    h = H // P
+    sinks = None if call.sinks is None else call.sinks[ctx.sp_rank * h:(ctx.sp_rank + 1) * h]  # heads after all-to-all
+    local_call = replace(call.at(pos, pos, full, full), sinks=sinks)
 
     def local_attention(q_bnhd, k_bnhd, v_bnhd, *_args, **_kwargs):
-        pos = torch.arange(seq_len, device=q_bnhd.device)
         qt, kt, vt = (x.transpose(1, 2) for x in (q_bnhd, k_bnhd, v_bnhd))  # (B, h, n, D)
-        res = kernel(qt, kt, vt, pattern, q_pos=pos, k_pos=pos, return_stats=return_stats, scale=scale,
-                     seq_len=seq_len, **extra)
-        side["lse"], side["stats"] = res[1], (res[2] if return_stats else None)
-        return res[0].transpose(1, 2).contiguous()  # (B, n, h, D)
+        res = kernel(qt, kt, vt, pattern, local_call)
+        side["lse"], side["stats"] = res.lse, res.stats
+        return res.out.transpose(1, 2).contiguous()  # (B, n, h, D)
 
     ins = []
     for x in (q, k, v):
@@ -104,11 +105,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     _count(counter, layer, "forward", out, P)
     out = _CountBackward.apply(out, counter, layer, P).transpose(1, 2)  # (B, H, L, D)
     if not return_stats:
-        return out, None, None
+        return AttnResult(out, None, None)  # the lse of these queries stays with the heads' ranks: not sent
     st = side["stats"]
     cols = [side["lse"], *st.fields()] + ([st.sink_mass] if st.sink_mass is not None else [])
     local = torch.stack([c.detach().float() for c in cols], dim=-1).transpose(1, 2).contiguous()  # (B, n, h, 4|5)
     _count(counter, layer, "forward", local, P)
     back = single_all_to_all(local, 1, 2, 0, ctx.sp_group).transpose(1, 2)  # (B, H, L, 4|5)
     lse, m, mx, gm, *sink = back.unbind(-1)
-    return out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink[0] if sink else None)
+    return AttnResult(out, lse, AttnStats(m=m, max_logit=mx, global_mass=gm, sink_mass=sink[0] if sink else None))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels.contract import AttnCall
 from model.pattern import BigBird, Dense, Window, from_config
 from model.transformer import Transformer, model_preset
 from trainer.tools.coverage import CoverageError, check_subset, measure, pattern_coverage
@@ -41,7 +42,7 @@ def test_coverage_of_sink_on_a_hand_built_distribution(backend):
     q, k, v = _hand_built(scores)
     pos = torch.arange(T)
     sink = Window(causal=True, window_left=3, num_global=2)
-    got = pattern_coverage(q, k, v, Dense(causal=True), sink, pos, T, backend)[0, 0].numpy()
+    got = pattern_coverage(q, k, v, Dense(causal=True), sink, AttnCall(pos, pos, T), backend)[0, 0].numpy()
     want = _expected(scores, lambda i: sorted({0, 1, *range(max(0, i - 3), i + 1)} & set(range(i + 1))))
     # fp64 inputs: the kernels keep fp64, so only summation order separates the two (~1e-15).
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
@@ -52,7 +53,7 @@ def test_uniform_attention_keeps_the_fraction_of_keys():
     scores = np.zeros((T, T))  # every allowed key equally likely
     q, k, v = _hand_built(scores)
     window = Window(causal=True, window_left=5)
-    got = pattern_coverage(q, k, v, Dense(causal=True), window, torch.arange(T), T)[0, 0].numpy()
+    got = pattern_coverage(q, k, v, Dense(causal=True), window, AttnCall(seq_len=T))[0, 0].numpy()
     want = np.minimum(np.arange(T) + 1, 6) / (np.arange(T) + 1)  # |window keys| / |causal keys|
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)  # fp64 end to end
 
@@ -63,7 +64,7 @@ def test_coverage_against_a_sparse_trained_pattern():
     q, k, v = _hand_built(scores)
     own = Window(causal=True, window_left=8, num_global=2)
     cand = Window(causal=True, window_left=2, num_global=2)
-    got = pattern_coverage(q, k, v, own, cand, torch.arange(T), T)[0, 0].numpy()
+    got = pattern_coverage(q, k, v, own, cand, AttnCall(seq_len=T))[0, 0].numpy()
     own_keys = lambda i: {0, 1, *range(max(0, i - 8), i + 1)} & set(range(i + 1))  # noqa: E731
     cand_keys = lambda i: {0, 1, *range(max(0, i - 2), i + 1)} & set(range(i + 1))  # noqa: E731
     want = _expected(scores, cand_keys) / _expected(scores, own_keys)  # renormalised over the sink's keys

@@ -50,8 +50,8 @@ def shard_positions(pattern, q_start, q_end, seq_len):
 def assert_close_ref(q, k, v, pattern, q_pos=None, k_pos=None, seq_len=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, lse = flex_attention_backend(q, k, v, pattern, q_pos, k_pos, seq_len=seq_len)
-    ref_out, ref_lse = reference_attention(q, k, v, pattern, q_pos, k_pos, seq_len=seq_len)
+        out, lse, _ = flex_attention_backend(q, k, v, pattern, q_pos, k_pos, seq_len=seq_len)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, pattern, q_pos, k_pos, seq_len=seq_len)
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     # fp32 throughout; only the summation order differs from the reference (~1e-6 observed).
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -92,8 +92,8 @@ def test_dispatch_through_sparse_attention():
     q, k, v = qkv(N, N)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, lse = sparse_attention(q, k, v, PATTERNS["sink"], backend="flex")
-    ref_out, ref_lse = reference_attention(q, k, v, PATTERNS["sink"])
+        out, lse, _ = sparse_attention(q, k, v, PATTERNS["sink"], backend="flex")
+    ref_out, ref_lse, _ = reference_attention(q, k, v, PATTERNS["sink"])
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)  # fp32, as above
 
 

@@ -138,10 +138,10 @@ def test_fallback_without_compiler_warns_once(monkeypatch):
     qkv = [t.float() for t in _inputs(1, 2, 2, 100, 100, 16)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, lse = sparse_attention(*qkv, PATTERNS["sink"], backend="fused")
+        out, lse, _ = sparse_attention(*qkv, PATTERNS["sink"], backend="fused")
         sparse_attention(*qkv, PATTERNS["sink"], backend="fused")
     assert [str(w.message) for w in caught] == ["kernels.fused: no C++ compiler found; using the blocked kernel instead"]
-    ref_out, ref_lse = sparse_attention(*qkv, PATTERNS["sink"], backend="blocked")
+    ref_out, ref_lse, _ = sparse_attention(*qkv, PATTERNS["sink"], backend="blocked")
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)  # it is the blocked kernel
 
 
@@ -158,7 +158,7 @@ def test_fused_saves_only_inputs_out_and_lse_and_leaves_inputs_untouched():
     before = [t.detach().clone() for t in (q, k, v)]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out, lse = sparse_attention(q, k, v, Window(window_left=256), backend="fused")
+        out, lse, _ = sparse_attention(q, k, v, Window(window_left=256), backend="fused")
     assert sum(saved) <= 4 * (2 * n * D) + 2 * n, f"saved {saved}: more than q, k, v, out and lse"
     (out.sum() + lse.sum()).backward()
     assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))
@@ -172,7 +172,7 @@ def test_fused_with_learned_sinks():
     res = []
     for backend, dtype in (("reference", torch.float64), ("fused", torch.float32)):
         q, k, v, s = (t.to(dtype).requires_grad_() for t in (*qkv, sinks))
-        out, lse = sparse_attention(q, k, v, pattern, backend=backend, sinks=s)
+        out, lse, _ = sparse_attention(q, k, v, pattern, backend=backend, sinks=s)
         loss = (out * torch.cos(out)).sum() + torch.sin(lse).sum()
         res.append((out, lse, *torch.autograd.grad(loss, (q, k, v, s))))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), *res):
@@ -360,7 +360,7 @@ def test_fused_documents_partial_with_empty_rows():
         docs[:, cut:] += 1
     qkv = _inputs(1, 2, 1, len(q_pos), len(k_pos), 8, seed=23)
     _assert_docs_match(qkv, pattern, docs[:, q_pos], docs[:, k_pos], q_pos, k_pos)
-    out, lse = sparse_attention(*(t.float() for t in qkv), pattern, q_pos, k_pos, backend="fused",
+    out, lse, _ = sparse_attention(*(t.float() for t in qkv), pattern, q_pos, k_pos, backend="fused",
                                 q_doc=docs[:, q_pos], k_doc=docs[:, k_pos])
     assert torch.isneginf(lse).any() and (out[torch.isneginf(lse)] == 0).all()
 

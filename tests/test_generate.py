@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kernels import sparse_attention
+from kernels.contract import AttnCall
 from model.decode import (
     CachedAttention,
     Decoder,
@@ -117,10 +118,11 @@ def test_cached_attention_with_sinks_equals_kernel(name):
     q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8)
     sinks = torch.randn(4) * 2
     attn = CachedAttention([pattern])
-    out = [attn(q[:, :, :P], k[:, :, :P], v[:, :, :P], pattern, torch.arange(P), T, layer=0, sinks=sinks)[0][:, :, -1]]
+    out = [attn(q[:, :, :P], k[:, :, :P], v[:, :, :P], pattern, AttnCall(torch.arange(P), torch.arange(P), T, sinks=sinks)).out[:, :, -1]]
     for t in range(P, T):
-        out.append(attn(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pattern, torch.tensor([t]), T,
-                        layer=0, sinks=sinks)[0][:, :, 0])
+        at = torch.tensor([t])
+        out.append(attn(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pattern,
+                        AttnCall(at, at, T, sinks=sinks)).out[:, :, 0])
     for t in range(P - 1, T):
         ref = sparse_attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, seq_len=T, sinks=sinks)[0]
         # fp32, O(1) values: summation order alone differs (~1e-7)

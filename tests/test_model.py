@@ -39,10 +39,10 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats, layer):
+    def __call__(self, q, k, v, pattern, call):
         self.calls.append(dict(q=q.detach(), k=k.detach(), v=v.detach(), pattern=pattern,
-                               positions=positions, seq_len=seq_len, layer=layer))
-        return local_attention(q, k, v, pattern, positions, seq_len, return_stats)
+                               positions=call.q_pos, seq_len=call.seq_len, layer=call.layer))
+        return local_attention(q, k, v, pattern, call)
 
 
 def test_shapes_and_gqa():
@@ -108,15 +108,14 @@ def full_kv_attention(full_calls):
     (what sequence parallelism delivers). Asserts the shard's keys equal the full run's rows."""
     layers = iter(full_calls)
 
-    def attend(q, k, v, pattern, positions, seq_len, return_stats, layer):
-        ref = next(layers)
+    def attend(q, k, v, pattern, call):
+        ref, positions, seq_len = next(layers), call.q_pos, call.seq_len
         # Rotary used the absolute positions: the shard's keys are the full run's rows (fp32 rounding).
         torch.testing.assert_close(k, ref["k"][:, :, positions], rtol=1e-5, atol=1e-5)
         k_all, v_all = ref["k"].clone(), ref["v"].clone()
         k_all[:, :, positions], v_all[:, :, positions] = k, v
-        out, _ = sparse_attention(q, k_all, v_all, pattern, q_pos=positions, k_pos=torch.arange(seq_len),
-                                  seq_len=seq_len)
-        return out, None
+        return sparse_attention(q, k_all, v_all, pattern, q_pos=positions, k_pos=torch.arange(seq_len),
+                                seq_len=seq_len)
 
     return attend
 

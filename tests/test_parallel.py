@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+from kernels.contract import AttnCall
 from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Window
 from tests.mp_utils import assert_no_rank_failures, parity_suite
 
@@ -80,9 +81,11 @@ def _run_case(ctx, name, pattern, n, strategy, backend="reference", return_stats
     (ref * w).sum().backward()
     mine = [shard(x.detach(), ctx, 2).clone().requires_grad_(grad) for x in (q, k, v)]
     failures = []
-    res = sp_attention(*mine, pattern, ctx, return_stats=return_stats, strategy=strategy, backend=backend,
-                       seq_len=n)
-    out, st = res if return_stats else (res, None)
+    st = sp_attention(*mine, pattern, ctx, AttnCall(seq_len=n, return_stats=return_stats), strategy=strategy,
+                      backend=backend)
+    out = st.out
+    assert (st.stats is None) == (not return_stats)  # one result shape: stats None exactly when not asked
+    st = st if return_stats else None
     _close(name, "out", out.detach(), shard(ref, ctx, 2).detach(), failures)
     if grad:
         (out * shard(w, ctx, 2)).sum().backward()
@@ -95,15 +98,15 @@ def _run_case(ctx, name, pattern, n, strategy, backend="reference", return_stats
 
 def _check_stats(ctx, name, st, ref_lse, ref_st, failures):
     """Per-query partials merged across ranks, and per-head sums reduced over the group."""
-    from kernels.stats import head_sums
+    from kernels.stats import head_sums, reduce_head_sums
     from parallel.sharding import shard
 
     _close(name, "lse", st.lse, shard(ref_lse, ctx, 2), failures)
     for field, got, want in zip(("m", "max_logit", "global_mass"), st.stats.fields(), ref_st.fields(), strict=True):
         _close(name, field, got, shard(want, ctx, 2), failures)
-    ref_sums, sums = head_sums(ref_lse, ref_st), st.head_sums(ctx)
+    ref_sums, sums = head_sums(ref_lse, ref_st), reduce_head_sums(head_sums(st.lse, st.stats), ctx.sp_group)
     for key in ref_sums:  # sums over up to 192 queries: the ulps add up, hence 1e-4 relative
-        if not torch.allclose(sums[key], ref_sums[key], atol=1e-4, rtol=1e-4):
+        if not torch.allclose(sums[key].to(ref_sums[key].dtype), ref_sums[key], atol=1e-4, rtol=1e-4):
             failures.append(f"{name}: head sum {key} {sums[key].tolist()} != {ref_sums[key].tolist()}")
 
 
@@ -135,7 +138,7 @@ def _bytes_cases(ctx):
             q, k, v, _ = _data(0, 4, 2, n)
             counter = CommCounter()
             x = sp_attention(*(shard(t.detach(), ctx, 2).clone().requires_grad_() for t in (q, k, v)), pattern, ctx,
-                             strategy="halo", backend="reference", counter=counter, layer=0)
+                             AttnCall(layer=0), strategy="halo", backend="reference", counter=counter).out
             x.sum().backward()
             out[(name, n)] = counter.as_dict()
     return out
@@ -143,7 +146,7 @@ def _bytes_cases(ctx):
 
 def _guard_cases(ctx):
     """The guard passes on correct setups and names the rank whose local kernel is broken."""
-    from kernels import sparse_attention
+    from kernels import attend
     from parallel.guard import ShardMismatchError, check_sp_attention
 
     failures = []
@@ -156,10 +159,10 @@ def _guard_cases(ctx):
             failures.append(f"guard rejected a correct setup: {exc}")
     bad_rank = ctx.sp_size - 1
 
-    def broken(q, k, v, pattern, **kw):  # a wrong pattern in the local compute, on one rank only
+    def broken(q, k, v, pattern, call):  # a wrong pattern in the local compute, on one rank only
         if ctx.sp_rank == bad_rank:
             pattern = Window(causal=True, window_left=pattern.window_left - 3, num_global=pattern.num_global)
-        return sparse_attention(q, k, v, pattern, backend="reference", **kw)
+        return attend(q, k, v, pattern, call, backend="reference")
 
     sink = Window(causal=True, window_left=20, num_global=4)
     try:

@@ -12,6 +12,7 @@ import zlib
 
 import torch
 
+from kernels.contract import AttnCall
 from model.pattern import BigBird, TopKBlocks, Window
 from tests.mp_utils import assert_no_rank_failures, parity_suite
 from tests.test_sinks_docs import random_docs
@@ -77,8 +78,10 @@ def _run_case(ctx, name, pattern, strategy, with_sinks, with_docs, backend="refe
     (ref * w).sum().backward()
     mine = [shard(x.detach(), ctx, 2).clone().requires_grad_() for x in (q, k, v)]
     my_sinks = None if sinks is None else sinks.detach().clone().requires_grad_()
-    out, st = sp_attention(*mine, pattern, ctx, return_stats=True, strategy=strategy, backend=backend, seq_len=n,
-                           sinks=my_sinks, doc_ids=None if docs is None else shard(docs, ctx, 1))
+    st = sp_attention(*mine, pattern, ctx, AttnCall(seq_len=n, return_stats=True, sinks=my_sinks,
+                                                    q_doc=None if docs is None else shard(docs, ctx, 1)),
+                      strategy=strategy, backend=backend)
+    out = st.out
     failures = []
     _close(name, "out", out.detach(), shard(ref, ctx, 2).detach(), failures)
     (out * shard(w, ctx, 2)).sum().backward()
@@ -108,8 +111,8 @@ def _bytes(ctx):
         docs = random_docs(2, n, 0)
         counter = CommCounter()
         x = sp_attention(*(shard(t.detach(), ctx, 2).clone().requires_grad_() for t in (q, k, v)), pattern, ctx,
-                         strategy="halo", backend="reference", counter=counter, sinks=sinks,
-                         doc_ids=shard(docs, ctx, 1))
+                         AttnCall(sinks=sinks, q_doc=shard(docs, ctx, 1)), strategy="halo", backend="reference",
+                         counter=counter).out
         x.sum().backward()
         out[n] = counter.as_dict()
     return out

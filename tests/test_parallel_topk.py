@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.contract import AttnCall
 from model.pattern import TopKBlocks, Window
 from parallel.context import ParallelConfigError
 from tests.mp_utils import assert_no_rank_failures, parity_suite
@@ -141,8 +142,9 @@ def _run(ctx, case, strategy, q, k, v, w, counter):
     from parallel.sp_attention import sp_attention
 
     mine = [shard(x.detach(), ctx, 2).clone().requires_grad_() for x in (q, k, v)]
-    out, st = sp_attention(*mine, case["pattern"], ctx, return_stats=True, strategy=strategy,
-                           backend=case.get("backend", "reference"), seq_len=q.shape[2], counter=counter)
+    st = sp_attention(*mine, case["pattern"], ctx, AttnCall(seq_len=q.shape[2], return_stats=True), strategy=strategy,
+                      backend=case.get("backend", "reference"), counter=counter)
+    out = st.out
     (out * shard(w, ctx, 2)).sum().backward()
     return out.detach(), st, [x.grad for x in mine]
 
@@ -199,10 +201,10 @@ def _no_grad_case(ctx):
     case = _cases(ctx.sp_size)[0]
     n = ctx.sp_size * case["L"]
     q, k, v, _ = _data(case, n, 7)
-    ref, _ = reference_attention(q, k, v, case["pattern"], seq_len=n)
+    ref, _, _ = reference_attention(q, k, v, case["pattern"], seq_len=n)
     with torch.no_grad():
         out = sp_attention(*(shard(x.detach(), ctx, 2) for x in (q, k, v)), case["pattern"], ctx,
-                           strategy="auto", backend="reference", seq_len=n)
+                           AttnCall(seq_len=n), strategy="auto", backend="reference").out
     fails = []
     _close("no_grad", "out", out, shard(ref, ctx, 2).detach(), fails)
     return fails

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.contract import AttnCall
 from model.pattern import BigBird, Strided, Window
 from parallel.comm import CommCounter, allgather_cost, halo_cost, ulysses_cost
 from parallel.context import ParallelConfigError, ParallelContext, check_sizes
@@ -63,7 +64,7 @@ def test_seq_len_not_divisible_names_the_settings():
                           dp_group=None, dp_rank=0, dp_size=1, tp_group=None, tp_rank=0, tp_size=1)
     q, k = torch.randn(1, 4, 33, 16), torch.randn(1, 2, 33, 16)
     with pytest.raises(ParallelConfigError, match=r"seq_len=100.*sequence_parallel_size=3"):
-        sp_attention(q, k, k, Window(window_left=4), ctx, seq_len=100)
+        sp_attention(q, k, k, Window(window_left=4), ctx, AttnCall(seq_len=100))
 
 
 

@@ -75,7 +75,7 @@ def test_reference_matches_sdpa_forward_and_backward(name, kind):
     q, k, v = inputs(len(q_pos), len(k_pos))
     explicit = name in ("sink", "bigbird")  # some cases pass a scale, the others use the default
     scale = 0.3 if explicit else 1 / math.sqrt(q.shape[-1])
-    out, lse = reference_attention(q, k, v, p, q_pos, k_pos, scale=scale if explicit else None, seq_len=n)
+    out, lse, _ = reference_attention(q, k, v, p, q_pos, k_pos, scale=scale if explicit else None, seq_len=n)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float64
 
@@ -100,9 +100,9 @@ def test_shard_with_its_kv_ranges_equals_full_rows(name):
     cfg, n = CASES[name]
     p = from_config(cfg, seq_len=n)
     q, k, v = inputs(n, n)
-    full_out, full_lse = reference_attention(q, k, v, p, seq_len=n)
+    full_out, full_lse, _ = reference_attention(q, k, v, p, seq_len=n)
     q_pos, k_pos = positions(p, n, "shard")
-    out, lse = reference_attention(q[:, :, q_pos], k[:, :, k_pos], v[:, :, k_pos], p, q_pos, k_pos, seq_len=n)
+    out, lse, _ = reference_attention(q[:, :, q_pos], k[:, :, k_pos], v[:, :, k_pos], p, q_pos, k_pos, seq_len=n)
     # Same fp64 arithmetic on the same allowed keys (masked ones add exact zeros); only the
     # summation order over keys differs, which moves the last few bits.
     torch.testing.assert_close(out, full_out[:, :, q_pos], atol=1e-12, rtol=1e-10)
@@ -114,7 +114,7 @@ def test_reference_mqa_and_mha(hkv):
     cfg, n = CASES["longformer"]
     p = from_config(cfg, seq_len=n)
     q, k, v = inputs(n, n, hkv=hkv)
-    out, lse = reference_attention(q, k, v, p, seq_len=n)
+    out, lse, _ = reference_attention(q, k, v, p, seq_len=n)
     want_out, want_lse, _ = oracle(q, k, v, p.mask(torch.arange(n), torch.arange(n), n), 1 / math.sqrt(16))
     torch.testing.assert_close(out, want_out, **TOL)
     torch.testing.assert_close(lse, want_lse, **TOL)
@@ -125,7 +125,7 @@ def test_reference_fp32_inputs(name):
     cfg, n = CASES[name]
     p = from_config(cfg, seq_len=n)
     q, k, v = (x.detach().float().requires_grad_() for x in inputs(n, n))
-    out, lse = reference_attention(q, k, v, p, seq_len=n)
+    out, lse, _ = reference_attention(q, k, v, p, seq_len=n)
     assert out.dtype == lse.dtype == torch.float32
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))  # same values, fp64 oracle
     mask = pattern_mask(p, q64, k64, torch.arange(n), torch.arange(n), n)

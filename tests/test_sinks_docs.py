@@ -99,7 +99,7 @@ def test_shard_partial_over_remote_keys(name, sinks_on):
     _assert_match(q, k, v, sinks if sinks_on else None, pattern, docs[:, q_pos], docs[:, k_pos], q_pos, k_pos,
                   seq_len=n)
     if not sinks_on:
-        out, lse = sparse_attention(q, k, v, pattern, q_pos, k_pos, backend="blocked", seq_len=n,
+        out, lse, _ = sparse_attention(q, k, v, pattern, q_pos, k_pos, backend="blocked", seq_len=n,
                                     q_doc=docs[:, q_pos], k_doc=docs[:, k_pos])
         assert torch.isneginf(lse).any(), "the case must contain rows left empty by the documents"
         assert (out[torch.isneginf(lse)] == 0).all()
@@ -109,11 +109,11 @@ def test_sink_limits():
     """A sink at -inf changes nothing; a very large one takes all the mass (out -> 0, lse -> s)."""
     pattern = PATTERNS["sink"]
     q, k, v, _ = _inputs(1, 2, 2, 150, 150, seed=2)
-    base_out, base_lse = sparse_attention(q, k, v, pattern, backend="blocked")
-    out, lse = sparse_attention(q, k, v, pattern, backend="blocked", sinks=torch.full((2,), float("-inf")))
+    base_out, base_lse, _ = sparse_attention(q, k, v, pattern, backend="blocked")
+    out, lse, _ = sparse_attention(q, k, v, pattern, backend="blocked", sinks=torch.full((2,), float("-inf")))
     torch.testing.assert_close(out, base_out, atol=0, rtol=0)  # sigmoid(+inf) is exactly 1
     torch.testing.assert_close(lse, base_lse, atol=0, rtol=0)
-    out, lse = sparse_attention(q, k, v, pattern, backend="blocked", sinks=torch.full((2,), 60.0, dtype=torch.float64))
+    out, lse, _ = sparse_attention(q, k, v, pattern, backend="blocked", sinks=torch.full((2,), 60.0, dtype=torch.float64))
     assert out.abs().max() < 1e-15 and torch.allclose(lse, torch.full_like(lse, 60.0))  # e^-50 of the keys left
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels.stats import head_sums
+from kernels.contract import AttnCall, AttnResult
 from model.attention import AttentionFn, local_attention
 from model.transformer import Transformer
 from parallel.comm import CommCounter
@@ -95,16 +95,10 @@ class ShardedAttention:
     def __init__(self, ctx: ParallelContext, par: ParallelSection, counter: CommCounter):
         self.ctx, self.strategy, self.backend, self.counter = ctx, par.strategy, par.backend, counter
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int, sinks=None,
-                 doc_ids=None):
-        res = sp_attention(q, k, v, pattern, self.ctx, return_stats=return_stats, strategy=self.strategy,
-                           backend=self.backend, seq_len=seq_len, counter=self.counter, layer=layer,
-                           sinks=sinks, doc_ids=doc_ids)
-        if not return_stats:
-            return res, None
-        out, shard_stats = res
-        # Sums over this rank's queries, as the contract says; the loop reduces them over all ranks.
-        return out, head_sums(shard_stats.lse, shard_stats.stats)
+    def __call__(self, q, k, v, pattern, call: AttnCall) -> AttnResult:
+        # This rank's queries, as the contract says; the loop reduces their statistics over all ranks.
+        return sp_attention(q, k, v, pattern, self.ctx, call, strategy=self.strategy, backend=self.backend,
+                            counter=self.counter)
 
 
 def build_model(cfg: TrainConfig) -> Transformer:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels.stats import head_summary
+from kernels.stats import head_summary, reduce_head_sums
 from parallel.comm import DIRECTIONS, CommCounter
 
 
@@ -47,20 +47,13 @@ def attention_metrics(stats: list[dict[str, torch.Tensor]], group) -> dict[str, 
     the gradient-reduce group); with sinks every statistic is over the keys plus the sink."""
     row = {}
     for i, sums in enumerate(stats):
-        summed = torch.stack([sums["entropy_sum"], sums["global_mass_sum"], sums["count"]]).double()
-        peak = sums["max_logit"].double().clone()
-        dist.all_reduce(summed, group=group)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-        heads = head_summary({"entropy_sum": summed[0], "global_mass_sum": summed[1], "count": summed[2],
-                              "max_logit": peak})
+        heads = head_summary(reduce_head_sums(sums, group))
         row[f"attn/layer{i}/entropy_mean"] = float(heads["entropy"].mean())
         row[f"attn/layer{i}/entropy_min"] = float(heads["entropy"].min())
         row[f"attn/layer{i}/max_logit"] = float(heads["max_logit"].max())
         row[f"attn/layer{i}/global_mass"] = float(heads["global_mass"].mean())
         if "sink_mass_sum" in sums:  # model.sink_logits: the learned sinks' share of the softmax
-            sink = sums["sink_mass_sum"].double().clone()
-            dist.all_reduce(sink, group=group)
-            row[f"attn/layer{i}/sink_mass"] = float((sink / summed[2]).mean())
+            row[f"attn/layer{i}/sink_mass"] = float(heads["sink_mass"].mean())
     return row
 
 

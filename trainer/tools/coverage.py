@@ -22,13 +22,16 @@ is not retrained. Runs on one process (CPU or the current GPU).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from kernels import sparse_attention
+from kernels import attend
+from kernels.contract import AttnCall, AttnResult
+from model.attention import local_attention
 from model.pattern import Dense, Pattern, from_config
 from model.transformer import Transformer
 
@@ -41,10 +44,13 @@ class CoverageError(ValueError):
 
 
 def pattern_coverage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: Pattern, cand: Pattern,
-                     positions: torch.Tensor, seq_len: int, backend: str = "auto") -> torch.Tensor:
-    """[B, H, Q]: the softmax mass under ``own`` that the keys of ``cand`` carry, exp(lse_C − lse_P)."""
-    lse_own = sparse_attention(q, k, v, own, positions, positions, backend=backend, seq_len=seq_len)[1]
-    lse_cand = sparse_attention(q, k, v, cand, positions, positions, backend=backend, seq_len=seq_len)[1]
+                     call: AttnCall, backend: str = "auto") -> torch.Tensor:
+    """[B, H, Q]: the softmax mass under ``own`` that the keys of ``cand`` carry, exp(lse_C − lse_P),
+    over the keys: a learned sink is no key a pattern can drop, so both sides leave it out (documents
+    and positions as the call says)."""
+    keys = call.without_sinks()
+    lse_own = attend(q, k, v, own, keys, backend).lse
+    lse_cand = attend(q, k, v, cand, keys, backend).lse
     return torch.exp(lse_cand.double() - lse_own.double())
 
 
@@ -70,14 +76,14 @@ class Recorder:
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.count: dict[int, int] = {}
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int):
-        out = sparse_attention(q, k, v, pattern, positions, positions, backend=self.backend, seq_len=seq_len)[0]
+    def __call__(self, q, k, v, pattern, call: AttnCall) -> AttnResult:
+        res = attend(q, k, v, pattern, call, self.backend)
         for name, cand in self.candidates.items():
-            cov = pattern_coverage(q, k, v, pattern, cand, positions, seq_len, self.backend)  # (B, H, Q)
-            key = (layer, name)
+            cov = pattern_coverage(q, k, v, pattern, cand, call, self.backend)  # (B, H, Q)
+            key = (call.layer, name)
             self.sums[key] = self.sums.get(key, 0) + cov.sum(dim=(0, 2)).cpu()
-        self.count[layer] = self.count.get(layer, 0) + q.shape[0] * q.shape[2]
-        return out, None
+        self.count[call.layer] = self.count.get(call.layer, 0) + q.shape[0] * q.shape[2]
+        return res
 
     def table(self) -> dict[str, list[dict]]:
         """{candidate: per layer {"mean", "min_head"}}."""
@@ -102,8 +108,7 @@ def measure(model: Transformer, batches: list, candidates: dict[str, Pattern], b
 
     base = loss_with(rec)
     losses = {}
-    plain = lambda q, k, v, p, pos, n, s=False, layer=0: (  # noqa: E731
-        sparse_attention(q, k, v, p, pos, pos, backend=backend, seq_len=n)[0], None)
+    plain = functools.partial(local_attention, backend=backend)
     try:
         for name, cand in candidates.items():
             model.patterns = [cand] * len(own)
