@@ -30,8 +30,8 @@ import torch
 
 from kernels.contract import BACKENDS as TABLE
 from kernels.contract import AttnCall, AttnResult
-from kernels.inputs import check_inputs
-from kernels.reference import EmptyRowError, reference_attention
+from kernels.inputs import EmptyRowError, check_inputs
+from kernels.reference import reference_attention
 from kernels.stats import join_sinks
 from model.pattern import Pattern
 

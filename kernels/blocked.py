@@ -29,8 +29,7 @@ import torch
 from kernels.blocked_docs import DOC_PLANS, doc_plan
 from kernels.blocked_plan import Chunk, Plan, cached_device_plan, content_plan, position_runs, positional_plan
 from kernels.contract import AttnResult
-from kernels.inputs import check_inputs
-from kernels.reference import check_docs
+from kernels.inputs import check_docs, check_inputs
 from kernels.stats import AttnStats
 from model.pattern import Pattern
 

@@ -39,8 +39,8 @@ from kernels.blocked_plan import (
     rows_for,
 )
 from kernels.caches import LRUCache
-from kernels.reference import document_rule
 from model.pattern import Pattern
+from model.pattern.documents import document_rule
 
 # Process-wide: (pattern, positions, shapes, ids digest, device) -> device plan, the last 4 (one step's
 # layers share one; cleared by kernels.blocked.clear_caches).

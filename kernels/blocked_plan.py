@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import EmptyRowError, document_rule
+from kernels.inputs import EmptyRowError
 from model.pattern import Pattern, block_mean
+from model.pattern.documents import document_rule
 
 BLOCK = 128  # query rows per block of positional plans (measured best of 32/64/128 at 16k on CPU)
 CHUNK_ELEMS = 1 << 22  # score elements per chunk (16 MiB fp32): bounds the working set (and was fastest)

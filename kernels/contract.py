@@ -5,7 +5,8 @@ and the one result every backend, strategy and adapter returns.
                  whether statistics are wanted); adapters pass it on whole, so a new field reaches
                  every backend and strategy by construction (``dataclasses.replace`` narrows it)
     AttnResult   (out, lse, stats): out [B, H, Q, D] in q's dtype, lse [B, H, Q] fp32 (−inf for a
-                 row with no key and no sink), stats ``kernels.stats.AttnStats`` or None — None
+                 row with no key and no sink), stats ``AttnStats`` (per-query partials, merged as
+                 ``kernels.stats`` derives) or None — None
                  exactly when ``call.return_stats`` is False. Always three fields, never two.
     BACKENDS     the backend table: what each kernel supports (documents, sinks inside the kernel,
                  statistics, devices, dtypes); ``kernels.choose_backend`` reads it, once per call.
@@ -18,12 +19,9 @@ sinks [H] fp32 learned sink logits (one extra softmax column per head, no value)
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-
-if TYPE_CHECKING:
-    from kernels.stats import AttnStats
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,20 @@ class AttnCall:
     def without_sinks(self) -> AttnCall:
         """The call over keys only: strategies join the sinks once, after merging every partial."""
         return self if self.sinks is None else replace(self, sinks=None)
+
+
+@dataclass
+class AttnStats:
+    """Per-query partials [B, H, Q] (fp32). ``lse`` travels beside them as the kernels' second output."""
+
+    m: torch.Tensor  # Σ p·s
+    max_logit: torch.Tensor  # max s
+    global_mass: torch.Tensor  # Σ p over global keys
+    sink_mass: torch.Tensor | None = None  # p of the learned sink (after apply_sinks), else None
+
+    def fields(self):
+        """The three mergeable partials (``sink_mass`` is not one: the sink joins after merging)."""
+        return self.m, self.max_logit, self.global_mass
 
 
 class AttnResult(NamedTuple):

@@ -30,9 +30,9 @@ import torch
 
 from kernels.caches import LRUCache
 from kernels.contract import AttnResult
-from kernels.inputs import check_inputs
-from kernels.reference import EmptyRowError, check_docs, document_rule
+from kernels.inputs import EmptyRowError, check_docs, check_inputs
 from model.pattern import Pattern
+from model.pattern.documents import document_rule
 
 BLOCK = 128  # FlexAttention's default sparse block size
 # Process-wide memo of this backend (see kernels.caches; clear_caches empties all three):

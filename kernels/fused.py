@@ -20,7 +20,7 @@ already included, at no extra pass over [B, H, Q, D] (``kernels.stats.apply_sink
 costs a fixed ~18 ms at 16k tokens, 8% of the forward on one thread). Backward needs nothing new for
 the keys (P is recomputed from that lse); the sink's own gradient is Σ_q p_sink·(dlse − Δ) per head.
 
-Packed documents (``q_doc`` [B, Q], ``k_doc`` [B, K], ``kernels.reference.document_rule``) are masked
+Packed documents (``q_doc`` [B, Q], ``k_doc`` [B, K], ``model.pattern.documents.document_rule``) are masked
 inside the kernel too: per query tile the id range of its queries is compared with each band tile's id
 range, tiles that share no document are skipped (so short documents make attention cheaper), tiles that
 are all one document run unmasked, and the rest are masked elementwise by id equality; global-prefix
@@ -45,8 +45,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.contract import AttnResult
-from kernels.inputs import check_inputs
-from kernels.reference import EmptyRowError, check_docs
+from kernels.inputs import EmptyRowError, check_docs, check_inputs
 from kernels.stats import AttnStats, join_sinks
 from model.pattern import Pattern, Window
 

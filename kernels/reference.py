@@ -5,8 +5,8 @@ full boolean mask from the pattern and nothing about it is clever.
 
 Learned sinks are computed the direct way here — one more softmax column of score ``sinks[h]`` whose
 probability is dropped — so that the closed form every fast path uses (``kernels.stats.apply_sinks``)
-is checked against an independent computation. ``document_rule`` is the document-masking rule every
-backend applies on top of the pattern.
+is checked against an independent computation. Documents mask by ``model.pattern.documents``'s rule,
+as every backend does; the dense construction of the mask is this file's own.
 """
 
 from __future__ import annotations
@@ -16,40 +16,10 @@ import math
 import torch
 
 from kernels.contract import AttnResult
-from kernels.inputs import check_inputs
+from kernels.inputs import EmptyRowError, check_docs, check_inputs
 from kernels.stats import stats_from_probs
 from model.pattern import Pattern
-
-
-class EmptyRowError(ValueError):
-    """A query has no key it may attend to (its softmax would be 0/0)."""
-
-
-def document_rule(pattern: Pattern, qi: torch.Tensor, kj: torch.Tensor, q_doc: torch.Tensor,
-                  k_doc: torch.Tensor) -> torch.Tensor:
-    """Packed documents: may query i see key j as far as documents go (the pattern decides the rest).
-
-    Same document, or j is a global key (visible to every query), or — bidirectional patterns only —
-    i is a global query (it sees every key). All arguments broadcast; not in place (FlexAttention
-    traces it inside ``mask_mod``)."""
-    ok = (q_doc == k_doc) | (kj < pattern.num_global)
-    if not pattern.causal:
-        ok = ok | (qi < pattern.num_global)
-    return ok
-
-
-def check_docs(q_doc, k_doc, B: int, Q: int, K: int):
-    """(q_doc, k_doc) as [B, Q] / [B, K] LongTensors on the CPU, or (None, None); one error line if wrong."""
-    if q_doc is None and k_doc is None:
-        return None, None
-    if q_doc is None or k_doc is None:
-        raise ValueError("q_doc, k_doc: document ids must be given for both queries and keys, or neither")
-    if tuple(q_doc.shape) != (B, Q) or tuple(k_doc.shape) != (B, K):
-        raise ValueError(f"q_doc, k_doc: must be [B, Q] = [{B}, {Q}] and [B, K] = [{B}, {K}]; got "
-                         f"{list(q_doc.shape)} and {list(k_doc.shape)}")
-    if q_doc.is_floating_point() or k_doc.is_floating_point():
-        raise ValueError("q_doc, k_doc: document ids must be integer tensors")
-    return q_doc.detach().cpu().long(), k_doc.detach().cpu().long()
+from model.pattern.documents import document_rule
 
 
 def pattern_mask(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,

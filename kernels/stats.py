@@ -21,25 +21,9 @@ merged (``apply_sinks``), with w = sigmoid(lse_keys − s_h) = exp(lse_keys − 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from kernels.contract import AttnResult
-
-
-@dataclass
-class AttnStats:
-    """Per-query partials [B, H, Q] (fp32). ``lse`` travels beside them as the kernels' second output."""
-
-    m: torch.Tensor  # Σ p·s
-    max_logit: torch.Tensor  # max s
-    global_mass: torch.Tensor  # Σ p over global keys
-    sink_mass: torch.Tensor | None = None  # p of the learned sink (after apply_sinks), else None
-
-    def fields(self):
-        """The three mergeable partials (``sink_mass`` is not one: the sink joins after merging)."""
-        return self.m, self.max_logit, self.global_mass
+from kernels.contract import AttnResult, AttnStats
 
 
 def merge_two(out_a, lse_a, out_b, lse_b):

@@ -31,7 +31,7 @@ decoding step t equals a full forward over the whole sequence at t.
 
 Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
 each cached key keeps its document id, a query sees its own document's keys and the globals
-(``kernels.reference.document_rule``), and rotary positions restart after each separator, exactly as
+(``model.pattern.documents.document_rule``), and rotary positions restart after each separator, exactly as
 ``trainer.data.sampling.document_positions`` counts them over the whole sequence.
 
 Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
@@ -48,9 +48,9 @@ import torch
 
 from kernels import attend
 from kernels.contract import AttnCall, AttnResult
-from kernels.reference import document_rule
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, PatternUnion, Window
+from model.pattern.documents import document_rule
 
 
 def bounded_reach(pattern: Pattern) -> int | None:

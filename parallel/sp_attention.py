@@ -9,7 +9,7 @@ exact: merged over every rank's keys (and the sink). Ulysses without statistics 
 stays on the ranks that own the heads). ``call.sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
 gradient each rank returns for them is its own queries' share (Ulysses: its heads' slice), so the
 sum over the SP group — what the trainer's gradient all-reduce computes — is the single-device one.
-``call.q_doc`` [B, L]: this shard's document ids (``kernels.reference.document_rule``); the ids of
+``call.q_doc`` [B, L]: this shard's document ids (``model.pattern.documents.document_rule``); the ids of
 received keys travel with them (halo, top-k) or are all-gathered once per call (Ulysses, which moves
 O(n) anyway); counted as ``doc_ids``.
 Strategies:

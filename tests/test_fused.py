@@ -283,7 +283,7 @@ def test_fused_sinks_fall_back_with_the_join():
         torch.testing.assert_close(b.double(), a, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")  # TOL: see above
 
 
-# ---- packed documents inside the kernel (kernels.reference.document_rule) ----
+# ---- packed documents inside the kernel (model.pattern.documents.document_rule) ----
 
 DOC_NAMES = SINK_NAMES
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kernels import sparse_attention
-from kernels.reference import document_rule
 from kernels.stats import head_summary, head_sums
 from model.pattern import Dense, Window
+from model.pattern.documents import document_rule
 from tests.test_kernels import PATTERNS
 
 # fp64 in, fp64 accumulated on both sides: they differ only by summation order (~1e-15), so 1e-10

@@ -19,12 +19,16 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from trainer.data.corpus import Document
+
+class Document(Protocol):
+    """What training reads of a document (``trainer.data.corpus.Document`` is one): its bytes."""
+
+    def read(self) -> bytes: ...
+
 
 SEP = "\x00"  # id 0
 # Training reads at most the first 8 MiB of the training split (a deterministic sample): ~2 s on
