@@ -87,7 +87,9 @@ def sample_bytes(docs: list[Document], val_fraction: float) -> int:
     def train_bytes(total: int) -> int:
         return total - int(total * val_fraction)
 
-    if train_bytes(sum(f.stat().st_size + 1 for d in docs for f in d.files)) >= SAMPLE_BYTES:
+    bound = docs.size_bound() if hasattr(docs, "size_bound") else sum(f.stat().st_size + 1 for d in docs
+                                                                      for f in d.files)
+    if train_bytes(bound) >= SAMPLE_BYTES:
         return SAMPLE_BYTES
     return min(SAMPLE_BYTES, train_bytes(sum(len(d.read()) + 1 for d in docs)))
 

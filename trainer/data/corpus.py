@@ -36,23 +36,20 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.data import bpe
+from trainer.data import bpe, formats
+from trainer.data.formats import Fields, Record
+from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
 from trainer.state import integrity
 
-DOC_SEP = 0
-IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tokens"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes
-
-
-class DataConfigError(ValueError):
-    """A bad data setting; the message names the setting and the allowed values."""
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -86,14 +83,14 @@ def tokenizer_vocab_size(name: str, bpe_vocab_size: int = 4096) -> int:
     return bpe_vocab_size
 
 
-def get_tokenizer(name: str = "bytes", docs: list[Document] | None = None, cache_dir: str | Path | None = None,
+def get_tokenizer(name: str = "bytes", docs: Source | list[Document] | None = None, cache_dir: str | Path | None = None,
                   val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> ByteTokenizer | bpe.BpeTokenizer:
     """The tokenizer of ``data.tokenizer``. BPE is trained on the training split of ``docs`` (default:
     the stdlib corpus) unless the cache under ``cache_dir`` already holds it."""
     vocab = tokenizer_vocab_size(name, bpe_vocab_size)
     if name == "bytes":
         return ByteTokenizer()
-    docs = documents(None) if docs is None else docs
+    docs = as_source(documents(None) if docs is None else docs)
     tokenizers_version = importlib.metadata.version("tokenizers")
     key = cache_key(docs, f"bpe-{vocab}-{val_fraction!r}-{bpe.SAMPLE_BYTES}-tokenizers{tokenizers_version}")
     dest = _cache_dir(cache_dir) / f"bpe-{key}" / "tokenizer.json"
@@ -164,9 +161,72 @@ def documents(path: str | Path | None) -> list[Document]:
 
 # --- the memory-mapped cache ----------------------------------------------------------------------
 
-def cache_key(docs: list[Document], tokenizer: str) -> str:
-    listing = [[[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in d.files] for d in docs]
-    blob = json.dumps([_CACHE_FORMAT, tokenizer, [d.headers for d in docs], listing])
+class Source:
+    """What a corpus is read from: the stdlib documents (``data.path`` empty), a list of Documents, or
+    the parts of ``data.path`` (trainer.data.formats), with the fields its rows give."""
+
+    def __init__(self, path=None, fmt: str = "auto", fields: Fields | None = None,
+                 docs: list[Document] | None = None):
+        self.fields = fields or Fields()
+        self.parts: list[formats.Part] = []
+        self.docs = docs
+        if docs is None and path in (None, "", []):
+            self.docs = stdlib_documents()
+        elif docs is None:
+            self.parts = formats.resolve(path, fmt)
+
+    @property
+    def whole_documents(self) -> bool:
+        """Split train / validation at a document boundary (record formats). Text keeps its byte rule."""
+        return any(p.fmt != "text" for p in self.parts)
+
+    @property
+    def token_ids(self) -> bool:
+        """Some part holds token ids already (megatron): the tokenizer must be the one that wrote them."""
+        return any(p.fmt == "megatron" for p in self.parts)
+
+    def check(self) -> None:
+        for p in self.parts:
+            p.check(self.fields)
+
+    def records(self) -> Iterator[Record]:
+        if self.docs is not None:
+            return (Record(d.read()) for d in self.docs)
+        return formats.blend(self.parts, self.fields)
+
+    def __iter__(self):  # what bpe.train reads: objects with read() -> the document's bytes
+        for r in self.records():
+            yield _Text((r.prompt or b"") + r.data)
+
+    def size_bound(self) -> int:
+        """Bytes of the sources (+1 a document for legacy lists): with compression, not a bound."""
+        if self.docs is not None:
+            return sum(f.stat().st_size + 1 for d in self.docs for f in d.files)
+        return sum(f.stat().st_size for p in self.parts for f in p.files)
+
+    def listing(self) -> list:
+        if self.docs is not None:
+            return [[d.headers for d in self.docs],
+                    [[[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in d.files] for d in self.docs]]
+        return [list(vars(self.fields).values()),
+                [[p.fmt, p.weight, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in p.files]]
+                 for p in self.parts]]
+
+
+@dataclass
+class _Text:
+    data: bytes
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def as_source(docs: Source | list[Document] | None) -> Source:
+    return docs if isinstance(docs, Source) else Source(docs=docs)
+
+
+def cache_key(docs: Source | list[Document], tokenizer: str) -> str:
+    blob = json.dumps([_CACHE_FORMAT, tokenizer, as_source(docs).listing()])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -176,25 +236,70 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return path
 
 
-def build_cache(docs: list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path) -> int:
-    """Tokenize the documents into ``dest`` (written to a temporary name, then renamed, so a crash
-    or a concurrent writer never leaves a half-written cache under the final name). Returns the
-    token count."""
-    dtype, n = token_dtype(tok.vocab_size), 0
-    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for doc in docs:  # one document at a time: memory stays O(document)
-            ids = np.append(tok.encode(doc.read()).astype(dtype), dtype.type(DOC_SEP))
-            f.write(ids.tobytes())
-            n += len(ids)
-    os.replace(tmp, dest)
-    return n
+def encode_record(rec: Record, tok, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """(token ids ending with DOC_SEP, scored flags or None): a prompt/completion row scores its
+    completion and the separator after it (target t is token t + 1: scored where token t + 1 is)."""
+    if isinstance(rec.data, np.ndarray):  # megatron: ids already
+        if len(rec.data) and int(rec.data.max()) >= tok.vocab_size:
+            raise DataConfigError(f"data.path: {rec.where}: token id {int(rec.data.max())} is outside the "
+                                  f"tokenizer's vocabulary of {tok.vocab_size} ({tok.name}); use the tokenizer "
+                                  "that wrote the file")
+        ids = rec.data.astype(dtype)
+        return (ids if ids[-1] == DOC_SEP else np.append(ids, dtype.type(DOC_SEP))), None
+    if rec.prompt is None:
+        return np.append(tok.encode(rec.data).astype(dtype), dtype.type(DOC_SEP)), None
+    prompt, completion = tok.encode(rec.prompt).astype(dtype), tok.encode(rec.data).astype(dtype)
+    ids = np.concatenate([prompt, completion, [DOC_SEP]]).astype(dtype)
+    return ids, (np.arange(len(ids)) >= len(prompt)).astype(np.uint8)
+
+
+FLUSH_TOKENS = 1 << 22  # tokens buffered before a write: memory stays O(this + one document)
+
+
+def build_cache(docs: Source | list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path,
+                scored_dest: Path | None = None) -> int:
+    """Tokenize the documents into ``dest`` (and their scored flags into ``scored_dest``), streaming:
+    written to temporary names, then renamed, so a crash, a bad row or a concurrent writer never
+    leaves a half-written cache under the final name. Returns the number of documents."""
+    source, dtype, n_docs = as_source(docs), token_dtype(tok.vocab_size), 0
+    tmps = [p.with_name(f"{p.name}.tmp{os.getpid()}") for p in (dest, scored_dest) if p is not None]
+    try:
+        with open(tmps[0], "wb") as f, open(tmps[-1] if scored_dest else os.devnull, "wb") as g:
+            ids_buf, scored_buf, pending = [], [], 0
+            for rec in source.records():
+                ids, scored = encode_record(rec, tok, dtype)
+                ids_buf.append(ids)
+                scored_buf.append(scored if scored is not None else np.ones(len(ids), np.uint8))
+                pending, n_docs = pending + len(ids), n_docs + 1
+                if pending >= FLUSH_TOKENS:
+                    _flush(f, g, ids_buf, scored_buf, scored_dest)
+                    pending = 0
+            _flush(f, g, ids_buf, scored_buf, scored_dest)
+        if n_docs == 0:
+            raise DataConfigError(f"data.path: {', '.join(p.spec for p in source.parts)!r} holds no document "
+                                  "(the corpus is empty)")
+    except BaseException:
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        raise
+    for t, p in zip(tmps, (dest, scored_dest)):
+        os.replace(t, p)
+    return n_docs
+
+
+def _flush(f, g, ids_buf: list, scored_buf: list, scored: bool) -> None:
+    if ids_buf:
+        f.write(np.concatenate(ids_buf).tobytes())
+        if scored:
+            g.write(np.concatenate(scored_buf).tobytes())
+    ids_buf.clear()
+    scored_buf.clear()
 
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # memmap views: slicing reads only the pages touched
-    val: np.ndarray
+    train: np.ndarray | ScoredStream  # memmap views: slicing reads only the pages touched
+    val: np.ndarray | ScoredStream  # ScoredStream: prompt/completion data, only completions scored
     vocab_size: int
     cache_path: Path
     cache_hit: bool  # True when the cache existed: no source file was read
@@ -202,27 +307,77 @@ class Corpus:
     tokenizer: ByteTokenizer | bpe.BpeTokenizer
 
 
-def load_corpus(path: str | Path | None = None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
-                val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> Corpus:
+def fields_of(data) -> Fields:
+    """The row fields of a config's ``data`` section."""
+    return Fields(data.text_key, data.prompt_key, data.completion_key, data.loss_on == "completion")
+
+
+def corpus_of(data) -> Corpus:
+    """``load_corpus`` with every setting of a config's ``data`` section."""
+    return load_corpus(data.path, data.tokenizer, data.cache_dir, data.val_fraction, data.bpe_vocab_size,
+                       fmt=data.format, fields=fields_of(data))
+
+
+def _cached(dest: Path) -> bool:
+    if not dest.exists():
+        return False
+    if (why := integrity.block_sums_problem(dest)) is not None:
+        print(f"warning: token cache {dest}: {why}; rebuilding it", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def load_corpus(path=None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
+                val_fraction: float = 0.01, bpe_vocab_size: int = 4096, fmt: str = "auto",
+                fields: Fields | None = None) -> Corpus:
     """Tokens of ``data.path`` (or the stdlib corpus), cached; the last ``val_fraction`` of the bytes is
-    validation. A BPE tokenizer is trained here first when not cached, so the launcher's ordering
-    (rank 0 loads, then the others) covers it too."""
+    validation (record formats: whole documents). A BPE tokenizer is trained here first when not
+    cached, so the launcher's ordering (rank 0 loads, then the others) covers it too."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
-    docs = documents(path)
-    tok = get_tokenizer(tokenizer, docs, cache_dir, val_fraction, bpe_vocab_size)
+    source = Source(path, fmt, fields)
+    source.check()
+    if source.token_ids and tokenizer == "bpe":
+        raise DataConfigError("data.tokenizer: a megatron corpus holds token ids already; bpe would be trained "
+                              "here and not match them; use the tokenizer that wrote it (bytes)")
+    tok = get_tokenizer(tokenizer, source, cache_dir, val_fraction, bpe_vocab_size)
     dtype = token_dtype(tok.vocab_size)
-    dest = _cache_dir(cache_dir) / f"{cache_key(docs, tok.identity)}.{dtype.name}.bin"
-    hit = dest.exists()
-    if hit and (why := integrity.block_sums_problem(dest)) is not None:
-        print(f"warning: token cache {dest}: {why}; rebuilding it", file=sys.stderr, flush=True)
-        hit = False
-    if not hit:
-        build_cache(docs, tok, dest)
-        integrity.write_block_sums(dest)
+    key = cache_key(source, tok.identity)
+    dest = _cache_dir(cache_dir) / f"{key}.{dtype.name}.bin"
+    scored_dest = dest.with_name(f"{key}.scored.bin") if source.fields.completion else None
+    meta = dest.with_name(f"{key}.json")
+    hit = all(_cached(p) for p in (dest, scored_dest) if p is not None) and (source.docs is not None or meta.exists())
+    if hit:
+        n_docs = len(source.docs) if source.docs is not None else json.loads(meta.read_text())["documents"]
+    else:
+        n_docs = build_cache(source, tok, dest, scored_dest)
+        for p in (dest, scored_dest):
+            if p is not None:
+                integrity.write_block_sums(p)
+        meta.write_text(json.dumps({"documents": n_docs}))
     tokens = np.memmap(dest, dtype=dtype, mode="r")
     n_train = split_point(tokens, tok.byte_lengths, val_fraction)
-    return Corpus(tokens[:n_train], tokens[n_train:], tok.vocab_size, dest, hit, len(docs), tok)
+    if source.whole_documents:
+        n_train = document_start(tokens, n_train)
+    if scored_dest is None:
+        train, val = tokens[:n_train], tokens[n_train:]
+    else:
+        scored = np.memmap(scored_dest, dtype=np.uint8, mode="r")
+        train, val = ScoredStream(tokens[:n_train], scored[:n_train]), ScoredStream(tokens[n_train:], scored[n_train:])
+    return Corpus(train, val, tok.vocab_size, dest, hit, n_docs, tok)
+
+
+def document_start(tokens: np.ndarray, i: int, chunk: int = 1 << 20) -> int:
+    """The start of the document holding token ``i`` (i itself when it starts one): one past the last
+    DOC_SEP before it, searched backwards a chunk at a time (the stream is a memmap)."""
+    hi = i
+    while hi > 0:
+        lo = max(0, hi - chunk)
+        seps = np.flatnonzero(np.asarray(tokens[lo:hi]) == DOC_SEP)
+        if len(seps):
+            return lo + int(seps[-1]) + 1
+        hi = lo
+    return 0
 
 
 def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float) -> int:
