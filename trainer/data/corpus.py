@@ -64,6 +64,9 @@ class ByteTokenizer:
     def encode(self, data: bytes | str) -> np.ndarray:
         return np.frombuffer(data.encode() if isinstance(data, str) else data, dtype=np.uint8)
 
+    def encode_many(self, datas: list[bytes | str]) -> list[np.ndarray]:
+        return [self.encode(d) for d in datas]
+
     def decode(self, ids) -> str:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
@@ -236,24 +239,50 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return path
 
 
-def encode_record(rec: Record, tok, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
-    """(token ids ending with DOC_SEP, scored flags or None): a prompt/completion row scores its
-    completion and the separator after it (target t is token t + 1: scored where token t + 1 is)."""
-    if isinstance(rec.data, np.ndarray):  # megatron: ids already
-        if len(rec.data) and int(rec.data.max()) >= tok.vocab_size:
-            raise DataConfigError(f"data.path: {rec.where}: token id {int(rec.data.max())} is outside the "
-                                  f"tokenizer's vocabulary of {tok.vocab_size} ({tok.name}); use the tokenizer "
-                                  "that wrote the file")
-        ids = rec.data.astype(dtype)
-        return (ids if ids[-1] == DOC_SEP else np.append(ids, dtype.type(DOC_SEP))), None
-    if rec.prompt is None:
-        return np.append(tok.encode(rec.data).astype(dtype), dtype.type(DOC_SEP)), None
-    prompt, completion = tok.encode(rec.prompt).astype(dtype), tok.encode(rec.data).astype(dtype)
-    ids = np.concatenate([prompt, completion, [DOC_SEP]]).astype(dtype)
-    return ids, (np.arange(len(ids)) >= len(prompt)).astype(np.uint8)
+def encode_records(recs: list[Record], tok, dtype: np.dtype) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(token ids ending with DOC_SEP, scored flags or None) of each record, the texts encoded in one
+    batch. A prompt/completion row scores its completion and the separator after it (target t is
+    token t + 1: scored where token t + 1 is)."""
+    texts = [r.data for r in recs if not isinstance(r.data, np.ndarray)]
+    texts += [r.prompt for r in recs if r.prompt is not None]
+    encoded = iter(tok.encode_many(texts))
+    ids_of = [None if isinstance(r.data, np.ndarray) else next(encoded) for r in recs]
+    out = []
+    for rec, ids in zip(recs, ids_of):
+        if ids is None:  # megatron: ids already
+            out.append((_given_ids(rec, tok, dtype), None))
+        elif rec.prompt is None:
+            out.append((np.append(ids.astype(dtype), dtype.type(DOC_SEP)), None))
+        else:
+            prompt = next(encoded)
+            both = np.concatenate([prompt, ids, [DOC_SEP]]).astype(dtype)
+            out.append((both, (np.arange(len(both)) >= len(prompt)).astype(np.uint8)))
+    return out
 
 
-FLUSH_TOKENS = 1 << 22  # tokens buffered before a write: memory stays O(this + one document)
+def _given_ids(rec: Record, tok, dtype: np.dtype) -> np.ndarray:
+    if len(rec.data) and int(rec.data.max()) >= tok.vocab_size:
+        raise DataConfigError(f"data.path: {rec.where}: token id {int(rec.data.max())} is outside the "
+                              f"tokenizer's vocabulary of {tok.vocab_size} ({tok.name}); use the tokenizer "
+                              "that wrote the file")
+    ids = rec.data.astype(dtype)
+    return ids if ids[-1] == DOC_SEP else np.append(ids, dtype.type(DOC_SEP))
+
+
+FLUSH_TOKENS = 1 << 22  # tokens buffered before a write: memory stays O(this + one batch)
+BATCH_BYTES = 1 << 22  # text encoded per tokenizer call
+
+
+def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
+    batch, size = [], 0
+    for r in records:
+        batch.append(r)
+        size += r.size()
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def build_cache(docs: Source | list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path,
@@ -266,11 +295,11 @@ def build_cache(docs: Source | list[Document], tok: ByteTokenizer | bpe.BpeToken
     try:
         with open(tmps[0], "wb") as f, open(tmps[-1] if scored_dest else os.devnull, "wb") as g:
             ids_buf, scored_buf, pending = [], [], 0
-            for rec in source.records():
-                ids, scored = encode_record(rec, tok, dtype)
-                ids_buf.append(ids)
-                scored_buf.append(scored if scored is not None else np.ones(len(ids), np.uint8))
-                pending, n_docs = pending + len(ids), n_docs + 1
+            for batch in _batches(source.records()):
+                for ids, scored in encode_records(batch, tok, dtype):
+                    ids_buf.append(ids)
+                    scored_buf.append(scored if scored is not None else np.ones(len(ids), np.uint8))
+                    pending, n_docs = pending + len(ids), n_docs + 1
                 if pending >= FLUSH_TOKENS:
                     _flush(f, g, ids_buf, scored_buf, scored_dest)
                     pending = 0
