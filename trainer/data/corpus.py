@@ -6,8 +6,9 @@ Corpus. Byte-level tokens by default (vocab 256); ``data.tokenizer=bpe`` is a by
 (``sysconfig.get_paths()["stdlib"]``, site-packages and __pycache__ left out), so training works with
 nothing downloaded. Files are taken in sorted path order; every top-level package (or single module)
 of the stdlib becomes one long document, each of its files preceded by a header line
-``# ==== <relative path> ====``. With ``data.path=DIR`` every non-hidden file under DIR (recursively,
-sorted) is one document.
+``# ==== <relative path> ====``. With ``data.path`` the documents are those of its files, directories,
+globs or blend, in any format of ``trainer.data.formats`` (text: every non-hidden file under DIR,
+recursively, sorted, is one document); the cache is built by ``trainer.data.cache``.
 
 Document separator: every document is followed by the token ``DOC_SEP`` = 0, the NUL byte, which
 text files do not contain. Windows are cut from the concatenated stream and may span a separator;
@@ -16,13 +17,15 @@ the model learns that what follows a NUL is unrelated to what precedes it.
 Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
 fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
 source file. Its size and block checksums are recorded beside it (``trainer/integrity.py``); a cache
-that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line. The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained
-tokenizer.json) and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
+that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line.
+The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained tokenizer.json),
+the format, row keys and blend weights, and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
 ``<cache_dir>/bpe-<key>/tokenizer.json``, keyed on the same listing, the vocab size and the split.
 
 Validation split: the longest suffix of the stream that encodes at most ``int(bytes · val_fraction)``
-bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens). The BPE tokenizer trains on
-bytes before that point only, so it has never seen the validation text.
+bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens); with record formats (jsonl,
+parquet, arrow, megatron) it starts instead at the start of the document holding that point, so it
+takes whole documents. The BPE tokenizer trains on bytes before the byte point only.
 
 Sampling windows of the stream and cutting them into sequence shards is ``trainer.data.sampling``.
 """
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 
 from trainer.data import bpe, formats
+from trainer.data.cache import build_cache, token_dtype
 from trainer.data.formats import Fields, Record
 from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
 from trainer.state import integrity
@@ -103,10 +107,6 @@ def get_tokenizer(name: str = "bytes", docs: Source | list[Document] | None = No
         bpe.train(docs, val_fraction, vocab, tmp)
         os.replace(tmp, dest)  # never a half-written tokenizer under the final name
     return bpe.BpeTokenizer(dest, vocab)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 # --- sources: which files, grouped into which documents -------------------------------------------
@@ -239,92 +239,6 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return path
 
 
-def encode_records(recs: list[Record], tok, dtype: np.dtype) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(token ids ending with DOC_SEP, scored flags or None) of each record, the texts encoded in one
-    batch. A prompt/completion row scores its completion and the separator after it (target t is
-    token t + 1: scored where token t + 1 is)."""
-    texts = [r.data for r in recs if not isinstance(r.data, np.ndarray)]
-    texts += [r.prompt for r in recs if r.prompt is not None]
-    encoded = iter(tok.encode_many(texts))
-    ids_of = [None if isinstance(r.data, np.ndarray) else next(encoded) for r in recs]
-    out = []
-    for rec, ids in zip(recs, ids_of):
-        if ids is None:  # megatron: ids already
-            out.append((_given_ids(rec, tok, dtype), None))
-        elif rec.prompt is None:
-            out.append((np.append(ids.astype(dtype), dtype.type(DOC_SEP)), None))
-        else:
-            prompt = next(encoded)
-            both = np.concatenate([prompt, ids, [DOC_SEP]]).astype(dtype)
-            out.append((both, (np.arange(len(both)) >= len(prompt)).astype(np.uint8)))
-    return out
-
-
-def _given_ids(rec: Record, tok, dtype: np.dtype) -> np.ndarray:
-    if len(rec.data) and int(rec.data.max()) >= tok.vocab_size:
-        raise DataConfigError(f"data.path: {rec.where}: token id {int(rec.data.max())} is outside the "
-                              f"tokenizer's vocabulary of {tok.vocab_size} ({tok.name}); use the tokenizer "
-                              "that wrote the file")
-    ids = rec.data.astype(dtype)
-    return ids if ids[-1] == DOC_SEP else np.append(ids, dtype.type(DOC_SEP))
-
-
-FLUSH_TOKENS = 1 << 22  # tokens buffered before a write: memory stays O(this + one batch)
-BATCH_BYTES = 1 << 22  # text encoded per tokenizer call
-
-
-def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
-    batch, size = [], 0
-    for r in records:
-        batch.append(r)
-        size += r.size()
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def build_cache(docs: Source | list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path,
-                scored_dest: Path | None = None) -> int:
-    """Tokenize the documents into ``dest`` (and their scored flags into ``scored_dest``), streaming:
-    written to temporary names, then renamed, so a crash, a bad row or a concurrent writer never
-    leaves a half-written cache under the final name. Returns the number of documents."""
-    source, dtype, n_docs = as_source(docs), token_dtype(tok.vocab_size), 0
-    tmps = [p.with_name(f"{p.name}.tmp{os.getpid()}") for p in (dest, scored_dest) if p is not None]
-    try:
-        with open(tmps[0], "wb") as f, open(tmps[-1] if scored_dest else os.devnull, "wb") as g:
-            ids_buf, scored_buf, pending = [], [], 0
-            for batch in _batches(source.records()):
-                for ids, scored in encode_records(batch, tok, dtype):
-                    ids_buf.append(ids)
-                    scored_buf.append(scored if scored is not None else np.ones(len(ids), np.uint8))
-                    pending, n_docs = pending + len(ids), n_docs + 1
-                if pending >= FLUSH_TOKENS:
-                    _flush(f, g, ids_buf, scored_buf, scored_dest)
-                    pending = 0
-            _flush(f, g, ids_buf, scored_buf, scored_dest)
-        if n_docs == 0:
-            raise DataConfigError(f"data.path: {', '.join(p.spec for p in source.parts)!r} holds no document "
-                                  "(the corpus is empty)")
-    except BaseException:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        raise
-    for t, p in zip(tmps, (dest, scored_dest)):
-        os.replace(t, p)
-    return n_docs
-
-
-def _flush(f, g, ids_buf: list, scored_buf: list, scored: bool) -> None:
-    if ids_buf:
-        f.write(np.concatenate(ids_buf).tobytes())
-        if scored:
-            g.write(np.concatenate(scored_buf).tobytes())
-    ids_buf.clear()
-    scored_buf.clear()
-
-
 @dataclass
 class Corpus:
     train: np.ndarray | ScoredStream  # memmap views: slicing reads only the pages touched
@@ -376,16 +290,19 @@ def load_corpus(path=None, tokenizer: str = "bytes", cache_dir: str | Path | Non
     scored_dest = dest.with_name(f"{key}.scored.bin") if source.fields.completion else None
     meta = dest.with_name(f"{key}.json")
     hit = all(_cached(p) for p in (dest, scored_dest) if p is not None) and (source.docs is not None or meta.exists())
-    if hit:
-        n_docs = len(source.docs) if source.docs is not None else json.loads(meta.read_text())["documents"]
-    else:
-        n_docs = build_cache(source, tok, dest, scored_dest)
+    facts = json.loads(meta.read_text()) if hit and meta.exists() else {}
+    if not hit:
+        n_docs, n_bytes = build_cache(source, tok, dest, scored_dest)
         for p in (dest, scored_dest):
             if p is not None:
                 integrity.write_block_sums(p)
-        meta.write_text(json.dumps({"documents": n_docs}))
+        facts = {"documents": n_docs, "bytes": n_bytes}
+        tmp = meta.with_name(f"{meta.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(facts))
+        os.replace(tmp, meta)
+    n_docs = len(source.docs) if source.docs is not None else facts["documents"]
     tokens = np.memmap(dest, dtype=dtype, mode="r")
-    n_train = split_point(tokens, tok.byte_lengths, val_fraction)
+    n_train = split_point(tokens, tok.byte_lengths, val_fraction, facts.get("bytes"))
     if source.whole_documents:
         n_train = document_start(tokens, n_train)
     if scored_dest is None:
@@ -409,13 +326,15 @@ def document_start(tokens: np.ndarray, i: int, chunk: int = 1 << 20) -> int:
     return 0
 
 
-def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float) -> int:
+def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float,
+                total: int | None = None) -> int:
     """Index of the first validation token: the validation split is the longest suffix of ``tokens``
-    that encodes at most int(total bytes · val_fraction) bytes."""
+    that encodes at most int(total bytes · val_fraction) bytes (``total``: known from the build,
+    so the stream need not be read)."""
     if (byte_lengths == 1).all():
         total = len(tokens)
-    else:  # in slices: the stream is a memmap, possibly larger than memory
-        total = sum(int(byte_lengths[tokens[i: i + (1 << 24)]].sum()) for i in range(0, len(tokens), 1 << 24))
+    elif total is None:  # in slices: the stream is a memmap, possibly larger than memory
+        total = sum(int(byte_lengths[tokens[i: i + (1 << 22)]].sum()) for i in range(0, len(tokens), 1 << 22))
     n_val_bytes = int(total * val_fraction)
     tail = np.asarray(tokens[len(tokens) - min(len(tokens), n_val_bytes):])  # every token is >= 1 byte
     spans = np.cumsum(byte_lengths[tail[::-1]])  # bytes of the last 1, 2, ... tokens
