@@ -285,6 +285,9 @@ def test_config_validation_refuses_bad_sources_up_front(tmp_path):
         _config("data.path={x: 0}")
     with pytest.raises(ConfigError, match="^data.loss_on: completion needs"):
         _config("data.loss_on=completion")
+    mt = write_megatron(tmp_path / "mt", DOCS[:3])
+    with pytest.raises(ConfigError, match="^data.tokenizer: a megatron corpus holds token ids already"):
+        _config(f"data.path={mt}", "data.tokenizer=bpe")
     assert _config(f"data.path=[1,{p},2,{p}]", "data.text_key=body").data.path == [1.0, str(p), 2.0, str(p)]
 
 

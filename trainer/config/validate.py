@@ -249,13 +249,9 @@ def _validate_source(cfg: TrainConfig) -> None:
     if data.path in (None, "", []):
         return
     try:
-        source = Source(data.path, data.format, fields_of(data))
-        source.check()
+        Source(data.path, data.format, fields_of(data)).check(data.tokenizer)
     except DataConfigError as e:
         raise ConfigError(str(e)) from None
-    if source.token_ids and data.tokenizer == "bpe":
-        raise ConfigError("data.tokenizer: a megatron corpus holds token ids already; bpe would be trained here and "
-                          "not match them; use the tokenizer that wrote it (bytes)")
 
 
 def _validate_documents(cfg: TrainConfig) -> None:

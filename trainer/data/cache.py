@@ -107,7 +107,8 @@ def build_cache(source, tok, dest: Path, scored_dest: Path | None = None) -> tup
 
 class _Progress:
     """A line on stdout every PROGRESS_S seconds while a cache is built: MB/s and, when the sources
-    are uncompressed text or jsonl (their size is then what is read), the ETA."""
+    are uncompressed text or jsonl, the ETA (from their size: for jsonl an overestimate, its keys and
+    escapes are not document bytes)."""
 
     PROGRESS_S = 10.0
 

@@ -188,9 +188,14 @@ class Source:
         """Some part holds token ids already (megatron): the tokenizer must be the one that wrote them."""
         return any(p.fmt == "megatron" for p in self.parts)
 
-    def check(self) -> None:
+    def check(self, tokenizer: str = "bytes") -> None:
+        """What is known without reading the documents (trainer.data.formats.Part.check), and that
+        token ids come with the tokenizer that wrote them."""
         for p in self.parts:
             p.check(self.fields)
+        if self.token_ids and tokenizer == "bpe":
+            raise DataConfigError("data.tokenizer: a megatron corpus holds token ids already; bpe would be trained "
+                                  "here and not match them; use the tokenizer that wrote it (bytes)")
 
     def records(self) -> Iterator[Record]:
         if self.docs is not None:
@@ -279,10 +284,7 @@ def load_corpus(path=None, tokenizer: str = "bytes", cache_dir: str | Path | Non
     if not 0.0 <= val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
     source = Source(path, fmt, fields)
-    source.check()
-    if source.token_ids and tokenizer == "bpe":
-        raise DataConfigError("data.tokenizer: a megatron corpus holds token ids already; bpe would be trained "
-                              "here and not match them; use the tokenizer that wrote it (bytes)")
+    source.check(tokenizer)
     tok = get_tokenizer(tokenizer, source, cache_dir, val_fraction, bpe_vocab_size)
     dtype = token_dtype(tok.vocab_size)
     key = cache_key(source, tok.identity)
