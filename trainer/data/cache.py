@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,21 +68,6 @@ def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
         yield batch
 
 
-def _encoded(records: Iterator[Record], tok, dtype: np.dtype):
-    """(batch, encode_records(batch)) in order, each batch encoded on a worker thread while the next
-    one is read: the tokenizer releases the GIL, so parsing (Python) and encoding (Rust, threaded)
-    overlap. At most two batches are in flight, so memory stays bounded."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for batch in _batches(records):
-            job = (batch, pool.submit(encode_records, batch, tok, dtype))
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = job
-        if pending is not None:
-            yield pending[0], pending[1].result()
-
-
 def build_cache(source, tok, dest: Path, scored_dest: Path | None = None) -> tuple[int, int]:
     """Tokenize the documents into ``dest`` (and their scored flags into ``scored_dest``), streaming:
     written to temporary names, then renamed, so a crash, a bad row or a concurrent writer never
@@ -94,9 +78,10 @@ def build_cache(source, tok, dest: Path, scored_dest: Path | None = None) -> tup
         with open(tmps[0], "wb") as f, open(tmps[-1] if scored_dest else os.devnull, "wb") as g:
             ids_buf, scored_buf, pending = [], [], 0
             progress = _Progress(source)
-            for batch, encoded in _encoded(source.records(), tok, dtype):
+            for batch in _batches(source.records()):
                 size = sum(r.size() for r in batch if not isinstance(r.data, np.ndarray))
                 progress.update(size)
+                encoded = encode_records(batch, tok, dtype)
                 n_bytes += size + sum(int(tok.byte_lengths[ids].sum()) if isinstance(r.data, np.ndarray) else 1
                                       for r, (ids, _) in zip(batch, encoded))  # text: its bytes + the separator
                 for ids, scored in encoded:
