@@ -63,7 +63,7 @@ def generate(path: Path, mb: int, seed: int = 0) -> int:
 def run_ours(src: Path, work: Path) -> None:
     from trainer.data.corpus import load_corpus
 
-    c = load_corpus(str(src), "bpe", work / "cache", 0.01, 4096)
+    c = load_corpus(str(src), "bpe", work.parent / "cache", 0.01, 4096)  # the tokenizer trained by main()
     print(json.dumps({"tokens": len(c.train) + len(c.val), "documents": c.n_documents}))
 
 
