@@ -15,7 +15,7 @@ import torch.distributed as dist
 from parallel.comm import CommCounter
 from trainer import engine
 from trainer.config.validate import TrainConfig
-from trainer.data.corpus import IGNORE_INDEX, load_corpus, passkey_batch
+from trainer.data.corpus import IGNORE_INDEX, corpus_of, passkey_batch
 from trainer.data.mlm import MaskedLMSampler
 from trainer.data.sampling import LongDocSampler, shard_bounds
 from trainer.data.tasks import TaskSampler, evaluate_task, task_params
@@ -153,10 +153,10 @@ def load_data(cfg: TrainConfig, ctx):
     token cache; the others then read both."""
     d = cfg.data
     if ctx.rank == 0:
-        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
+        corpus = corpus_of(d)
     dist.barrier()
     if ctx.rank != 0:
-        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
+        corpus = corpus_of(d)
     return sampler_for(cfg, corpus.train, ctx), corpus.val, corpus.tokenizer
 
 
@@ -237,7 +237,7 @@ def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengt
         out = ds(tokens, positions=positions, targets=targets, **doc_kwargs(docs), **fwd)
         scored = targets[:, positions >= cfg.model.n_learned_global]  # learned global slots carry no loss
         third = (((out.logits.argmax(-1) == scored) & (scored != IGNORE_INDEX)).sum() if cfg.objective == "mlm"
-                 else nbytes[scored].sum())
+                 else nbytes[scored[scored != IGNORE_INDEX]].sum())  # completion data: its targets only
         totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(), third.double()])
     dist.all_reduce(totals, group=group)
     loss = float(totals[0] / totals[1].clamp(min=1))

@@ -59,7 +59,7 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    path: str | None = None
+    path: str | list[str | float] | dict | None = None  # trainer/data/formats.py: file, dir, glob, blend
     tokenizer: str = "bytes"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.01
@@ -70,6 +70,11 @@ class DataSection:
     passkey: PasskeyParams = field(default_factory=PasskeyParams)
     recall: RecallParams = field(default_factory=RecallParams)
     mix: MixParams = field(default_factory=MixParams)
+    format: str = "auto"  # auto | text | jsonl | parquet | arrow | megatron (trainer/data/formats.py)
+    text_key: str = "text"  # the field of jsonl / parquet / arrow rows that holds a document
+    loss_on: str = "all"  # all | completion: rows are (prompt_key, completion_key), loss on the completion
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
 
 
 @dataclass
@@ -177,7 +182,13 @@ def _check_type(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _check_type(value, next(a for a in args if a is not type(None)), key)
+        options = [a for a in args if a is not type(None)]
+        for a in options[:-1]:  # the first alternative the value fits; the last one's error otherwise
+            try:
+                return _check_type(value, a, key)
+            except ConfigError:
+                pass
+        return _check_type(value, options[-1], key)
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:

@@ -41,7 +41,8 @@ from trainer.config.schema import (
     TrainerSection,
     to_dataclass,
 )
-from trainer.data.corpus import DataConfigError, tokenizer_vocab_size
+from trainer.data.corpus import DataConfigError, Source, fields_of, tokenizer_vocab_size
+from trainer.data.formats import FORMATS, LOSS_ON
 from trainer.data.tasks import check as check_task
 from trainer.data.tasks import task_params
 
@@ -209,12 +210,7 @@ def _validate_data(cfg: TrainConfig) -> None:
         tok_vocab = tokenizer_vocab_size(data.tokenizer, data.bpe_vocab_size)
     except DataConfigError as e:
         raise ConfigError(str(e)) from None
-    if data.path not in (None, "") and not Path(data.path).expanduser().is_dir():
-        raise ConfigError(f"data.path: must be an existing directory of text files, or null for the built-in "
-                          f"stdlib corpus; got {data.path!r}")
-    if data.path not in (None, "") and not _any_nonempty_file(Path(data.path).expanduser()):
-        raise ConfigError(f"data.path: {data.path!r} holds no non-empty (non-hidden) file; it must hold text files, "
-                          "or be null for the built-in stdlib corpus")
+    _validate_source(cfg)
     _require(0.0 < data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1) (evaluation needs data)",
              data.val_fraction)
     tok = f"data.tokenizer={data.tokenizer}" + (f", data.bpe_vocab_size={data.bpe_vocab_size}"
@@ -237,6 +233,27 @@ def _validate_data(cfg: TrainConfig) -> None:
                           f"got {data.tokenizer!r}")
 
 
+def _validate_source(cfg: TrainConfig) -> None:
+    """data.path / data.format / the row keys: what is known without reading the documents (paths,
+    formats, blend weights, columns, megatron index sizes). A bad row is found while the token cache
+    is built, in preflight (trainer/state/preflight.py), still before any process group."""
+    data = cfg.data
+    _one_of(data.format, FORMATS, "data.format")
+    _one_of(data.loss_on, LOSS_ON, "data.loss_on")
+    for key in ("text_key", "prompt_key", "completion_key"):
+        _require(getattr(data, key) != "", f"data.{key}", "must be a non-empty field name", getattr(data, key))
+    if data.loss_on == "completion" and (data.task != "text" or cfg.objective != "clm" or data.path in (None, "")):
+        raise ConfigError(f"data.loss_on: completion needs prompt/completion rows in data.path, data.task=text and "
+                          f"objective=clm; got data.path={data.path!r}, data.task={data.task}, "
+                          f"objective={cfg.objective}")
+    if data.path in (None, "", []):
+        return
+    try:
+        Source(data.path, data.format, fields_of(data)).check(data.tokenizer)
+    except DataConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _validate_documents(cfg: TrainConfig) -> None:
     """data.document_mask: text windows only, and the globals must be learned slots, or one
     document's content would reach every other through them."""
@@ -252,16 +269,6 @@ def _validate_documents(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.document_mask: needs the global tokens to be learned slots "
                           f"(model.n_learned_global == attention.num_global = {g}), or one document's tokens would "
                           f"reach every other through them; got model.n_learned_global={cfg.model.n_learned_global}")
-
-
-def _any_nonempty_file(root: Path) -> bool:
-    """Stops at the first one: cheap even for a corpus of millions of files."""
-    for top, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        paths = (os.path.join(top, f) for f in files if not f.startswith("."))
-        if any(os.path.isfile(f) and os.path.getsize(f) > 0 for f in paths):  # isfile: no broken links
-            return True
-    return False
 
 
 def _validate_optim(opt: OptimSection) -> None:

@@ -91,7 +91,9 @@ def sample_bytes(docs: list[Document], val_fraction: float) -> int:
     def train_bytes(total: int) -> int:
         return total - int(total * val_fraction)
 
-    if train_bytes(sum(f.stat().st_size + 1 for d in docs for f in d.files)) >= SAMPLE_BYTES:
+    bound = docs.size_bound() if hasattr(docs, "size_bound") else sum(f.stat().st_size + 1 for d in docs
+                                                                      for f in d.files)
+    if train_bytes(bound) >= SAMPLE_BYTES:
         return SAMPLE_BYTES
     return min(SAMPLE_BYTES, train_bytes(sum(len(d.read()) + 1 for d in docs)))
 
@@ -134,18 +136,26 @@ class BpeTokenizer:
         self._byte_id = np.array([self._tk.token_to_id(c) for c in sorted(chars, key=chars.get)], np.uint32)
 
     def encode(self, data: bytes | str) -> np.ndarray:
-        out, texts, slots = [], [], []  # slots: where each text chunk's ids go in out
-        for p in pieces(data.encode() if isinstance(data, str) else data):
-            if isinstance(p, bytes):
-                out.append(self._byte_id[np.frombuffer(p, np.uint8)])
-                continue
-            for c in chunks(p):
-                slots.append(len(out))
-                out.append(None)
-                texts.append(c)
-        for slot, enc in zip(slots, self._tk.encode_batch_fast(texts, add_special_tokens=False)):
-            out[slot] = np.array(enc.ids, np.uint32)
-        return np.concatenate(out) if out else np.zeros(0, np.uint32)
+        return self.encode_many([data])[0]
+
+    def encode_many(self, datas: list[bytes | str]) -> list[np.ndarray]:
+        """``encode`` of each, the text chunks of all of them in one batch (the tokenizer's threads
+        then have enough to share out: one document at a time left a core idle)."""
+        outs, texts, slots = [], [], []  # slots: (document, index) where each text chunk's ids go
+        for d, data in enumerate(datas):
+            out = []
+            for p in pieces(data.encode() if isinstance(data, str) else data):
+                if isinstance(p, bytes):
+                    out.append(self._byte_id[np.frombuffer(p, np.uint8)])
+                    continue
+                for c in chunks(p):
+                    slots.append((d, len(out)))
+                    out.append(None)
+                    texts.append(c)
+            outs.append(out)
+        for (d, i), enc in zip(slots, self._tk.encode_batch_fast(texts, add_special_tokens=False)):
+            outs[d][i] = np.array(enc.ids, np.uint32)
+        return [np.concatenate(out) if out else np.zeros(0, np.uint32) for out in outs]
 
     def decode(self, ids) -> str:
         return b"".join(self._bytes[i] for i in np.asarray(ids).tolist()).decode("utf-8", errors="replace")

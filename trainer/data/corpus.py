@@ -6,8 +6,9 @@ Corpus. Byte-level tokens by default (vocab 256); ``data.tokenizer=bpe`` is a by
 (``sysconfig.get_paths()["stdlib"]``, site-packages and __pycache__ left out), so training works with
 nothing downloaded. Files are taken in sorted path order; every top-level package (or single module)
 of the stdlib becomes one long document, each of its files preceded by a header line
-``# ==== <relative path> ====``. With ``data.path=DIR`` every non-hidden file under DIR (recursively,
-sorted) is one document.
+``# ==== <relative path> ====``. With ``data.path`` the documents are those of its files, directories,
+globs or blend, in any format of ``trainer.data.formats`` (text: every non-hidden file under DIR,
+recursively, sorted, is one document); the cache is built by ``trainer.data.cache``.
 
 Document separator: every document is followed by the token ``DOC_SEP`` = 0, the NUL byte, which
 text files do not contain. Windows are cut from the concatenated stream and may span a separator;
@@ -16,13 +17,15 @@ the model learns that what follows a NUL is unrelated to what precedes it.
 Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
 fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
 source file. Its size and block checksums are recorded beside it (``trainer/integrity.py``); a cache
-that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line. The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained
-tokenizer.json) and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
+that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line.
+The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained tokenizer.json),
+the format, row keys and blend weights, and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
 ``<cache_dir>/bpe-<key>/tokenizer.json``, keyed on the same listing, the vocab size and the split.
 
 Validation split: the longest suffix of the stream that encodes at most ``int(bytes · val_fraction)``
-bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens). The BPE tokenizer trains on
-bytes before that point only, so it has never seen the validation text.
+bytes (with byte tokens: the last ``int(tokens · val_fraction)`` tokens); with record formats (jsonl,
+parquet, arrow, megatron) it starts instead at the start of the document holding that point, so it
+takes whole documents. The BPE tokenizer trains on bytes before the byte point only.
 
 Sampling windows of the stream and cutting them into sequence shards is ``trainer.data.sampling``.
 """
@@ -36,23 +39,21 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.data import bpe
+from trainer.data import bpe, formats
+from trainer.data.cache import build_cache, token_dtype
+from trainer.data.formats import Fields, Record
+from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
 from trainer.state import integrity
 
-DOC_SEP = 0
-IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's ignore_index)
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tokens"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes
-
-
-class DataConfigError(ValueError):
-    """A bad data setting; the message names the setting and the allowed values."""
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -66,6 +67,9 @@ class ByteTokenizer:
 
     def encode(self, data: bytes | str) -> np.ndarray:
         return np.frombuffer(data.encode() if isinstance(data, str) else data, dtype=np.uint8)
+
+    def encode_many(self, datas: list[bytes | str]) -> list[np.ndarray]:
+        return [self.encode(d) for d in datas]
 
     def decode(self, ids) -> str:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
@@ -86,14 +90,14 @@ def tokenizer_vocab_size(name: str, bpe_vocab_size: int = 4096) -> int:
     return bpe_vocab_size
 
 
-def get_tokenizer(name: str = "bytes", docs: list[Document] | None = None, cache_dir: str | Path | None = None,
+def get_tokenizer(name: str = "bytes", docs: Source | list[Document] | None = None, cache_dir: str | Path | None = None,
                   val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> ByteTokenizer | bpe.BpeTokenizer:
     """The tokenizer of ``data.tokenizer``. BPE is trained on the training split of ``docs`` (default:
     the stdlib corpus) unless the cache under ``cache_dir`` already holds it."""
     vocab = tokenizer_vocab_size(name, bpe_vocab_size)
     if name == "bytes":
         return ByteTokenizer()
-    docs = documents(None) if docs is None else docs
+    docs = as_source(documents(None) if docs is None else docs)
     tokenizers_version = importlib.metadata.version("tokenizers")
     key = cache_key(docs, f"bpe-{vocab}-{val_fraction!r}-{bpe.SAMPLE_BYTES}-tokenizers{tokenizers_version}")
     dest = _cache_dir(cache_dir) / f"bpe-{key}" / "tokenizer.json"
@@ -103,10 +107,6 @@ def get_tokenizer(name: str = "bytes", docs: list[Document] | None = None, cache
         bpe.train(docs, val_fraction, vocab, tmp)
         os.replace(tmp, dest)  # never a half-written tokenizer under the final name
     return bpe.BpeTokenizer(dest, vocab)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 # --- sources: which files, grouped into which documents -------------------------------------------
@@ -164,9 +164,77 @@ def documents(path: str | Path | None) -> list[Document]:
 
 # --- the memory-mapped cache ----------------------------------------------------------------------
 
-def cache_key(docs: list[Document], tokenizer: str) -> str:
-    listing = [[[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in d.files] for d in docs]
-    blob = json.dumps([_CACHE_FORMAT, tokenizer, [d.headers for d in docs], listing])
+class Source:
+    """What a corpus is read from: the stdlib documents (``data.path`` empty), a list of Documents, or
+    the parts of ``data.path`` (trainer.data.formats), with the fields its rows give."""
+
+    def __init__(self, path=None, fmt: str = "auto", fields: Fields | None = None,
+                 docs: list[Document] | None = None):
+        self.fields = fields or Fields()
+        self.parts: list[formats.Part] = []
+        self.docs = docs
+        if docs is None and path in (None, "", []):
+            self.docs = stdlib_documents()
+        elif docs is None:
+            self.parts = formats.resolve(path, fmt)
+
+    @property
+    def whole_documents(self) -> bool:
+        """Split train / validation at a document boundary (record formats). Text keeps its byte rule."""
+        return any(p.fmt != "text" for p in self.parts)
+
+    @property
+    def token_ids(self) -> bool:
+        """Some part holds token ids already (megatron): the tokenizer must be the one that wrote them."""
+        return any(p.fmt == "megatron" for p in self.parts)
+
+    def check(self, tokenizer: str = "bytes") -> None:
+        """What is known without reading the documents (trainer.data.formats.Part.check), and that
+        token ids come with the tokenizer that wrote them."""
+        for p in self.parts:
+            p.check(self.fields)
+        if self.token_ids and tokenizer == "bpe":
+            raise DataConfigError("data.tokenizer: a megatron corpus holds token ids already; bpe would be trained "
+                                  "here and not match them; use the tokenizer that wrote it (bytes)")
+
+    def records(self) -> Iterator[Record]:
+        if self.docs is not None:
+            return (Record(d.read()) for d in self.docs)
+        return formats.blend(self.parts, self.fields)
+
+    def __iter__(self):  # what bpe.train reads: objects with read() -> the document's bytes
+        for r in self.records():
+            yield _Text((r.prompt or b"") + r.data)
+
+    def size_bound(self) -> int:
+        """Bytes of the sources (+1 a document for legacy lists): with compression, not a bound."""
+        if self.docs is not None:
+            return sum(f.stat().st_size + 1 for d in self.docs for f in d.files)
+        return sum(f.stat().st_size for p in self.parts for f in p.files)
+
+    def listing(self) -> list:
+        if self.docs is not None:
+            return [[d.headers for d in self.docs],
+                    [[[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in d.files] for d in self.docs]]
+        return [list(vars(self.fields).values()),
+                [[p.fmt, p.weight, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in p.files]]
+                 for p in self.parts]]
+
+
+@dataclass
+class _Text:
+    data: bytes
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def as_source(docs: Source | list[Document] | None) -> Source:
+    return docs if isinstance(docs, Source) else Source(docs=docs)
+
+
+def cache_key(docs: Source | list[Document], tokenizer: str) -> str:
+    blob = json.dumps([_CACHE_FORMAT, tokenizer, as_source(docs).listing()])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -176,25 +244,10 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return path
 
 
-def build_cache(docs: list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, dest: Path) -> int:
-    """Tokenize the documents into ``dest`` (written to a temporary name, then renamed, so a crash
-    or a concurrent writer never leaves a half-written cache under the final name). Returns the
-    token count."""
-    dtype, n = token_dtype(tok.vocab_size), 0
-    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for doc in docs:  # one document at a time: memory stays O(document)
-            ids = np.append(tok.encode(doc.read()).astype(dtype), dtype.type(DOC_SEP))
-            f.write(ids.tobytes())
-            n += len(ids)
-    os.replace(tmp, dest)
-    return n
-
-
 @dataclass
 class Corpus:
-    train: np.ndarray  # memmap views: slicing reads only the pages touched
-    val: np.ndarray
+    train: np.ndarray | ScoredStream  # memmap views: slicing reads only the pages touched
+    val: np.ndarray | ScoredStream  # ScoredStream: prompt/completion data, only completions scored
     vocab_size: int
     cache_path: Path
     cache_hit: bool  # True when the cache existed: no source file was read
@@ -202,36 +255,88 @@ class Corpus:
     tokenizer: ByteTokenizer | bpe.BpeTokenizer
 
 
-def load_corpus(path: str | Path | None = None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
-                val_fraction: float = 0.01, bpe_vocab_size: int = 4096) -> Corpus:
+def fields_of(data) -> Fields:
+    """The row fields of a config's ``data`` section."""
+    return Fields(data.text_key, data.prompt_key, data.completion_key, data.loss_on == "completion")
+
+
+def corpus_of(data) -> Corpus:
+    """``load_corpus`` with every setting of a config's ``data`` section."""
+    return load_corpus(data.path, data.tokenizer, data.cache_dir, data.val_fraction, data.bpe_vocab_size,
+                       fmt=data.format, fields=fields_of(data))
+
+
+def _cached(dest: Path) -> bool:
+    if not dest.exists():
+        return False
+    if (why := integrity.block_sums_problem(dest)) is not None:
+        print(f"warning: token cache {dest}: {why}; rebuilding it", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def load_corpus(path=None, tokenizer: str = "bytes", cache_dir: str | Path | None = None,
+                val_fraction: float = 0.01, bpe_vocab_size: int = 4096, fmt: str = "auto",
+                fields: Fields | None = None) -> Corpus:
     """Tokens of ``data.path`` (or the stdlib corpus), cached; the last ``val_fraction`` of the bytes is
-    validation. A BPE tokenizer is trained here first when not cached, so the launcher's ordering
-    (rank 0 loads, then the others) covers it too."""
+    validation (record formats: whole documents). A BPE tokenizer is trained here first when not
+    cached, so the launcher's ordering (rank 0 loads, then the others) covers it too."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
-    docs = documents(path)
-    tok = get_tokenizer(tokenizer, docs, cache_dir, val_fraction, bpe_vocab_size)
+    source = Source(path, fmt, fields)
+    source.check(tokenizer)
+    tok = get_tokenizer(tokenizer, source, cache_dir, val_fraction, bpe_vocab_size)
     dtype = token_dtype(tok.vocab_size)
-    dest = _cache_dir(cache_dir) / f"{cache_key(docs, tok.identity)}.{dtype.name}.bin"
-    hit = dest.exists()
-    if hit and (why := integrity.block_sums_problem(dest)) is not None:
-        print(f"warning: token cache {dest}: {why}; rebuilding it", file=sys.stderr, flush=True)
-        hit = False
+    key = cache_key(source, tok.identity)
+    dest = _cache_dir(cache_dir) / f"{key}.{dtype.name}.bin"
+    scored_dest = dest.with_name(f"{key}.scored.bin") if source.fields.completion else None
+    meta = dest.with_name(f"{key}.json")
+    hit = all(_cached(p) for p in (dest, scored_dest) if p is not None) and (source.docs is not None or meta.exists())
+    facts = json.loads(meta.read_text()) if hit and meta.exists() else {}
     if not hit:
-        build_cache(docs, tok, dest)
-        integrity.write_block_sums(dest)
+        n_docs, n_bytes = build_cache(source, tok, dest, scored_dest)
+        for p in (dest, scored_dest):
+            if p is not None:
+                integrity.write_block_sums(p)
+        facts = {"documents": n_docs, "bytes": n_bytes}
+        tmp = meta.with_name(f"{meta.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(facts))
+        os.replace(tmp, meta)
+    n_docs = len(source.docs) if source.docs is not None else facts["documents"]
     tokens = np.memmap(dest, dtype=dtype, mode="r")
-    n_train = split_point(tokens, tok.byte_lengths, val_fraction)
-    return Corpus(tokens[:n_train], tokens[n_train:], tok.vocab_size, dest, hit, len(docs), tok)
+    n_train = split_point(tokens, tok.byte_lengths, val_fraction, facts.get("bytes"))
+    if source.whole_documents:
+        n_train = document_start(tokens, n_train)
+    if scored_dest is None:
+        train, val = tokens[:n_train], tokens[n_train:]
+    else:
+        scored = np.memmap(scored_dest, dtype=np.uint8, mode="r")
+        train, val = ScoredStream(tokens[:n_train], scored[:n_train]), ScoredStream(tokens[n_train:], scored[n_train:])
+    return Corpus(train, val, tok.vocab_size, dest, hit, n_docs, tok)
 
 
-def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float) -> int:
+def document_start(tokens: np.ndarray, i: int, chunk: int = 1 << 20) -> int:
+    """The start of the document holding token ``i`` (i itself when it starts one): one past the last
+    DOC_SEP before it, searched backwards a chunk at a time (the stream is a memmap)."""
+    hi = i
+    while hi > 0:
+        lo = max(0, hi - chunk)
+        seps = np.flatnonzero(np.asarray(tokens[lo:hi]) == DOC_SEP)
+        if len(seps):
+            return lo + int(seps[-1]) + 1
+        hi = lo
+    return 0
+
+
+def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: float,
+                total: int | None = None) -> int:
     """Index of the first validation token: the validation split is the longest suffix of ``tokens``
-    that encodes at most int(total bytes · val_fraction) bytes."""
+    that encodes at most int(total bytes · val_fraction) bytes (``total``: known from the build,
+    so the stream need not be read)."""
     if (byte_lengths == 1).all():
         total = len(tokens)
-    else:  # in slices: the stream is a memmap, possibly larger than memory
-        total = sum(int(byte_lengths[tokens[i: i + (1 << 24)]].sum()) for i in range(0, len(tokens), 1 << 24))
+    elif total is None:  # in slices: the stream is a memmap, possibly larger than memory
+        total = sum(int(byte_lengths[tokens[i: i + (1 << 22)]].sum()) for i in range(0, len(tokens), 1 << 22))
     n_val_bytes = int(total * val_fraction)
     tail = np.asarray(tokens[len(tokens) - min(len(tokens), n_val_bytes):])  # every token is >= 1 byte
     spans = np.cumsum(byte_lengths[tail[::-1]])  # bytes of the last 1, 2, ... tokens

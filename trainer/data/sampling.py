@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from parallel.sharding import local_range
-from trainer.data.corpus import DOC_SEP, DataConfigError
+from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
 
 
 def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
@@ -53,7 +53,7 @@ class LongDocSampler:
     of an epoch is skipped. The state is (epoch, step): nothing random is carried.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
+    def __init__(self, tokens: np.ndarray | ScoredStream, seq_len: int, batch_size: int, seed: int = 0,
                  rank_in_dp: int = 0, dp_size: int = 1, documents: bool = False, reset_positions: bool = False):
         if not 0 <= rank_in_dp < dp_size:
             raise ValueError(f"rank_in_dp: must be in [0, dp_size={dp_size}), got {rank_in_dp}")
@@ -65,6 +65,9 @@ class LongDocSampler:
                 f"seq_len: {len(tokens)} tokens give only {max(worst, 0)} windows of {seq_len + 1}, fewer "
                 f"than one global batch (batch_size={batch_size} × dp_size={dp_size}); use more data or "
                 "a shorter seq_len")
+        # A ScoredStream (prompt/completion data) scores only its completions: see _scored_targets.
+        self.scored = tokens.scored if isinstance(tokens, ScoredStream) else None
+        tokens = tokens.tokens if isinstance(tokens, ScoredStream) else tokens
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.dp_size = seed, rank_in_dp, dp_size
         self.documents, self.reset_positions = documents, reset_positions  # see next_shard
@@ -109,14 +112,25 @@ class LongDocSampler:
         unless ``reset_positions``), see ``document_positions``: the rank then reads its windows from
         their start, since both count the separators before its shard (tokens, not communication)."""
         lo, L = shard_bounds(self.seq_len, sp_rank, sp_size)
+        starts = self.next_starts()
         if not (self.documents or self.reset_positions):
-            chunk = self.read(self.next_starts(), lo, lo + L + 1)
-            return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
-        window = self.read(self.next_starts(), 0, lo + L + 1)
+            chunk = self.read(starts, lo, lo + L + 1)
+            return chunk[:, :-1], self._scored_targets(chunk[:, 1:], starts, lo + 1), torch.arange(lo, lo + L)
+        window = self.read(starts, 0, lo + L + 1)
         doc_ids, rope = document_positions(window[:, :-1])
         rope = rope if self.reset_positions else torch.arange(lo + L).expand_as(rope)
         extra = (rope[:, lo:],) + ((doc_ids[:, lo:],) if self.documents else ())
-        return (window[:, lo:-1], window[:, lo + 1:], torch.arange(lo, lo + L), *extra)
+        targets = self._scored_targets(window[:, lo + 1:], starts, lo + 1)
+        return (window[:, lo:-1], targets, torch.arange(lo, lo + L), *extra)
+
+    def _scored_targets(self, targets: torch.Tensor, starts: np.ndarray, first: int) -> torch.Tensor:
+        """``targets`` [B, L] (tokens first.. of each window), IGNORE_INDEX where the stream's scored
+        flag of that token is 0; unchanged for a plain stream. A shard may hold no scored target: the
+        loss of the model is then 0 with 0 targets, and the G/N rule (trainer/loop.py) adds nothing."""
+        if self.scored is None:
+            return targets
+        flags = np.stack([np.asarray(self.scored[s + first: s + first + targets.shape[1]]) for s in starts])
+        return torch.where(torch.from_numpy(flags.astype(bool)), targets, IGNORE_INDEX)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config.validate import ConfigError, TrainConfig
-from trainer.data.corpus import DEFAULT_CACHE_DIR, DataConfigError, load_corpus
+from trainer.data.corpus import DEFAULT_CACHE_DIR, DataConfigError, corpus_of
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def prepare_data(cfg: TrainConfig, rank: int) -> DataFacts:
             fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.perf_counter()
         try:
-            corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
+            corpus = corpus_of(d)
         except DataConfigError as e:
             raise ConfigError(str(e)) from None
         if not corpus.cache_hit:

@@ -179,18 +179,18 @@ def load_candidates(names: list[str], cand_kv: dict, seq_len: int) -> dict[str, 
 
 def eval_batches(cfg) -> list:
     """The trainer's evaluation batches (one process): validation windows, or the task's eval stream."""
-    from trainer.data.corpus import load_corpus
+    from trainer.data.corpus import corpus_of
     from trainer.data.sampling import LongDocSampler
 
     if getattr(cfg.data, "task", "text") != "text":
         from trainer.data.tasks import EVAL_STREAM, TaskSampler, task_params
 
-        corpus = load_corpus(cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir, cfg.data.val_fraction)
+        corpus = corpus_of(cfg.data)
         sampler = TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed,
                               reserved=cfg.model.n_learned_global, text_tokens=corpus.val, stream=EVAL_STREAM)
     else:
         d = cfg.data
-        corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
+        corpus = corpus_of(d)
         sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed)
     return [sampler.next_shard(0, 1) for _ in range(cfg.eval_batches)]
 
