@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
+from model.attention import Attention, AttentionFn, StatSums, apply_rotary, check_heads, local_attention
 from model.pattern import Dense, Pattern, from_config
+from model.rope import RopeScaling, scaled_rotary_angles
 
 
 @dataclass
@@ -50,6 +51,11 @@ class ModelConfig:
     sink_logits: bool = False  # a learned [n_heads] sink logit per layer (gpt-oss), initialised to 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Imported architectures (trainer/hf); the defaults are the models trained here, bit for bit.
+    head_dim: int | None = None  # None: d_model // n_heads
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    rope_scaling: dict | None = None  # a Hugging Face rope_parameters entry (model.rope.RopeScaling fields)
+    hidden_act: str = "silu"  # SwiGLU's gate; the only one the MLP computes
 
     @property
     def ffn_dim(self) -> int:
@@ -63,8 +69,28 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
         if self.n_learned_global < 0:
             raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
-        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
+        if self.hidden_act != "silu":
+            raise ValueError(f"model.hidden_act: must be silu (the SwiGLU gate), got {self.hidden_act!r}")
+        if self.head_dim is None:
+            check_heads(self.d_model, self.n_heads, self.n_kv_heads)
+        else:
+            check_heads(self.n_heads * self.head_dim, self.n_heads, self.n_kv_heads)
+        self.rope()
         return self
+
+    def rope(self) -> RopeScaling | None:
+        """The rotary scaling, validated; None for the plain rotary of ``model.attention``."""
+        if self.rope_scaling is None:
+            return None
+        try:
+            return RopeScaling(**self.rope_scaling).validate()
+        except TypeError as e:
+            raise ValueError(f"model.rope_scaling: {e}") from None
+
+    @property
+    def plain_attention(self) -> bool:
+        """True for the attention of the models trained here (no head_dim, biases or rope scaling)."""
+        return self.head_dim is None and not self.qkv_bias and self.rope_scaling is None
 
 
 # vocab 50304 = GPT-2's 50257 padded to a multiple of 128; a byte-level run overrides vocab_size=256.
@@ -93,6 +119,12 @@ def layer_patterns(base_pattern: Pattern, n_layers: int, dense_every: int = 0,
         raise ValueError(f"model.dense_every: must be >= 0 (0 = never), got {dense_every}")
     dense = Dense(causal=base_pattern.causal, num_global=base_pattern.num_global)
     pats = [dense if dense_every and (i + 1) % dense_every == 0 else base_pattern for i in range(n_layers)]
+    return override_layers(pats, overrides)
+
+
+def override_layers(pats: Sequence[Pattern], overrides: Mapping[int, Pattern | Mapping] | None) -> list[Pattern]:
+    """``pats`` with the layers ``overrides`` names replaced (model.layer_overrides)."""
+    pats, n_layers = list(pats), len(pats)
     for idx, p in (overrides or {}).items():
         if not -n_layers <= idx < n_layers:
             raise ValueError(f"model.layer_overrides: layer {idx} out of range for n_layers={n_layers}")
@@ -126,11 +158,46 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class ProjectedAttention(Attention):
+    """``Attention`` with the head size free of d_model, optional q/k/v biases and scaled rotary
+    frequencies (``model.rope``): what Llama, Mistral and Qwen2 checkpoints need. The same
+    parameter names, so a state dict maps one to one; the forward is ``Attention.forward`` with the
+    rotary angles from ``scaled_rotary_angles`` (dynamic NTK reads the sequence length ``seq_len``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+        super().__init__(cfg.n_heads * hd, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        self.rope = cfg.rope() or RopeScaling()
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats=False, doc_ids=None,
+                rope_positions=None, layer=0):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        rope = positions if rope_positions is None else rope_positions
+        cos, sin = scaled_rotary_angles(rope, self.head_dim, self.rope_theta, self.rope, seq_len)  # (.., T, D/2)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        extra = {"sinks": self.sinks} if self.sinks is not None else {}
+        if doc_ids is not None:
+            extra["doc_ids"] = doc_ids
+        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, layer=layer, **extra)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
+        return self.wo(y), sums
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        self.attn = (Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+                     if cfg.plain_attention else ProjectedAttention(cfg))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
@@ -183,6 +250,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("attn.sinks"):
                 nn.init.constant_(p, Attention.SINK_INIT)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:

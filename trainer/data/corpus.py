@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import bpe
+from trainer.data import bpe, hf_tokenizer
 from trainer.state import integrity
 
 DOC_SEP = 0
@@ -75,8 +75,13 @@ def tokenizer_vocab_size(name: str, bpe_vocab_size: int = 4096) -> int:
     """The vocabulary a tokenizer setting gives, known without training (config validation)."""
     if name == "bytes":
         return ByteTokenizer.vocab_size
+    if hf_tokenizer.is_hf(name):
+        try:
+            return hf_tokenizer.load(hf_tokenizer.tokenizer_dir(name)).vocab_size
+        except hf_tokenizer.HfTokenizerError as e:
+            raise DataConfigError(str(e)) from None
     if name != "bpe":
-        raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes, bpe")
+        raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes, bpe, hf:DIR")
     if importlib.util.find_spec("tokenizers") is None:
         raise DataConfigError("data.tokenizer: 'bpe' needs the `tokenizers` package (a dependency in "
                               "pyproject.toml: `make setup`); allowed values without it: bytes")
@@ -93,6 +98,8 @@ def get_tokenizer(name: str = "bytes", docs: list[Document] | None = None, cache
     vocab = tokenizer_vocab_size(name, bpe_vocab_size)
     if name == "bytes":
         return ByteTokenizer()
+    if hf_tokenizer.is_hf(name):
+        return hf_tokenizer.load(hf_tokenizer.tokenizer_dir(name))
     docs = documents(None) if docs is None else docs
     tokenizers_version = importlib.metadata.version("tokenizers")
     key = cache_key(docs, f"bpe-{vocab}-{val_fraction!r}-{bpe.SAMPLE_BYTES}-tokenizers{tokenizers_version}")
@@ -184,7 +191,7 @@ def build_cache(docs: list[Document], tok: ByteTokenizer | bpe.BpeTokenizer, des
     tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         for doc in docs:  # one document at a time: memory stays O(document)
-            ids = np.append(tok.encode(doc.read()).astype(dtype), dtype.type(DOC_SEP))
+            ids = np.append(tok.encode(doc.read()).astype(dtype), dtype.type(getattr(tok, "doc_sep", DOC_SEP)))
             f.write(ids.tobytes())
             n += len(ids)
     os.replace(tmp, dest)
