@@ -168,6 +168,8 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         """The model to build: model.vocab_size unset follows the tokenizer, plus the mask token
         (id = the tokenizer's vocabulary size) under objective=mlm."""
+        if self.model.init_from is not None:  # config.json's vocabulary (checked against the tokenizer's)
+            return self.model.build(0)
         return self.model.build(self.tokenizer_vocab() + int(self.objective == "mlm"))
 
     def mlm_spec(self) -> MlmSpec:

@@ -119,7 +119,7 @@ def check_shapes(shapes: dict[str, torch.Size], expected: dict[str, torch.Size],
 def to_ours(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], tied: bool) -> dict[str, torch.Tensor]:
     """Rename and check: ``expected`` is our state dict's shapes (lm_head left out when ``tied``)."""
     out = {}
-    for name, t in hf_tensors.items():
+    for name, t in sorted(hf_tensors.items()):  # sorted: the same tensor is named first every time
         if name == "lm_head.weight" and tied:
             continue  # some tied checkpoints store the shared matrix twice
         ours = hf_to_ours(name)
