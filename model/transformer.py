@@ -56,6 +56,10 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     rope_scaling: dict | None = None  # a Hugging Face rope_parameters entry (model.rope.RopeScaling fields)
     hidden_act: str = "silu"  # SwiGLU's gate; the only one the MLP computes
+    # > 0: the LM head and cross-entropy run over this many rows at a time, each chunk recomputed in
+    # backward, so no [tokens, vocab] logits tensor exists (ALST's tiled loss); the output then has
+    # no logits. 0: one matmul over every row.
+    loss_chunk: int = 0
 
     @property
     def ffn_dim(self) -> int:
@@ -67,6 +71,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk: must be >= 0 (0 = unchunked), got {self.loss_chunk}")
         if self.n_learned_global < 0:
             raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
         if self.hidden_act != "silu":
@@ -210,8 +216,25 @@ class Block(nn.Module):
         return x, sums
 
 
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ cross_entropy(h @ weightᵀ, targets) over [N, C] rows, ``rows`` at a time: each chunk's
+    [rows, V] logits live only inside its own forward and are recomputed in its backward
+    (non-reentrant checkpoint), so peak memory is O(rows · V), not O(N · V). The same sum as one
+    matmul, in another order (fp32 accumulation)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], rows):
+        part = (h[i:i + rows], weight, targets[i:i + rows])
+        total = total + (checkpoint(_chunk_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_loss(*part))
+    return total
+
+
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T', V]: rows of the positions >= n_learned_global
+    logits: torch.Tensor | None  # [B, T', V]: rows of the positions >= n_learned_global (None: model.loss_chunk)
     loss: torch.Tensor | None  # mean cross-entropy over the n_targets non-ignored targets (0 if none)
     n_targets: torch.Tensor | None  # how many targets the loss averages: weights for merging shards
     stats: list[StatSums] | None  # per layer, per-head sums over this call's queries (detached)
@@ -294,7 +317,13 @@ class Transformer(nn.Module):
         # The global slots are a prefix of the positions (they are ascending): drop their rows.
         # int() is a host sync, paid only when learned globals are on.
         n_drop = int((positions < self.cfg.n_learned_global).sum()) if self.cfg.n_learned_global else 0
-        logits = self.lm_head(self.norm(x[:, n_drop:]))  # (B, T', V)
+        h = self.norm(x[:, n_drop:])  # (B, T', C)
+        if targets is not None and self.cfg.loss_chunk:
+            t = targets[:, n_drop:].reshape(-1)
+            n_targets = (t != -100).sum()
+            loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, t, self.cfg.loss_chunk)
+            return LMOutput(None, loss_sum / n_targets.clamp(min=1), n_targets, stats)
+        logits = self.lm_head(h)  # (B, T', V)
         loss = n_targets = None
         if targets is not None:
             t = targets[:, n_drop:].reshape(-1)

@@ -316,3 +316,37 @@ def test_imported_model_trains_under_sp2_as_under_sp1_and_exports(hf_dirs, tmp_p
     want = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
                          do_sample=False, pad_token_id=0)
     assert torch.equal(generate(model, prompt, 32, Sampling()).tokens, want)
+
+
+def test_chunked_lm_head_and_loss_equal_the_unchunked_without_the_logits():
+    """model.loss_chunk: the same loss and gradients (fp32 sums in another order: ~1e-7 relative; 1e-5
+    leaves room, a chunk dropped or counted twice is off by >= 1/7 of the loss), and no tensor saved
+    for backward holds more than one chunk of logits (the unchunked path saves [T, V])."""
+    from model.pattern import Dense
+    from model.transformer import ModelConfig
+
+    T, V, chunk = 70, 512, 16  # 70 rows: the last chunk is partial
+    cfg = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, tie_embeddings=True)
+    torch.manual_seed(0)
+    tokens, targets = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
+    targets[0, :5] = -100  # ignored targets stay ignored
+    results = []
+    for loss_chunk in (0, chunk):
+        torch.manual_seed(1)
+        model = Transformer(ModelConfig(**cfg, loss_chunk=loss_chunk), Dense(causal=True))
+        biggest = []
+
+        def pack(t, biggest=biggest):
+            biggest.append(t.numel() if t.dim() >= 2 and t.shape[-1] == V else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(tokens, targets=targets)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, max(biggest)))
+    (full, g_full, big_full), (chunked, g_chunked, big_chunked) = results
+    assert chunked.logits is None and int(chunked.n_targets) == int(full.n_targets) == T - 5
+    assert float(chunked.loss) == pytest.approx(float(full.loss), rel=1e-5)
+    for name in g_full:
+        assert torch.allclose(g_chunked[name], g_full[name], rtol=1e-5, atol=1e-7), name
+    assert big_full >= T * V and big_chunked <= chunk * V

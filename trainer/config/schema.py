@@ -44,6 +44,7 @@ class ModelSection:
     # model.layer_overrides apply on top of either.
     init_from: str | None = None
     patterns_from: str = "auto"
+    loss_chunk: int = 0  # > 0: LM head + loss over this many rows at a time (model.transformer.chunked_cross_entropy)
 
     def uses_hf_patterns(self) -> bool:
         return self.init_from is not None and self.patterns_from in ("auto", "hf")

@@ -186,6 +186,9 @@ def _validate_model(cfg: TrainConfig) -> None:
         raise ConfigError(str(e).splitlines()[0]) from None
     if cfg.model.init_from is not None or cfg.model.patterns_from == "hf":
         _validate_import(cfg, model, patterns)
+    if model.loss_chunk and (cfg.objective != "clm" or cfg.data.task != "text"):
+        raise ConfigError(f"model.loss_chunk: computes the loss without logits, which objective={cfg.objective} / "
+                          f"data.task={cfg.data.task} score; it needs objective=clm and data.task=text, or 0")
     for i, p in enumerate(patterns):
         for side in ("window_left", "window_right"):  # the kernels accept it; in training it is a mistake
             if getattr(p, side, 0) >= cfg.seq_len:
