@@ -202,8 +202,19 @@ def test_convert_and_export_round_trip_is_bit_exact(hf_dirs, tmp_path):
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, SEQ))
     with torch.no_grad():
         assert torch.equal(back(tokens).logits, hf(tokens).logits)
-    assert transformers.AutoTokenizer.from_pretrained(out)("the fox").input_ids == HfTokenizer(str(d)).encode(
-        "the fox").tolist()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok("the fox").input_ids == HfTokenizer(str(d)).encode("the fox").tolist()
+    # trainer.generate format=json on the checkpoint: the prompt encoded as transformers does, the greedy ids its own
+    proc = subprocess.run([PY, "-m", "trainer.generate", f"trainer.resume={run}", "prompt='def f(x): the'",
+                           "max_new_tokens=16", "format=json"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)
+    prompt = torch.tensor([hf_tok("def f(x): the").input_ids])
+    want = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+                         do_sample=False, pad_token_id=0)
+    assert row["prompt_ids"] == prompt[0].tolist() and row["ids"] == want[0, prompt.shape[1]:].tolist()
+    assert row["cache_bytes"] > 0 and row["text"] == hf_tok.decode(row["ids"], skip_special_tokens=True)
 
 
 def test_export_of_mixed_layers_is_qwen2_and_sparse_needs_as_dense(hf_dirs, tmp_path):
