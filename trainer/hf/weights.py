@@ -138,9 +138,10 @@ def to_ours(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]
 
 
 def expected_shapes(model) -> dict[str, torch.Size]:
-    """Our parameters that come from a checkpoint: all but the empty global slots and a tied head."""
+    """Our parameters that come from a checkpoint: all but a tied head and what Hugging Face's models
+    lack (learned global slots, sink logits: added to an imported model, they keep their init)."""
     skip = {"global_emb"} | ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
-    return {k: v.shape for k, v in model.state_dict().items() if k not in skip}
+    return {k: v.shape for k, v in model.state_dict().items() if k not in skip and not k.endswith("attn.sinks")}
 
 
 def load_into(model, path: str) -> None:
