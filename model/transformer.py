@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
+from model.attention import Attention, AttentionFn, StatSums, apply_rotary, check_heads, local_attention
 from model.pattern import Dense, Pattern, from_config
+from model.rope import RopeScaling, scaled_rotary_angles
 
 
 @dataclass
@@ -50,6 +51,15 @@ class ModelConfig:
     sink_logits: bool = False  # a learned [n_heads] sink logit per layer (gpt-oss), initialised to 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Imported architectures (trainer/hf); the defaults are the models trained here, bit for bit.
+    head_dim: int | None = None  # None: d_model // n_heads
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    rope_scaling: dict | None = None  # a Hugging Face rope_parameters entry (model.rope.RopeScaling fields)
+    hidden_act: str = "silu"  # SwiGLU's gate; the only one the MLP computes
+    # > 0: the LM head and cross-entropy run over this many rows at a time, each chunk recomputed in
+    # backward, so no [tokens, vocab] logits tensor exists (ALST's tiled loss); the output then has
+    # no logits. 0: one matmul over every row.
+    loss_chunk: int = 0
 
     @property
     def ffn_dim(self) -> int:
@@ -61,10 +71,32 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk: must be >= 0 (0 = unchunked), got {self.loss_chunk}")
         if self.n_learned_global < 0:
             raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
-        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
+        if self.hidden_act != "silu":
+            raise ValueError(f"model.hidden_act: must be silu (the SwiGLU gate), got {self.hidden_act!r}")
+        if self.head_dim is None:
+            check_heads(self.d_model, self.n_heads, self.n_kv_heads)
+        else:
+            check_heads(self.n_heads * self.head_dim, self.n_heads, self.n_kv_heads)
+        self.rope()
         return self
+
+    def rope(self) -> RopeScaling | None:
+        """The rotary scaling, validated; None for the plain rotary of ``model.attention``."""
+        if self.rope_scaling is None:
+            return None
+        try:
+            return RopeScaling(**self.rope_scaling).validate()
+        except TypeError as e:
+            raise ValueError(f"model.rope_scaling: {e}") from None
+
+    @property
+    def plain_attention(self) -> bool:
+        """True for the attention of the models trained here (no head_dim, biases or rope scaling)."""
+        return self.head_dim is None and not self.qkv_bias and self.rope_scaling is None
 
 
 # vocab 50304 = GPT-2's 50257 padded to a multiple of 128; a byte-level run overrides vocab_size=256.
@@ -93,6 +125,12 @@ def layer_patterns(base_pattern: Pattern, n_layers: int, dense_every: int = 0,
         raise ValueError(f"model.dense_every: must be >= 0 (0 = never), got {dense_every}")
     dense = Dense(causal=base_pattern.causal, num_global=base_pattern.num_global)
     pats = [dense if dense_every and (i + 1) % dense_every == 0 else base_pattern for i in range(n_layers)]
+    return override_layers(pats, overrides)
+
+
+def override_layers(pats: Sequence[Pattern], overrides: Mapping[int, Pattern | Mapping] | None) -> list[Pattern]:
+    """``pats`` with the layers ``overrides`` names replaced (model.layer_overrides)."""
+    pats, n_layers = list(pats), len(pats)
     for idx, p in (overrides or {}).items():
         if not -n_layers <= idx < n_layers:
             raise ValueError(f"model.layer_overrides: layer {idx} out of range for n_layers={n_layers}")
@@ -126,11 +164,46 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class ProjectedAttention(Attention):
+    """``Attention`` with the head size free of d_model, optional q/k/v biases and scaled rotary
+    frequencies (``model.rope``): what Llama, Mistral and Qwen2 checkpoints need. The same
+    parameter names, so a state dict maps one to one; the forward is ``Attention.forward`` with the
+    rotary angles from ``scaled_rotary_angles`` (dynamic NTK reads the sequence length ``seq_len``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+        super().__init__(cfg.n_heads * hd, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        self.rope = cfg.rope() or RopeScaling()
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats=False, doc_ids=None,
+                rope_positions=None, layer=0):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        rope = positions if rope_positions is None else rope_positions
+        cos, sin = scaled_rotary_angles(rope, self.head_dim, self.rope_theta, self.rope, seq_len)  # (.., T, D/2)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        extra = {"sinks": self.sinks} if self.sinks is not None else {}
+        if doc_ids is not None:
+            extra["doc_ids"] = doc_ids
+        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, layer=layer, **extra)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
+        return self.wo(y), sums
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        self.attn = (Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+                     if cfg.plain_attention else ProjectedAttention(cfg))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
@@ -143,8 +216,25 @@ class Block(nn.Module):
         return x, sums
 
 
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ cross_entropy(h @ weightᵀ, targets) over [N, C] rows, ``rows`` at a time: each chunk's
+    [rows, V] logits live only inside its own forward and are recomputed in its backward
+    (non-reentrant checkpoint), so peak memory is O(rows · V), not O(N · V). The same sum as one
+    matmul, in another order (fp32 accumulation)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], rows):
+        part = (h[i:i + rows], weight, targets[i:i + rows])
+        total = total + (checkpoint(_chunk_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_loss(*part))
+    return total
+
+
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T', V]: rows of the positions >= n_learned_global
+    logits: torch.Tensor | None  # [B, T', V]: rows of the positions >= n_learned_global (None: model.loss_chunk)
     loss: torch.Tensor | None  # mean cross-entropy over the n_targets non-ignored targets (0 if none)
     n_targets: torch.Tensor | None  # how many targets the loss averages: weights for merging shards
     stats: list[StatSums] | None  # per layer, per-head sums over this call's queries (detached)
@@ -183,6 +273,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("attn.sinks"):
                 nn.init.constant_(p, Attention.SINK_INIT)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
@@ -225,7 +317,13 @@ class Transformer(nn.Module):
         # The global slots are a prefix of the positions (they are ascending): drop their rows.
         # int() is a host sync, paid only when learned globals are on.
         n_drop = int((positions < self.cfg.n_learned_global).sum()) if self.cfg.n_learned_global else 0
-        logits = self.lm_head(self.norm(x[:, n_drop:]))  # (B, T', V)
+        h = self.norm(x[:, n_drop:])  # (B, T', C)
+        if targets is not None and self.cfg.loss_chunk:
+            t = targets[:, n_drop:].reshape(-1)
+            n_targets = (t != -100).sum()
+            loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, t, self.cfg.loss_chunk)
+            return LMOutput(None, loss_sum / n_targets.clamp(min=1), n_targets, stats)
+        logits = self.lm_head(h)  # (B, T', V)
         loss = n_targets = None
         if targets is not None:
             t = targets[:, n_drop:].reshape(-1)

@@ -295,6 +295,7 @@ def test_cuda_decoding_equals_full_forward(name):
 
 @pytest.mark.parametrize("override,message", [
     ("max_new_tokens=0", "max_new_tokens: must be >= 1, got 0"),
+    ("format=yaml", "format: must be one of text, json; got 'yaml'"),
     ("temperature=-1", "temperature: must be >= 0 (0 = greedy), got -1.0"),
     ("top_p=1.5", "top_p: must be in (0, 1], got 1.5"),
     ("backend=fast", "backend: must be one of auto, reference, blocked, flex, fused; got 'fast'"),
@@ -310,4 +311,4 @@ def test_bad_generate_settings_are_one_line(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert _preflight(["trainer.resume=/x", "temprature=1"]) == (
         "temprature: not a key of the generate config; allowed: prompt, max_new_tokens, temperature, top_k, top_p, "
-        "seed, backend, device, trainer.resume")
+        "seed, backend, device, format, trainer.resume")

@@ -103,7 +103,12 @@ class ShardedAttention:
 
 def build_model(cfg: TrainConfig) -> Transformer:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and for every SP size
-    return Transformer(cfg.model_config(), cfg.patterns())
+    model = Transformer(cfg.model_config(), cfg.patterns())
+    if cfg.model.init_from is not None:  # the imported weights replace the initial ones (trainer/hf)
+        from trainer.hf.weights import load_into
+
+        load_into(model, cfg.model.init_from)
+    return model
 
 
 def count_params(cfg: TrainConfig) -> int:

@@ -59,6 +59,8 @@ def run(cfg: TrainConfig, resolved: dict, run_dir: Path, resume_from: Path | Non
         alive = Liveness(ctx.rank, ctx.world_size, cfg.parallel.timeout_s)
         s, step = start(cfg, ctx, resolved, run_dir, resume_from)
         saved = stopped = None
+        if cfg.steps == 0:  # model.init_from conversion: the imported model as a checkpoint, no step
+            saved = checkpoint.save(s.ds, cfg, step, s.train_data, ctx.rank)
         while step < cfg.steps:
             row = one_step(s, step, fault)
             step += 1

@@ -10,10 +10,11 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from model.pattern import Pattern, from_config
-from model.transformer import ModelConfig, layer_patterns, model_preset
+from model.transformer import ModelConfig, layer_patterns, model_preset, override_layers
 from trainer.data.corpus import tokenizer_vocab_size
 from trainer.data.mlm import MlmSpec
 from trainer.data.tasks import MixParams, PasskeyParams, RecallParams
+from trainer.hf.config_map import hf_layer_attention, model_fields, read_hf_config
 
 
 class ConfigError(ValueError):
@@ -37,13 +38,31 @@ class ModelSection:
     activation_checkpointing: bool = False
     dense_every: int = 0
     layer_overrides: dict = field(default_factory=dict)
+    # A local Hugging Face model directory (trainer/hf): its config.json gives the shape, its weights
+    # the initial parameters. patterns_from: hf = each layer's attention from config.json (dense
+    # causal, or its sliding window), config = the attention group; auto = hf when init_from is set.
+    # model.layer_overrides apply on top of either.
+    init_from: str | None = None
+    patterns_from: str = "auto"
+    loss_chunk: int = 0  # > 0: LM head + loss over this many rows at a time (model.transformer.chunked_cross_entropy)
+
+    def uses_hf_patterns(self) -> bool:
+        return self.init_from is not None and self.patterns_from in ("auto", "hf")
 
     def build(self, tokenizer_vocab: int) -> ModelConfig:
-        """The preset with the fields set here; vocab_size unset is ``tokenizer_vocab``, not the preset's."""
-        skip = ("preset", "dense_every", "layer_overrides")
+        """The preset with the fields set here; vocab_size unset is ``tokenizer_vocab``, not the preset's.
+        With init_from: config.json's shape, which a field set here may repeat but not contradict."""
+        skip = ("preset", "dense_every", "layer_overrides", "init_from", "patterns_from")
         overrides = {f.name: getattr(self, f.name) for f in fields(self)
                      if f.name not in skip and getattr(self, f.name) is not None}
-        return model_preset(self.preset, **{"vocab_size": tokenizer_vocab, **overrides})
+        if self.init_from is None:
+            return model_preset(self.preset, **{"vocab_size": tokenizer_vocab, **overrides})
+        imported = model_fields(read_hf_config(self.init_from))
+        for key, value in overrides.items():
+            if key in imported and value != imported[key]:
+                raise ValueError(f"model.{key}: {value!r} contradicts {self.init_from}/config.json, which says "
+                                 f"{imported[key]!r}; leave model.{key} unset (null) with model.init_from")
+        return ModelConfig(**{**imported, **overrides}).validate()
 
 
 @dataclass
@@ -134,6 +153,12 @@ class TrainConfig:
     # Derived by validate(), not read from the YAML:
     world_size: int = field(default=1, metadata={"derived": True})
 
+    def __post_init__(self):
+        # An imported model reads its own tokenizer unless data.tokenizer names another than the
+        # default: here, so that every reader of the config (train, generate, export) agrees.
+        if self.model.init_from is not None and self.data.tokenizer == "bytes":
+            self.data.tokenizer = f"hf:{self.model.init_from}"
+
     @property
     def sp_size(self) -> int:
         return self.parallel.sequence_parallel_size or self.world_size // self.parallel.tensor_parallel_size
@@ -149,6 +174,8 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         """The model to build: model.vocab_size unset follows the tokenizer, plus the mask token
         (id = the tokenizer's vocabulary size) under objective=mlm."""
+        if self.model.init_from is not None:  # config.json's vocabulary (checked against the tokenizer's)
+            return self.model.build(0)
         return self.model.build(self.tokenizer_vocab() + int(self.objective == "mlm"))
 
     def mlm_spec(self) -> MlmSpec:
@@ -159,10 +186,13 @@ class TrainConfig:
 
     def patterns(self) -> list[Pattern]:
         """One validated pattern per layer (the attention group, dense_every, layer_overrides)."""
-        base = from_config(self.attention, self.seq_len)
-        n_layers = self.model_config().n_layers
-        pats = layer_patterns(base, n_layers, self.model.dense_every,
-                              {int(k): v for k, v in self.model.layer_overrides.items()})
+        overrides = {int(k): v for k, v in self.model.layer_overrides.items()}
+        if self.model.uses_hf_patterns():
+            hf = hf_layer_attention(read_hf_config(self.model.init_from), self.seq_len)
+            pats = override_layers([from_config(a, self.seq_len) for a in hf], overrides)
+        else:
+            base = from_config(self.attention, self.seq_len)
+            pats = layer_patterns(base, self.model_config().n_layers, self.model.dense_every, overrides)
         for p in pats:
             p.validate(self.seq_len)
         return pats

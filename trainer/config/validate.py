@@ -119,7 +119,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError (one line, naming the setting) for anything that cannot run."""
     _check_finite(cfg)
     for key in ("seq_len", "batch_size", "steps", "eval_batches"):
-        _require(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
+        if key == "steps" and cfg.steps == 0 and cfg.model.init_from is not None:
+            continue  # steps=0 with model.init_from: write the imported model as a checkpoint, and exit
+        _require(getattr(cfg, key) >= 1, key, "must be >= 1 (0 only with model.init_from: convert, no training)",
+                 getattr(cfg, key))
     _require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63) (numpy and torch seeds are non-negative)", cfg.seed)
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = only after the last step)", cfg.eval_every)
     for task in cfg.eval_tasks:
@@ -176,11 +179,17 @@ def _validate_parallel(cfg: TrainConfig) -> None:
 
 
 def _validate_model(cfg: TrainConfig) -> None:
+    _one_of(cfg.model.patterns_from, ("auto", "hf", "config"), "model.patterns_from")
     try:
         model = cfg.model_config()
         patterns = cfg.patterns()
     except (PatternError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    if cfg.model.init_from is not None or cfg.model.patterns_from == "hf":
+        _validate_import(cfg, model, patterns)
+    if model.loss_chunk and (cfg.objective != "clm" or cfg.data.task != "text"):
+        raise ConfigError(f"model.loss_chunk: computes the loss without logits, which objective={cfg.objective} / "
+                          f"data.task={cfg.data.task} score; it needs objective=clm and data.task=text, or 0")
     for i, p in enumerate(patterns):
         for side in ("window_left", "window_right"):  # the kernels accept it; in training it is a mistake
             if getattr(p, side, 0) >= cfg.seq_len:
@@ -202,6 +211,31 @@ def _validate_model(cfg: TrainConfig) -> None:
                 pick_strategy(p, cfg.sp_size, cfg.seq_len, model.n_heads, model.n_kv_heads, cfg.parallel.strategy)
             except ParallelConfigError as e:
                 raise ConfigError(str(e)) from None
+
+
+def _validate_import(cfg: TrainConfig, model, patterns) -> None:
+    """model.init_from: the weights fit the config (shapes from the file headers), and the settings
+    that assume the models trained here are refused."""
+    from model.transformer import Transformer
+    from trainer.hf.weights import check_shapes, expected_shapes, read_hf_shapes
+
+    if cfg.model.init_from is None:
+        raise ConfigError("model.patterns_from: hf reads the patterns of model.init_from's config.json; set "
+                          "model.init_from=DIR, or use model.patterns_from=config")
+    if cfg.model.uses_hf_patterns() and cfg.model.dense_every:
+        raise ConfigError(f"model.dense_every: applies to the attention group (model.patterns_from=config); with the "
+                          f"patterns of config.json use model.layer_overrides; got {cfg.model.dense_every}")
+    if cfg.objective != "clm":
+        raise ConfigError(f"objective: an imported causal LM trains with clm; got {cfg.objective}")
+    if cfg.data.document_mask or cfg.data.reset_positions:
+        raise ConfigError("data.document_mask / data.reset_positions: not with model.init_from (documents are "
+                          "separated by the model's EOS, which the document masks do not read yet)")
+    try:
+        with torch.device("meta"):
+            expected = expected_shapes(Transformer(model, patterns))
+        check_shapes(read_hf_shapes(cfg.model.init_from), expected, model.tie_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def _validate_data(cfg: TrainConfig) -> None:

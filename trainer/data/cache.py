@@ -29,16 +29,17 @@ def encode_records(recs: list[Record], tok, dtype: np.dtype) -> list[tuple[np.nd
     texts = [r.data for r in recs if not isinstance(r.data, np.ndarray)]
     texts += [r.prompt for r in recs if r.prompt is not None]
     encoded = iter(tok.encode_many(texts))
+    sep = getattr(tok, "doc_sep", DOC_SEP)  # the model's EOS for a Hugging Face tokenizer
     ids_of = [None if isinstance(r.data, np.ndarray) else next(encoded) for r in recs]
     out = []
     for rec, ids in zip(recs, ids_of):
         if ids is None:  # megatron: ids already
             out.append((_given_ids(rec, tok, dtype), None))
         elif rec.prompt is None:
-            out.append((np.append(ids.astype(dtype), dtype.type(DOC_SEP)), None))
+            out.append((np.append(ids.astype(dtype), dtype.type(sep)), None))
         else:
             prompt = next(encoded)
-            both = np.concatenate([prompt, ids, [DOC_SEP]]).astype(dtype)
+            both = np.concatenate([prompt, ids, [sep]]).astype(dtype)
             out.append((both, (np.arange(len(both)) >= len(prompt)).astype(np.uint8)))
     return out
 
@@ -49,7 +50,8 @@ def _given_ids(rec: Record, tok, dtype: np.dtype) -> np.ndarray:
                               f"tokenizer's vocabulary of {tok.vocab_size} ({tok.name}); use the tokenizer "
                               "that wrote the file")
     ids = rec.data.astype(dtype)
-    return ids if ids[-1] == DOC_SEP else np.append(ids, dtype.type(DOC_SEP))
+    sep = getattr(tok, "doc_sep", DOC_SEP)  # --append-eod wrote the tokenizer's EOS
+    return ids if len(ids) and ids[-1] == sep else np.append(ids, dtype.type(sep))
 
 
 FLUSH_TOKENS = 1 << 22  # tokens buffered before a write: memory stays O(this + one batch)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import bpe, formats
+from trainer.data import bpe, formats, hf_tokenizer
 from trainer.data.cache import build_cache, token_dtype
 from trainer.data.formats import Fields, Record
 from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
@@ -79,8 +79,13 @@ def tokenizer_vocab_size(name: str, bpe_vocab_size: int = 4096) -> int:
     """The vocabulary a tokenizer setting gives, known without training (config validation)."""
     if name == "bytes":
         return ByteTokenizer.vocab_size
+    if hf_tokenizer.is_hf(name):
+        try:
+            return hf_tokenizer.load(hf_tokenizer.tokenizer_dir(name)).vocab_size
+        except hf_tokenizer.HfTokenizerError as e:
+            raise DataConfigError(str(e)) from None
     if name != "bpe":
-        raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes, bpe")
+        raise DataConfigError(f"data.tokenizer: unknown tokenizer {name!r}; allowed values: bytes, bpe, hf:DIR")
     if importlib.util.find_spec("tokenizers") is None:
         raise DataConfigError("data.tokenizer: 'bpe' needs the `tokenizers` package (a dependency in "
                               "pyproject.toml: `make setup`); allowed values without it: bytes")
@@ -97,6 +102,8 @@ def get_tokenizer(name: str = "bytes", docs: Source | list[Document] | None = No
     vocab = tokenizer_vocab_size(name, bpe_vocab_size)
     if name == "bytes":
         return ByteTokenizer()
+    if hf_tokenizer.is_hf(name):
+        return hf_tokenizer.load(hf_tokenizer.tokenizer_dir(name))
     docs = as_source(documents(None) if docs is None else docs)
     tokenizers_version = importlib.metadata.version("tokenizers")
     key = cache_key(docs, f"bpe-{vocab}-{val_fraction!r}-{bpe.SAMPLE_BYTES}-tokenizers{tokenizers_version}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,6 +59,7 @@ class GenerateConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "auto"
+    format: str = "text"
 
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
@@ -77,6 +79,8 @@ def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
         raise ConfigError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+    if cfg.format not in ("text", "json"):
+        raise ConfigError(f"format: must be one of text, json; got {cfg.format!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: must be one of auto, cpu, cuda; got {cfg.device!r}")
     try:
@@ -199,8 +203,13 @@ def main(dcfg: DictConfig) -> None:
               file=sys.stderr)
     out = generate(model, tokens, cfg.max_new_tokens, cfg.sampling(), backend=cfg.backend,
                    documents=documents_of(train_cfg))
-    print(tok.decode(out.tokens[0, g:].tolist()), flush=True)
     rate = (cfg.max_new_tokens - 1) / out.decode_s if cfg.max_new_tokens > 1 else float("nan")
+    if cfg.format == "json":  # one object per prompt: machine-readable, nothing else on stdout
+        new = out.tokens[0, tokens.shape[1]:].tolist()
+        print(json.dumps({"prompt_ids": tokens[0, g:].tolist(), "ids": new, "text": tok.decode(new),
+                          "tokens_per_s": rate if rate == rate else None, "cache_bytes": out.cache_bytes}), flush=True)
+        return
+    print(tok.decode(out.tokens[0, g:].tolist()), flush=True)
     print(f"[{ckpt}] {cfg.max_new_tokens} tokens, {rate:,.1f} tokens/s decoding (prefill {tokens.shape[1]} tokens "
           f"in {out.prefill_s:.3f} s); KV cache {out.cache_bytes:,} bytes ({out.cache})", file=sys.stderr)
 

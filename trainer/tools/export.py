@@ -1,0 +1,107 @@
+"""Export a checkpoint as a Hugging Face model directory:
+``python -m trainer.export trainer.resume=RUN_OR_CKPT out=DIR [as_dense=true]``.
+
+Writes config.json, model.safetensors (fp32), generation_config.json and — for a model with a
+Hugging Face tokenizer (data.tokenizer=hf:DIR, the default with model.init_from) — that
+tokenizer's files, so that ``AutoModelForCausalLM.from_pretrained(DIR)`` and
+``AutoTokenizer.from_pretrained(DIR)`` load it. Which architecture, and which patterns are refused,
+is ``trainer.hf.export_map``'s rule. Learned global slots and sink logits have no Hugging Face
+equivalent and are refused. Errors are one line, exit 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from model.pattern import PatternError
+from trainer.config.validate import ConfigError, TrainConfig
+from trainer.data.corpus import DataConfigError, get_tokenizer
+from trainer.data.hf_tokenizer import FILES, is_hf, tokenizer_dir
+from trainer.hf.config_map import architecture, read_hf_config
+from trainer.hf.export_map import choose_architecture, hf_config, layer_windows
+from trainer.hf.weights import hf_state_dict
+
+KEYS = ("trainer.resume", "out", "as_dense")
+
+
+def load_checkpoint(resume: str):
+    """(model, train config, checkpoint path): the one place the export reads a checkpoint."""
+    from trainer.tools.generate import load_model, resolve_checkpoint
+
+    path = Path(resume).expanduser()
+    if (path / "checkpoints").is_dir():  # a run directory: its checkpoints
+        path = path / "checkpoints"
+    ckpt = resolve_checkpoint(str(path))
+    model, cfg = load_model(ckpt, torch.device("cpu"))
+    return model, cfg, ckpt
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = {"as_dense": "false"}
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq or key not in KEYS:
+            raise ConfigError(f"{key}: unknown argument; allowed: {', '.join(k + '=...' for k in KEYS)}")
+        args[key] = value
+    for key in ("trainer.resume", "out"):
+        if not args.get(key):
+            raise ConfigError(f"{key}: missing; usage: python -m trainer.export trainer.resume=RUN_OR_CKPT out=DIR")
+    if args["as_dense"] not in ("true", "false"):
+        raise ConfigError(f"as_dense: must be true or false, got {args['as_dense']!r}")
+    return {**args, "as_dense": args["as_dense"] == "true"}
+
+
+def export(model, cfg: TrainConfig, out: Path, as_dense: bool) -> str:
+    """Write the directory; returns the architecture written."""
+    mcfg = model.cfg
+    if mcfg.n_learned_global or mcfg.sink_logits:
+        raise ConfigError("export: model.n_learned_global / model.sink_logits have no Hugging Face equivalent; "
+                          "export a model trained without them")
+    try:
+        windows = layer_windows(model.patterns, as_dense)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    source = cfg.model.init_from
+    base = read_hf_config(source) if source else {}
+    arch = choose_architecture(architecture(base) if source else "LlamaForCausalLM", windows)
+    tok = get_tokenizer(cfg.data.tokenizer) if is_hf(cfg.data.tokenizer) else None
+    bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
+    config = hf_config(mcfg, arch, windows, base, cfg.seq_len, bos, eos)
+    tensors = hf_state_dict(model.state_dict(), mcfg.tie_embeddings)
+    if arch == "Qwen2ForCausalLM" and not mcfg.qkv_bias:  # Qwen2 always has q/k/v biases: zero ones compute the same
+        for i, block in enumerate(model.blocks):
+            for hf, lin in (("q_proj", block.attn.wq), ("k_proj", block.attn.wk), ("v_proj", block.attn.wv)):
+                tensors[f"model.layers.{i}.self_attn.{hf}.bias"] = torch.zeros(lin.out_features)
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}, indent=2) + "\n")
+    gen_src = Path(source).expanduser() / "generation_config.json" if source else None
+    gen = json.loads(gen_src.read_text()) if gen_src is not None and gen_src.is_file() else {}
+    gen.update({k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None})
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tok is not None:
+        for name in FILES[:3]:
+            if (Path(tokenizer_dir(cfg.data.tokenizer)).expanduser() / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir(cfg.data.tokenizer)).expanduser() / name, out / name)
+    return arch
+
+
+def cli() -> None:
+    from trainer.train import config_error
+
+    try:
+        args = parse_args(sys.argv[1:])
+        model, cfg, ckpt = load_checkpoint(args["trainer.resume"])
+        arch = export(model, cfg, Path(args["out"]).expanduser(), args["as_dense"])
+    except (ConfigError, DataConfigError, PatternError, ValueError) as e:
+        config_error(str(e).splitlines()[0], None)
+    dense = " with dense attention in every layer (as_dense=true)" if args["as_dense"] else ""
+    tok = "" if is_hf(cfg.data.tokenizer) else f"; no tokenizer files (data.tokenizer={cfg.data.tokenizer} is not a Hugging Face one)"
+    print(f"exported {ckpt} as {arch} to {args['out']}{dense}{tok}", file=sys.stderr)
