@@ -114,6 +114,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.sinks = nn.Parameter(torch.full((n_heads,), self.SINK_INIT)) if sink_logits else None  # (H,) fp32
 
+    def angles(self, rope: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary angles at positions ``rope``; subclasses scale the frequencies."""
+        return rotary_angles(rope, self.head_dim, self.rope_theta)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: Pattern, attention_fn: AttentionFn,
                 seq_len: int, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
                 rope_positions: torch.Tensor | None = None, layer: int = 0) -> tuple[torch.Tensor, StatSums | None]:
@@ -125,7 +129,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         rope = positions if rope_positions is None else rope_positions
-        cos, sin = rotary_angles(rope, self.head_dim, self.rope_theta)  # (T, D/2) or (B, T, D/2)
+        cos, sin = self.angles(rope, seq_len)  # (T, D/2) or (B, T, D/2)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): one set of angles per batch row
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, AttentionFn, StatSums, apply_rotary, check_heads, local_attention
+from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
 from model.pattern import Dense, Pattern, from_config
 from model.rope import RopeScaling, scaled_rotary_angles
 
@@ -179,23 +179,8 @@ class ProjectedAttention(Attention):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats=False, doc_ids=None,
-                rope_positions=None, layer=0):
-        B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        rope = positions if rope_positions is None else rope_positions
-        cos, sin = scaled_rotary_angles(rope, self.head_dim, self.rope_theta, self.rope, seq_len)  # (.., T, D/2)
-        if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        extra = {"sinks": self.sinks} if self.sinks is not None else {}
-        if doc_ids is not None:
-            extra["doc_ids"] = doc_ids
-        y, sums = attention_fn(q, k, v, pattern, positions, seq_len, return_stats, layer=layer, **extra)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
-        return self.wo(y), sums
+    def angles(self, rope: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return scaled_rotary_angles(rope, self.head_dim, self.rope_theta, self.rope, seq_len)
 
 
 class Block(nn.Module):

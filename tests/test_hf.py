@@ -156,17 +156,16 @@ def test_prompt_encoding_equals_hugging_face(hf_dirs, text):
 
 
 def test_documents_end_with_the_eos(hf_dirs):
-    from trainer.data.corpus import build_cache
+    from trainer.data.cache import build_cache
+    from trainer.data.corpus import Source
 
     tok = HfTokenizer(str(hf_dirs["mistral_head_dim_window"][0]))
     assert (tok.eos_id, tok.bos_id) == (1, 0)
 
-    class Doc:
-        def read(self):
-            return "the fox"
-
-    dest = hf_dirs["mistral_head_dim_window"][0].parent / "cache.bin"
-    build_cache([Doc(), Doc()], tok, dest)
+    data = hf_dirs["mistral_head_dim_window"][0].parent / "two.jsonl"
+    data.write_text('{"text": "the fox"}\n{"text": "the fox"}\n')
+    dest = data.with_name("cache.bin")
+    build_cache(Source(path=str(data)), tok, dest)
     import numpy as np
 
     ids = np.fromfile(dest, dtype=np.uint16).tolist()
