@@ -22,6 +22,7 @@ is not retrained. Runs on one process (CPU or the current GPU).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kernels import sparse_attention
+from model.attention import local_attention
 from model.pattern import Dense, Pattern, from_config
 from model.transformer import Transformer
 
@@ -41,10 +43,14 @@ class CoverageError(ValueError):
 
 
 def pattern_coverage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: Pattern, cand: Pattern,
-                     positions: torch.Tensor, seq_len: int, backend: str = "auto") -> torch.Tensor:
-    """[B, H, Q]: the softmax mass under ``own`` that the keys of ``cand`` carry, exp(lse_C − lse_P)."""
-    lse_own = sparse_attention(q, k, v, own, positions, positions, backend=backend, seq_len=seq_len)[1]
-    lse_cand = sparse_attention(q, k, v, cand, positions, positions, backend=backend, seq_len=seq_len)[1]
+                     positions: torch.Tensor, seq_len: int, backend: str = "auto", sinks: torch.Tensor | None = None,
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, Q]: the softmax mass under ``own`` that the keys of ``cand`` carry, exp(lse_C − lse_P).
+    With learned ``sinks`` both softmaxes have the sink column (every candidate keeps it, as the
+    model would run it); with ``doc_ids`` both see only the query's own document."""
+    kw = dict(backend=backend, seq_len=seq_len, sinks=sinks, q_doc=doc_ids, k_doc=doc_ids)
+    lse_own = sparse_attention(q, k, v, own, positions, positions, **kw)[1]
+    lse_cand = sparse_attention(q, k, v, cand, positions, positions, **kw)[1]
     return torch.exp(lse_cand.double() - lse_own.double())
 
 
@@ -62,18 +68,20 @@ def check_subset(cand: Pattern, own: Pattern, seq_len: int, name: str, chunk: in
 
 
 class Recorder:
-    """An ``AttentionFn`` that computes the layer with its own pattern and, on the side, each
-    candidate's coverage; sums per layer and candidate ([H] sums of the mean over queries)."""
+    """An ``AttentionFn`` (model.attention's contract, sinks and documents included) that computes
+    the layer with its own pattern and, on the side, each candidate's coverage; sums per layer and
+    candidate ([H] sums of the mean over queries)."""
 
     def __init__(self, candidates: dict[str, Pattern], backend: str):
         self.candidates, self.backend = candidates, backend
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.count: dict[int, int] = {}
 
-    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int):
-        out = sparse_attention(q, k, v, pattern, positions, positions, backend=self.backend, seq_len=seq_len)[0]
+    def __call__(self, q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int, sinks=None,
+                 doc_ids=None):
+        out = plain(q, k, v, pattern, positions, seq_len, backend=self.backend, sinks=sinks, doc_ids=doc_ids)[0]
         for name, cand in self.candidates.items():
-            cov = pattern_coverage(q, k, v, pattern, cand, positions, seq_len, self.backend)  # (B, H, Q)
+            cov = pattern_coverage(q, k, v, pattern, cand, positions, seq_len, self.backend, sinks, doc_ids)  # (B, H, Q)
             key = (layer, name)
             self.sums[key] = self.sums.get(key, 0) + cov.sum(dim=(0, 2)).cpu()
         self.count[layer] = self.count.get(layer, 0) + q.shape[0] * q.shape[2]
@@ -84,6 +92,12 @@ class Recorder:
         return {name: [{"mean": float(self.sums[(i, name)].mean() / self.count[i]),
                         "min_head": float(self.sums[(i, name)].min() / self.count[i])}
                        for i in sorted(self.count)] for name in self.candidates}
+
+
+def plain(q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: int = 0, backend: str = "auto",
+          sinks=None, doc_ids=None):
+    """The layer's attention as the model computes it (``model.attention.local_attention``), no statistics."""
+    return local_attention(q, k, v, pattern, positions, seq_len, False, backend, sinks, doc_ids, layer)[0], None
 
 
 @torch.no_grad()
@@ -102,12 +116,10 @@ def measure(model: Transformer, batches: list, candidates: dict[str, Pattern], b
 
     base = loss_with(rec)
     losses = {}
-    plain = lambda q, k, v, p, pos, n, s=False, layer=0: (  # noqa: E731
-        sparse_attention(q, k, v, p, pos, pos, backend=backend, seq_len=n)[0], None)
     try:
         for name, cand in candidates.items():
             model.patterns = [cand] * len(own)
-            losses[name] = loss_with(plain)
+            losses[name] = loss_with(functools.partial(plain, backend=backend))
     finally:
         model.patterns = own
     return {"coverage": rec.table(), "eval_loss": losses, "eval_loss_trained": base}
@@ -191,11 +203,10 @@ def eval_batches(cfg) -> list:
 
 
 def load_model(cfg, ckpt: Path) -> Transformer:
-    from trainer import engine
-    model = engine.build_model(cfg)
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state, strict=False)  # empty global_emb became a buffer; nothing else differs
-    return model.eval()
+    """The checkpoint's weights (every ZeRO stage, strict keys, weights_only) in the model ``cfg`` describes."""
+    from trainer.state.run import load_run
+
+    return load_run(ckpt, "cpu", cfg)[1]
 
 
 def format_table(result: dict) -> str:
@@ -217,19 +228,23 @@ def main(argv: list[str]) -> dict:
     try:
         overrides, names, cand_kv, out = parse_args(argv)
         resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("trainer.resume=")), None)
-        if resume is None or not (Path(resume) / "mp_rank_00_model_states.pt").is_file():
-            raise CoverageError(f"trainer.resume: must be a checkpoint directory (step_N, with "
-                                f"mp_rank_00_model_states.pt); got {resume!r}")
-        cfg = run_config(Path(resume), [a for a in overrides if not a.startswith("trainer.resume=")])
+        if resume is None:
+            raise CoverageError("trainer.resume: required, the checkpoint directory to measure (step_N, or a "
+                                "directory of them)")
+        from trainer.state.run import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(resume)
+        cfg = run_config(ckpt, [a for a in overrides if not a.startswith("trainer.resume=")])
         candidates = load_candidates(names, cand_kv, cfg.seq_len)
         for name, c in candidates.items():
             for own in dict.fromkeys(cfg.patterns()):
                 check_subset(c, own, cfg.seq_len, name)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, ckpt)
     except (CoverageError, ConfigError, DataConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    torch.manual_seed(cfg.seed)
-    result = measure(load_model(cfg, Path(resume)), eval_batches(cfg), candidates, cfg.parallel.backend)
+    result = measure(model, eval_batches(cfg), candidates, cfg.parallel.backend)
     print(format_table(result))
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
