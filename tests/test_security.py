@@ -21,6 +21,7 @@ from trainer.state import checkpoint, integrity, safe_load
 TINY = ["seq_len=128", "batch_size=1", "eval_every=0", "eval_batches=1", "logging.wandb=disabled",
         "logging.mask_png=false", "attention.window_left=32", "attention.num_global=4"]
 MODEL_FILE = "mp_rank_00_model_states.pt"
+SECRET = "hf_s3cr3t-t0ken-value"
 
 
 class Payload:
@@ -46,7 +47,8 @@ def reseal(ckpt: Path) -> None:
 def crafted(tmp_path_factory):
     """(run dir, checkpoint, marker path): a genuine 1-step ZeRO-0 run whose model file is replaced."""
     run = tmp_path_factory.mktemp("crafted") / "run"
-    train(*TINY, "steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run}", timeout=240)
+    train(*TINY, "steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run}", "logging.entity=${oc.env:HALO_SECRET}",
+          timeout=240, env=_env(HALO_SECRET=SECRET, WANDB_MODE="disabled"))
     ckpt = run / "checkpoints" / checkpoint.tag(1)
     marker = run.parent / "PAYLOAD_RAN"
     genuine = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=False)  # our own file: trusted
@@ -88,14 +90,14 @@ def test_resume_refuses_the_payload_before_any_process_group(crafted, tmp_path):
 def test_generate_refuses_the_payload(crafted):
     _, ckpt, marker = crafted
     proc = subprocess.run([PY, "-m", "trainer.generate", f"trainer.resume={ckpt}", "max_new_tokens=2"], cwd=REPO,
-                          env=_env(), capture_output=True, timeout=120)
+                          env=_env(HALO_SECRET=SECRET), capture_output=True, timeout=120)
     _refused(proc, ckpt, marker)
 
 
 def test_coverage_refuses_the_payload(crafted):
     _, ckpt, marker = crafted
     proc = subprocess.run([PY, "-m", "trainer.coverage", f"trainer.resume={ckpt}", "candidates=[sink]",
-                           "candidate.window_left=8", "candidate.num_global=4"], cwd=REPO, env=_env(),
+                           "candidate.window_left=8", "candidate.num_global=4"], cwd=REPO, env=_env(HALO_SECRET=SECRET),
                           capture_output=True, timeout=120)
     _refused(proc, ckpt, marker)
 
@@ -115,3 +117,33 @@ def test_the_safe_engine_loads_through_safe_load(crafted):
     with pytest.raises(ConfigError, match="refused to load"):
         engine.checkpoint_engine.load(str(ckpt / MODEL_FILE), map_location="cpu")
     assert not marker.exists()
+
+
+# --- nothing secret in the logged config -------------------------------------------------------------
+
+def test_config_yaml_records_the_env_expression_not_its_value(crafted):
+    run, _, _ = crafted
+    text = (run / "config.yaml").read_text()
+    assert SECRET not in text and "${oc.env:HALO_SECRET}" in text
+    for f in run.rglob("*"):  # nothing the run wrote holds it (.hydra/ records the override as typed)
+        if f.is_file() and f.suffix in (".yaml", ".json", ".jsonl", ".txt"):
+            assert SECRET not in f.read_text(errors="replace"), f
+
+
+def test_loggable_redacts_credential_keys_and_env_values(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from trainer.config.redact import REDACTED, loggable, secret_name
+
+    monkeypatch.setenv("HALO_SECRET", SECRET)
+    cfg = OmegaConf.create({"data": {"path": "${oc.env:HALO_SECRET}", "tokenizer": "bytes", "bpe_vocab_size": 8},
+                            "logging": {"wandb_api_key": "abc123", "hf-token": ["t1"], "password": None},
+                            "attention": {"secret": "x", "window_left": 4, "key_len": 5}, "seq_len": 8, "max_new_tokens": 3,
+                            "copy": "${data.tokenizer}"})
+    out = loggable(cfg)
+    assert out["data"] == {"path": "${oc.env:HALO_SECRET}", "tokenizer": "bytes", "bpe_vocab_size": 8}
+    assert out["logging"] == {"wandb_api_key": REDACTED, "hf-token": [REDACTED], "password": None}
+    assert out["attention"] == {"secret": REDACTED, "window_left": 4, "key_len": 5}
+    assert out["seq_len"] == 8 and out["max_new_tokens"] == 3 and out["copy"] == "bytes"
+    assert SECRET not in str(out)
+    assert not any(map(secret_name, ["tokenizer", "max_new_tokens", "keep_last", "monkey"]))

@@ -45,6 +45,7 @@ OmegaConf.register_new_resolver("run_dir_of", run_dir_of, replace=True)
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from trainer import engine, loop
+    from trainer.config.redact import loggable
     from trainer.config.validate import ConfigError, load_config
     from trainer.state import checkpoint, preflight
     from trainer.state.faults import TrainingAborted, write_status
@@ -73,7 +74,7 @@ def main(dcfg: DictConfig) -> None:
         print(f"resuming from {resume_from} (step {checkpoint.read_meta(resume_from)['step']})" if resume_from else
               f"trainer.resume={cfg.trainer.resume}: no checkpoint in {cfg.trainer.ckpt_dir}; starting at step 0",
               file=sys.stderr, flush=True)
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved = loggable(dcfg)  # what config.yaml and W&B get: nothing read from the environment, no secret
     if rank == 0:
         OmegaConf.save(resolved, run_dir / "config.yaml")
     try:

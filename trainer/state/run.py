@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from model.pattern import PatternError
 from model.transformer import Transformer
@@ -57,7 +58,10 @@ def config_file(ckpt: Path) -> Path:
 def run_config(ckpt: Path) -> TrainConfig:
     """The training config of the run that wrote ``ckpt``, checked against its meta.json."""
     found = config_file(ckpt)
-    node = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+    try:
+        node = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+    except OmegaConfBaseException as e:  # e.g. ${oc.env:VAR} (recorded as written) with VAR unset here
+        raise ConfigError(f"{found}: {str(e).splitlines()[0]}") from None
     node.pop("hydra", None)
     cfg = to_dataclass(TrainConfig, node)
     check_shape(cfg, ckpt, found)
