@@ -19,6 +19,8 @@ from tests.train_utils import PY, REPO, _env
 from trainer.config.ranges import RANGES, numeric_keys
 from trainer.config.schema import TrainConfig
 from trainer.config.validate import ConfigError, load_config
+from trainer.tools.generate import RANGES as GENERATE_RANGES
+from trainer.tools.generate import GenerateConfig, load_generate_config
 
 NON_NUMERIC_ATTENTION = {"name", "causal", "variant", "summary", "parts"}
 
@@ -28,6 +30,28 @@ def test_every_numeric_key_declares_a_range():
     assert sorted(set(keys) - set(RANGES)) == [], "numeric keys without a range in trainer/config/ranges.py"
     assert sorted(set(RANGES) - set(keys)) == [], "ranges for keys the schema does not have"
     assert sorted(_KEYS - NON_NUMERIC_ATTENTION - set(ATTENTION)) == [], "attention keys without a range"
+    assert sorted(numeric_keys(GenerateConfig)) == sorted(GENERATE_RANGES), "generate keys without a range"
+
+
+@pytest.mark.parametrize("key", sorted(GENERATE_RANGES))
+def test_generate_values_outside_the_range_are_one_line(key):
+    from hydra import compose, initialize_config_dir
+
+    bounds = GENERATE_RANGES[key]
+    integer = numeric_keys(GenerateConfig)[key] is int
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        base = compose(config_name="generate", overrides=["trainer.resume=/x"])
+
+    @settings(max_examples=15)
+    @given(outside(bounds, integer))
+    def check(value):
+        cfg = base.copy()
+        OmegaConf.update(cfg, key, value)
+        with pytest.raises(ConfigError) as e:
+            load_generate_config(cfg)
+        assert str(e.value).startswith(f"{key}: ") and "\n" not in str(e.value), str(e.value)
+
+    check()
 
 
 @pytest.fixture(scope="module")

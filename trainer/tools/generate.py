@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.decode import Decoder, Documents, Sampling, generate
+from model.pattern.ranges import SEED, SIZE, Bounds
 from model.transformer import Transformer
 from trainer.config.validate import ConfigError, TrainConfig, to_dataclass
 from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, DataConfigError
@@ -57,6 +58,11 @@ class GenerateConfig:
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
+# The range of every numeric key of GenerateConfig (tests/test_schema_ranges.py: none without one).
+RANGES = {"max_new_tokens": SIZE, "temperature": Bounds(0, note="0 = greedy"), "top_k": Bounds(0, note="0 = no limit"),
+          "top_p": Bounds(0, 1, lo_open=True), "seed": SEED}
+
+
 def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
     """The checked GenerateConfig (ConfigError: one line naming the setting)."""
     from kernels import BACKENDS
@@ -67,8 +73,8 @@ def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
     if cfg.trainer.resume in ("none", "auto", ""):
         raise ConfigError(f"trainer.resume: give the checkpoint to sample from (a step_* directory or a directory "
                           f"of them); got {cfg.trainer.resume!r}")
-    if cfg.max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
+    for key, bounds in RANGES.items():
+        bounds.check(key, getattr(cfg, key), ConfigError)
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
