@@ -53,14 +53,17 @@ def main(dcfg: DictConfig) -> None:
     engine.set_environment()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     rank = int(os.environ.get("RANK", 0))
-    try:
-        cfg = load_config(dcfg)
-    except ConfigError as e:
-        config_error(str(e), run_dir)
     try:  # before anything of this run is written there: the directory may be another job's
         lock = preflight.RunDirLock(run_dir, rank)
     except ConfigError as e:
         config_error(str(e), None)
+    if rank == 0:
+        write_hydra_record(dcfg, run_dir)
+    try:
+        cfg = load_config(dcfg)
+    except ConfigError as e:
+        lock.release() if rank == 0 else None
+        config_error(str(e), run_dir)
     try:
         resume_from = checkpoint.resolve_resume(cfg)
         facts = preflight.prepare_data(cfg, rank)
@@ -88,6 +91,20 @@ def main(dcfg: DictConfig) -> None:
             lock.release()
     if summary:
         print(summary, flush=True)
+
+
+def write_hydra_record(dcfg: DictConfig, run_dir: Path) -> None:
+    """``.hydra/config.yaml`` (as composed, interpolations kept; credential-like keys redacted),
+    ``hydra.yaml`` and ``overrides.yaml``: what Hydra writes itself before the job, written here once
+    the run directory's lock is this job's (conf/config.yaml sets hydra.output_subdir: null)."""
+    from trainer.config.redact import unresolved
+
+    record = run_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    OmegaConf.save(unresolved(dcfg), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
 
 
 def config_error(message: str, run_dir: str | Path | None) -> None:

@@ -28,6 +28,13 @@ def loggable(cfg: DictConfig) -> dict:
     return _walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
 
 
+def unresolved(cfg: DictConfig) -> dict:
+    """The config as composed (interpolations kept as written, as Hydra records it), credential-like
+    keys redacted."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    return _walk(raw, raw)
+
+
 def _walk(raw, resolved, key: str = ""):
     """``resolved`` with each leaf whose ``raw`` (unresolved) form reads the environment put back as
     that form, and each leaf under a credential-like key redacted."""
