@@ -33,10 +33,10 @@ def z3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sinks(tmp_path_factory):
-    """ZeRO 2, learned sink logits, 1 step."""
+    """ZeRO 2, learned sink logits and packed documents (the 4 globals as learned slots), 1 step."""
     run = tmp_path_factory.mktemp("sinks") / "run"
     train(*TINY, "steps=1", "trainer.ckpt_every=1", "parallel.zero_stage=2", "model.sink_logits=true",
-          f"hydra.run.dir={run}", timeout=240)
+          "data.document_mask=true", "model.n_learned_global=4", f"hydra.run.dir={run}", timeout=240)
     return run
 
 
@@ -93,12 +93,15 @@ def test_generate_on_a_zero3_checkpoint(z3):
     assert proc.stdout.decode().startswith("ab") and "tokens/s decoding" in proc.stderr.decode()
 
 
-def test_coverage_on_a_checkpoint_with_learned_sinks(sinks, tmp_path):
-    """The recorder passes the layer's sinks on: its loss with the trained pattern is the model's own
-    eval loss (the trainer's last eval row); a narrower window keeps part of the mass."""
-    from trainer.tools.coverage import main
+def test_coverage_on_a_checkpoint_with_learned_sinks_and_documents(sinks, tmp_path):
+    """The recorder passes the layer's sinks and document ids on, and the eval batches are the
+    trainer's (packed documents, per-document positions): its loss with the trained pattern is the
+    trainer's own eval loss (its last eval row); a narrower window keeps part of the mass."""
+    from trainer.tools.coverage import eval_batches, main, run_config
 
     ckpt = resolve_checkpoint(sinks)
+    # tokens, targets, positions, rope positions, document ids: the trainer's packed-document batches
+    assert len(eval_batches(run_config(ckpt, []))[0]) == 5
     out = tmp_path / "cov.json"
     res = main([f"trainer.resume={ckpt}", "candidates=[sink]", "candidate.window_left=8",
                 "candidate.num_global=4", "eval_batches=1", f"json={out}"])

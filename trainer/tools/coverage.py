@@ -103,14 +103,16 @@ def plain(q, k, v, pattern, positions, seq_len, return_stats=False, *, layer: in
 @torch.no_grad()
 def measure(model: Transformer, batches: list, candidates: dict[str, Pattern], backend: str = "auto") -> dict:
     """Coverage per layer and eval loss (mean nats over the scored targets) with the trained patterns
-    and with each candidate substituted in every layer. ``batches``: (inputs, targets, positions)."""
+    and with each candidate substituted in every layer. ``batches``: (inputs, targets, positions[,
+    rope positions, document ids]) as ``LongDocSampler.next_shard`` gives them."""
     rec = Recorder(candidates, backend)
     own = list(model.patterns)
 
     def loss_with(fn) -> float:
         total = n = 0.0
-        for x, y, pos in batches:
-            out = model(x, positions=pos, attention_fn=fn, targets=y, seq_len=int(pos[-1]) + 1)
+        for x, y, pos, *docs in batches:
+            out = model(x, positions=pos, attention_fn=fn, targets=y, seq_len=int(pos[-1]) + 1,
+                        **dict(zip(("rope_positions", "doc_ids"), docs)))
             total, n = total + float(out.loss) * float(out.n_targets), n + float(out.n_targets)
         return total / max(n, 1.0)
 
@@ -198,7 +200,9 @@ def eval_batches(cfg) -> list:
     else:
         d = cfg.data
         corpus = load_corpus(d.path, d.tokenizer, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
-        sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed)
+        reset = d.document_mask if d.reset_positions is None else d.reset_positions  # as the trainer's sampler_for
+        sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed, documents=d.document_mask,
+                                 reset_positions=reset)
     return [sampler.next_shard(0, 1) for _ in range(cfg.eval_batches)]
 
 
