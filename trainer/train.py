@@ -7,6 +7,7 @@ is found before any process group starts: a bad setting exits with one line nami
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -57,6 +58,9 @@ def main(dcfg: DictConfig) -> None:
         lock = preflight.RunDirLock(run_dir, rank)
     except ConfigError as e:
         config_error(str(e), None)
+    for handler in logging.getLogger().handlers:  # the per-rank log file (delay: true), now that it is ours
+        if isinstance(handler, logging.FileHandler):
+            Path(handler.baseFilename).touch()
     if rank == 0:
         write_hydra_record(dcfg, run_dir)
     try:
