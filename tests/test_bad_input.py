@@ -53,6 +53,27 @@ def saved_checkpoint(root: Path) -> Path:
     return path
 
 
+class _Payload:
+    """Unpickling runs ``touch MARKER``: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def payload_checkpoint(root: Path) -> Path:
+    """``saved_checkpoint`` with a DeepSpeed model file whose pickle would run code."""
+    import torch
+
+    path = saved_checkpoint(root)
+    torch.save({"module": _Payload(root / "PAYLOAD_RAN")}, path / "mp_rank_00_model_states.pt")
+    return path
+
+
 @pytest.mark.parametrize("case, command, message", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_fails_first_with_one_line(case, command, message, tmp_path):
     for d in ("empty", "tiny", "text"):
@@ -61,11 +82,12 @@ def test_bad_input_fails_first_with_one_line(case, command, message, tmp_path):
     (tmp_path / "text" / "a.txt").write_bytes(b"abcdefgh " * 4444 + b"abcd")  # 40,000 bytes
     (tmp_path / "file").write_bytes(b"")
     ckpt = saved_checkpoint(tmp_path / "ckpts") if "CKPT" in command else None
-    subst = {"EMPTY": str(tmp_path / "empty"), "CKPT": str(ckpt), "TINY": str(tmp_path / "tiny"),
+    payload = payload_checkpoint(tmp_path / "crafted") if "PAYLOAD" in command else None
+    subst = {"EMPTY": str(tmp_path / "empty"), "CKPT": str(ckpt), "PAYLOAD": str(payload), "TINY": str(tmp_path / "tiny"),
              "TEXT": str(tmp_path / "text"), "FILE": str(tmp_path / "file")}
 
     def fill(s: str) -> str:
-        return re.sub(r"\b(EMPTY|CKPT|TINY|TEXT|FILE)\b", lambda m: subst[m.group(1)], s)
+        return re.sub(r"\b(EMPTY|CKPT|PAYLOAD|TINY|TEXT|FILE)\b", lambda m: subst[m.group(1)], s)
 
     words = shlex.split(fill(command))
     env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=\S*", w))
@@ -78,3 +100,4 @@ def test_bad_input_fails_first_with_one_line(case, command, message, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [fill(message)], proc.stderr[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+    assert not (tmp_path / "crafted" / "PAYLOAD_RAN").exists()  # nothing in a checkpoint ran

@@ -29,13 +29,12 @@ from tests.train_utils import PY, REPO, _env, train
 from trainer.config.validate import ConfigError
 from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, ByteTokenizer, load_corpus
 from trainer.data.sampling import LongDocSampler, document_positions
+from trainer.state.run import load_run, resolve_checkpoint
 from trainer.tools.generate import (
     _preflight,
     documents_of,
     generate_passkey_accuracy,
     load_generate_config,
-    load_model,
-    resolve_checkpoint,
     run_config,
 )
 
@@ -241,7 +240,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_checkpoint_rebuilds_the_trained_model(run_dir):
     """The model rebuilt from the checkpoint alone scores the trainer's own final eval loss."""
-    model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
+    cfg, model, _ = load_run(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
     assert [p.window_left for p in model.patterns] == [16, 16] and model.cfg.n_learned_global == 4
     assert documents_of(cfg) == Documents(DOC_SEP, mask=True, reset_positions=True)
     corpus = load_corpus(None, "bytes", None, cfg.data.val_fraction)
@@ -260,7 +259,7 @@ def test_generate_cli(run_dir):
     assert proc.returncode == 0, err[-3000:]
     assert "tokens/s decoding" in err and "4 global + ring of 17" in err
     assert "note: prompt + max_new_tokens = 137 positions > the trained seq_len=128" in err  # allowed, said once
-    model, cfg = load_model(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
+    cfg, model, _ = load_run(resolve_checkpoint(str(run_dir)), torch.device("cpu"))
     prompt = torch.tensor([[DOC_SEP] * 4 + list(b"def f(x):")])  # 4 learned global slots, then the prompt
     out = generate(model, prompt, 124, documents=documents_of(cfg))  # greedy, as the CLI by default
     text = ByteTokenizer().decode(out.tokens[0, 4:])

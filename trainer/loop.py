@@ -126,7 +126,7 @@ def one_step(s: Session, step: int, fault: FaultInjection) -> dict:
     s.counter.reset()
     t0 = time.perf_counter()
     row, stats = train_step(s.ds, batch, s.fwd, s.reduce_group, with_stats, s.guard, step + 1,
-                            fault.poison(step + 1, ctx.rank))
+                            fault.poison(step + 1, ctx.rank), fault.poison_grad(step + 1, ctx.rank))
     dt = time.perf_counter() - t0
     tokens_per_step = cfg.seq_len * cfg.batch_size * ctx.dp_size
     row.update({"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
@@ -141,7 +141,7 @@ def one_step(s: Session, step: int, fault: FaultInjection) -> dict:
 def summary_extra(cfg: TrainConfig, s: Session, saved: Path | None, run_dir: Path, stopped: str | None) -> dict:
     extra = {"objective": OBJECTIVE_NAMES[cfg.objective], "checkpoint": str(saved) if saved else
              "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
-             "skipped steps": f"{s.guard.skipped} (non-finite loss)"}
+             "skipped steps": f"{s.guard.skipped} (non-finite loss or gradient: {s.guard.skipped_grad})"}
     if stopped:
         extra["stopped at"] = stopped
     return extra
@@ -189,9 +189,10 @@ def backward_loss(out, group, group_size: int):
 
 
 def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGuard, step: int,
-               poison: bool = False):
+               poison: bool = False, poison_grad: bool = False):
     """One optimizer step; (metrics row, per-layer stat sums or None). A non-finite global loss (the
-    same value on every rank: it is all-reduced) skips backward and the optimizer step."""
+    same value on every rank: it is all-reduced) skips backward and the optimizer step; so does a
+    non-finite gradient (its norm, over the reduced gradients, is the same on every rank too)."""
     tokens, targets, positions, *docs = batch
     out = ds(tokens, positions=positions, targets=targets, return_stats=with_stats, **doc_kwargs(docs), **fwd)
     if poison:  # HALO_FAULT=nan@step
@@ -199,19 +200,34 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
     loss, global_loss = backward_loss(out, group, dist.get_world_size(group))
     lr = ds.get_lr()[0]
     if guard.check(global_loss, step):
-        return {"train/loss": global_loss, "train/lr": lr, "train/skipped": 1.0,
-                "train/skipped_total": float(guard.skipped)}, None
-    ds.backward(loss)
+        return skipped_row(global_loss, lr, guard), None
+    hook = next(ds.module.parameters()).register_hook(lambda g: g * float("nan")) if poison_grad else None
+    ds.backward(loss)  # HALO_FAULT=nangrad@step: the hook above made one local gradient NaN
+    if hook is not None:
+        hook.remove()
     # ZeRO and bf16 optimizers report the (pre-clip) norm after step(); fp32 stage 0 does not, and
-    # its reduced gradients are still on the parameters here.
+    # its reduced gradients (the same on every rank) are still on the parameters here.
     params = [p.grad for p in ds.module.parameters() if p.grad is not None]
     pre_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in params]))) \
         if params else float("nan")
-    ds.step()
+    if params and ds.zero_optimization_stage() == 0 and guard.check(pre_norm, step, "gradient norm"):
+        ds.zero_grad()  # stage 0: nothing else holds the gradients
+        return skipped_row(global_loss, lr, guard), None
+    skipped_before = ds.skipped_steps
+    ds.step()  # ZeRO 1-3 find a non-finite norm themselves: they skip the update and clear the gradients
     norm = ds.get_global_grad_norm()
-    row = {"train/loss": global_loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else pre_norm,
+    norm = float(norm) if norm is not None else pre_norm
+    if ds.skipped_steps > skipped_before and guard.check(float("nan") if math.isfinite(norm) else norm, step,
+                                                         "gradient norm"):
+        return skipped_row(global_loss, lr, guard), None
+    row = {"train/loss": global_loss, "train/lr": lr, "train/grad_norm": norm,
            "train/skipped": 0.0, "train/skipped_total": float(guard.skipped)}
     return row, out.stats
+
+
+def skipped_row(global_loss: float, lr: float, guard: NonFiniteGuard) -> dict:
+    return {"train/loss": global_loss, "train/lr": lr, "train/skipped": 1.0,
+            "train/skipped_total": float(guard.skipped), "train/skipped_grad_total": float(guard.skipped_grad)}
 
 
 def doc_kwargs(docs) -> dict:

@@ -7,6 +7,7 @@ is found before any process group starts: a bad setting exits with one line nami
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,7 @@ OmegaConf.register_new_resolver("run_dir_of", run_dir_of, replace=True)
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from trainer import engine, loop
+    from trainer.config.redact import loggable
     from trainer.config.validate import ConfigError, load_config
     from trainer.state import checkpoint, preflight
     from trainer.state.faults import TrainingAborted, write_status
@@ -52,14 +54,20 @@ def main(dcfg: DictConfig) -> None:
     engine.set_environment()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     rank = int(os.environ.get("RANK", 0))
-    try:
-        cfg = load_config(dcfg)
-    except ConfigError as e:
-        config_error(str(e), run_dir)
     try:  # before anything of this run is written there: the directory may be another job's
         lock = preflight.RunDirLock(run_dir, rank)
     except ConfigError as e:
         config_error(str(e), None)
+    for handler in logging.getLogger().handlers:  # the per-rank log file (delay: true), now that it is ours
+        if isinstance(handler, logging.FileHandler):
+            Path(handler.baseFilename).touch()
+    if rank == 0:
+        write_hydra_record(dcfg, run_dir)
+    try:
+        cfg = load_config(dcfg)
+    except ConfigError as e:
+        lock.release() if rank == 0 else None
+        config_error(str(e), run_dir)
     try:
         resume_from = checkpoint.resolve_resume(cfg)
         facts = preflight.prepare_data(cfg, rank)
@@ -73,7 +81,7 @@ def main(dcfg: DictConfig) -> None:
         print(f"resuming from {resume_from} (step {checkpoint.read_meta(resume_from)['step']})" if resume_from else
               f"trainer.resume={cfg.trainer.resume}: no checkpoint in {cfg.trainer.ckpt_dir}; starting at step 0",
               file=sys.stderr, flush=True)
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved = loggable(dcfg)  # what config.yaml and W&B get: nothing read from the environment, no secret
     if rank == 0:
         OmegaConf.save(resolved, run_dir / "config.yaml")
     try:
@@ -87,6 +95,20 @@ def main(dcfg: DictConfig) -> None:
             lock.release()
     if summary:
         print(summary, flush=True)
+
+
+def write_hydra_record(dcfg: DictConfig, run_dir: Path) -> None:
+    """``.hydra/config.yaml`` (as composed, interpolations kept; credential-like keys redacted),
+    ``hydra.yaml`` and ``overrides.yaml``: what Hydra writes itself before the job, written here once
+    the run directory's lock is this job's (conf/config.yaml sets hydra.output_subdir: null)."""
+    from trainer.config.redact import unresolved
+
+    record = run_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    OmegaConf.save(unresolved(dcfg), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
 
 
 def config_error(message: str, run_dir: str | Path | None) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from model.pattern.base import Pattern, PatternError, Range, _positions, merge_ranges  # noqa: F401
+from model.pattern.ranges import ATTENTION
 from model.pattern.topk import TopKBlocks, block_mean  # noqa: F401
 
 
@@ -278,6 +279,8 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
             raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
         if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
             raise PatternError(f"attention.{key}: must be an integer, got {value!r}")
+    for key, rng in ATTENTION.items():  # every key given, used by this pattern or not
+        rng.check(f"attention.{key}", cfg.get(key), PatternError)
     if cls is PatternUnion:
         parts = cfg.get("parts") or []
         kwargs["parts"] = tuple(from_config({"causal": cfg.get("causal", True), **dict(p)}) for p in parts)

@@ -25,6 +25,7 @@ from model.pattern import PatternError
 from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
+from trainer.config import ranges
 from trainer.config.schema import (
     EVAL_TASKS,
     OBJECTIVES,
@@ -118,6 +119,7 @@ def _wandb_has_credentials() -> bool:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError (one line, naming the setting) for anything that cannot run."""
     _check_finite(cfg)
+    ranges.check(cfg)  # every numeric key inside its declared range, before any rule that computes with it
     for key in ("seq_len", "batch_size", "steps", "eval_batches"):
         if key == "steps" and cfg.steps == 0 and cfg.model.init_from is not None:
             continue  # steps=0 with model.init_from: write the imported model as a checkpoint, and exit

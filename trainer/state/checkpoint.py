@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config.validate import ConfigError, TrainConfig
-from trainer.state import integrity
+from trainer.state import integrity, safe_load
 from trainer.state.faults import TrainingAborted
 
 META = "meta.json"
@@ -133,6 +133,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
             raise ConfigError(f"trainer.resume: {resume} is corrupt: {problem(found[-1])}")
     if path is not None:
         check_compatible(read_meta(path), cfg, path)
+        safe_load.check_checkpoint(path)  # a file whose pickle would run code: refused before any process group
     return path
 
 
@@ -284,7 +285,9 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
 
 
 def load(engine, path: Path, sampler) -> int:
-    """Restore engine, sampler and RNG from ``path``; returns the step it was saved at."""
+    """Restore engine, sampler and RNG from ``path``; returns the step it was saved at. Every file
+    is read with ``weights_only=True`` (safe_load: a crafted pickle is refused, never run)."""
+    safe_load.install(engine)
     load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"trainer.resume: DeepSpeed found no checkpoint in {path}")

@@ -13,7 +13,7 @@
   on the first attempt of a torchrun group only (``TORCHELASTIC_RESTART_COUNT=0``), so the tests
   (and anyone checking a cluster setup) can kill, freeze or poison a real run. Kinds: ``kill``
   (SIGKILL itself), ``freeze`` (SIGSTOP itself: alive but silent), ``nan`` (the loss of the step
-  becomes NaN; ``nan@3-5`` for a range), ``sigterm``/``sigusr1`` (signal itself).
+  becomes NaN; ``nan@3-5`` for a range), ``nangrad`` (one gradient of the step becomes NaN, the loss stays finite), ``sigterm``/``sigusr1`` (signal itself).
 """
 
 from __future__ import annotations
@@ -196,24 +196,27 @@ class Liveness:
         self._stop.set()
 
 
-# --- non-finite losses ------------------------------------------------------------------------------
+# --- non-finite losses and gradients ---------------------------------------------------------------------------
 
 @dataclass
 class NonFiniteGuard:
     max_consecutive: int
-    skipped: int = 0
+    skipped: int = 0  # steps skipped in all, for either reason
+    skipped_grad: int = 0  # of them: a finite loss whose gradient was not finite
     in_a_row: int = 0
 
-    def check(self, loss: float, step: int) -> bool:
-        """True: the step must be skipped. Raises TrainingAborted after max_consecutive in a row."""
+    def check(self, loss: float, step: int, what: str = "loss") -> bool:
+        """True: the step must be skipped (``loss`` is the value of ``what``: the global loss, or the
+        global gradient norm). Raises TrainingAborted after max_consecutive in a row."""
         if math.isfinite(loss):
             self.in_a_row = 0
             return False
         self.skipped += 1
+        self.skipped_grad += what != "loss"
         self.in_a_row += 1
         if self.in_a_row >= self.max_consecutive:
             raise TrainingAborted(
-                f"the loss was {loss} for {self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}; "
+                f"the {what} was {loss} for {self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}; "
                 f"trainer.max_consecutive_nonfinite={self.max_consecutive}); stopping. Resume from the last "
                 "checkpoint with a lower optim.lr or more optim.warmup_steps")
         return True
@@ -228,7 +231,7 @@ class FaultInjection:
     last: int = 0
     rank: int | None = None
 
-    KINDS = ("kill", "freeze", "nan", "sigterm", "sigusr1")
+    KINDS = ("kill", "freeze", "nan", "nangrad", "sigterm", "sigusr1")
 
     @classmethod
     def from_env(cls, value: str | None = None) -> FaultInjection:
@@ -260,8 +263,12 @@ class FaultInjection:
         """True when this step's loss must become NaN on this rank."""
         return self.kind == "nan" and self._hits(step, rank)
 
+    def poison_grad(self, step: int, rank: int) -> bool:
+        """True when one gradient of this step must become NaN on this rank (the loss stays finite)."""
+        return self.kind == "nangrad" and self._hits(step, rank)
+
     def after_step(self, step: int, rank: int) -> None:
-        if self.kind == "nan" or not self._hits(step, rank):
+        if self.kind in ("nan", "nangrad") or not self._hits(step, rank):
             return
         sig = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "sigterm": signal.SIGTERM,
                "sigusr1": signal.SIGUSR1}[self.kind]

@@ -46,11 +46,10 @@ class CoverageError(ValueError):
 def pattern_coverage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: Pattern, cand: Pattern,
                      call: AttnCall, backend: str = "auto") -> torch.Tensor:
     """[B, H, Q]: the softmax mass under ``own`` that the keys of ``cand`` carry, exp(lse_C − lse_P),
-    over the keys: a learned sink is no key a pattern can drop, so both sides leave it out (documents
-    and positions as the call says)."""
-    keys = call.without_sinks()
-    lse_own = attend(q, k, v, own, keys, backend).lse
-    lse_cand = attend(q, k, v, cand, keys, backend).lse
+    with the call's positions, learned sinks (both softmaxes have the sink column: every candidate
+    keeps it, as the model would run it) and documents (both see only the query's own document)."""
+    lse_own = attend(q, k, v, own, call, backend).lse
+    lse_cand = attend(q, k, v, cand, call, backend).lse
     return torch.exp(lse_cand.double() - lse_own.double())
 
 
@@ -68,8 +67,9 @@ def check_subset(cand: Pattern, own: Pattern, seq_len: int, name: str, chunk: in
 
 
 class Recorder:
-    """An ``AttentionFn`` that computes the layer with its own pattern and, on the side, each
-    candidate's coverage; sums per layer and candidate ([H] sums of the mean over queries)."""
+    """An ``AttentionFn`` (model.attention's contract, sinks and documents included) that computes
+    the layer with its own pattern and, on the side, each candidate's coverage; sums per layer and
+    candidate ([H] sums of the mean over queries)."""
 
     def __init__(self, candidates: dict[str, Pattern], backend: str):
         self.candidates, self.backend = candidates, backend
@@ -95,20 +95,22 @@ class Recorder:
 @torch.no_grad()
 def measure(model: Transformer, batches: list, candidates: dict[str, Pattern], backend: str = "auto") -> dict:
     """Coverage per layer and eval loss (mean nats over the scored targets) with the trained patterns
-    and with each candidate substituted in every layer. ``batches``: (inputs, targets, positions)."""
+    and with each candidate substituted in every layer. ``batches``: (inputs, targets, positions[,
+    rope positions, document ids]) as ``LongDocSampler.next_shard`` gives them."""
     rec = Recorder(candidates, backend)
     own = list(model.patterns)
 
     def loss_with(fn) -> float:
         total = n = 0.0
-        for x, y, pos in batches:
-            out = model(x, positions=pos, attention_fn=fn, targets=y, seq_len=int(pos[-1]) + 1)
+        for x, y, pos, *docs in batches:
+            out = model(x, positions=pos, attention_fn=fn, targets=y, seq_len=int(pos[-1]) + 1,
+                        **dict(zip(("rope_positions", "doc_ids"), docs)))
             total, n = total + float(out.loss) * float(out.n_targets), n + float(out.n_targets)
         return total / max(n, 1.0)
 
     base = loss_with(rec)
     losses = {}
-    plain = functools.partial(local_attention, backend=backend)
+    plain = functools.partial(local_attention, backend=backend)  # the layer as the model computes it
     try:
         for name, cand in candidates.items():
             model.patterns = [cand] * len(own)
@@ -191,16 +193,17 @@ def eval_batches(cfg) -> list:
     else:
         d = cfg.data
         corpus = corpus_of(d)
-        sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed)
+        reset = d.document_mask if d.reset_positions is None else d.reset_positions  # as the trainer's sampler_for
+        sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed, documents=d.document_mask,
+                                 reset_positions=reset)
     return [sampler.next_shard(0, 1) for _ in range(cfg.eval_batches)]
 
 
 def load_model(cfg, ckpt: Path) -> Transformer:
-    from trainer import engine
-    model = engine.build_model(cfg)
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state, strict=False)  # empty global_emb became a buffer; nothing else differs
-    return model.eval()
+    """The checkpoint's weights (every ZeRO stage, strict keys, weights_only) in the model ``cfg`` describes."""
+    from trainer.state.run import load_run
+
+    return load_run(ckpt, "cpu", cfg)[1]
 
 
 def format_table(result: dict) -> str:
@@ -222,19 +225,23 @@ def main(argv: list[str]) -> dict:
     try:
         overrides, names, cand_kv, out = parse_args(argv)
         resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("trainer.resume=")), None)
-        if resume is None or not (Path(resume) / "mp_rank_00_model_states.pt").is_file():
-            raise CoverageError(f"trainer.resume: must be a checkpoint directory (step_N, with "
-                                f"mp_rank_00_model_states.pt); got {resume!r}")
-        cfg = run_config(Path(resume), [a for a in overrides if not a.startswith("trainer.resume=")])
+        if resume is None:
+            raise CoverageError("trainer.resume: required, the checkpoint directory to measure (step_N, or a "
+                                "directory of them)")
+        from trainer.state.run import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(resume)
+        cfg = run_config(ckpt, [a for a in overrides if not a.startswith("trainer.resume=")])
         candidates = load_candidates(names, cand_kv, cfg.seq_len)
         for name, c in candidates.items():
             for own in dict.fromkeys(cfg.patterns()):
                 check_subset(c, own, cfg.seq_len, name)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, ckpt)
     except (CoverageError, ConfigError, DataConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    torch.manual_seed(cfg.seed)
-    result = measure(load_model(cfg, Path(resume)), eval_batches(cfg), candidates, cfg.parallel.backend)
+    result = measure(model, eval_batches(cfg), candidates, cfg.parallel.backend)
     print(format_table(result))
     if out:
         Path(out).write_text(json.dumps(result, indent=1))

@@ -1,11 +1,8 @@
 """Sample from a trained checkpoint: ``python -m trainer.generate trainer.resume=CKPT prompt="..." max_new_tokens=N``.
 
 The user gives only the checkpoint (a ``step_*`` directory, or a directory of them: its newest
-intact one). The run's ``config.yaml`` (the trainer writes it into the run directory, the parent
-of ``trainer.ckpt_dir`` by default) gives the tokenizer and every layer's pattern; ``meta.json``
-gives the model's shape, and the two must agree. Weights are read from DeepSpeed's files without a
-process group: ZeRO stage 0 from the module state (bf16 runs stored bf16 weights; they are cast to
-fp32), stages 1-3 as the fp32 master weights DeepSpeed's ``zero_to_fp32`` reconstructs.
+intact one; or a run directory). ``trainer.state.run.load_run`` reads the run's config, model and
+tokenizer from it, at any ZeRO stage, with strict keys and ``weights_only`` loading.
 
 Greedy by default (``temperature=0``); ``temperature``, ``top_k``, ``top_p`` and ``seed`` sample.
 The prompt is prefilled with the training kernels, then one token at a time over a per-layer KV
@@ -22,8 +19,6 @@ Prints the prompt and its continuation, then one line: tokens/s and the cache's 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from dataclasses import dataclass, field, fields
@@ -34,11 +29,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.decode import Decoder, Documents, Sampling, generate
-from model.pattern import PatternError
+from model.pattern.ranges import SEED, SIZE, Bounds
 from model.transformer import Transformer
 from trainer.config.validate import ConfigError, TrainConfig, to_dataclass
-from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, DataConfigError, documents, get_tokenizer
-from trainer.state import checkpoint
+from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, DataConfigError
+from trainer.state import run
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -65,6 +60,11 @@ class GenerateConfig:
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
+# The range of every numeric key of GenerateConfig (tests/test_schema_ranges.py: none without one).
+RANGES = {"max_new_tokens": SIZE, "temperature": Bounds(0, note="0 = greedy"), "top_k": Bounds(0, note="0 = no limit"),
+          "top_p": Bounds(0, 1, lo_open=True), "seed": SEED}
+
+
 def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
     """The checked GenerateConfig (ConfigError: one line naming the setting)."""
     from kernels import BACKENDS
@@ -75,8 +75,8 @@ def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
     if cfg.trainer.resume in ("none", "auto", ""):
         raise ConfigError(f"trainer.resume: give the checkpoint to sample from (a step_* directory or a directory "
                           f"of them); got {cfg.trainer.resume!r}")
-    if cfg.max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
+    for key, bounds in RANGES.items():
+        bounds.check(key, getattr(cfg, key), ConfigError)
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
     if cfg.format not in ("text", "json"):
@@ -92,70 +92,15 @@ def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
 
 # --- the checkpoint -----------------------------------------------------------------------------------
 
-def resolve_checkpoint(path: str) -> Path:
-    """One intact checkpoint directory: ``path`` itself, or the newest intact one under it (or under
-    its ``checkpoints/``: a run directory)."""
-    p = Path(path).expanduser()
-    found = ([p] if (p / checkpoint.META).is_file() else
-             checkpoint.complete_checkpoints(p) or checkpoint.complete_checkpoints(p / "checkpoints"))
-    if not found:
-        raise ConfigError(f"trainer.resume: {path!r} is neither a checkpoint (with {checkpoint.META}), nor a directory "
-                          "holding one, nor a run directory with checkpoints/")
-    ckpt = checkpoint.newest_intact(found, warn=True)
-    if ckpt is None:
-        raise ConfigError(f"trainer.resume: {found[-1]} is corrupt: {checkpoint.problem(found[-1])}")
-    return ckpt
-
-
 def run_config(ckpt: Path) -> TrainConfig:
-    """The training config of the run that wrote ``ckpt``, checked against its meta.json."""
-    candidates = [ckpt / "config.yaml", ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise ConfigError(f"trainer.resume: no config.yaml of the run next to {ckpt} (looked in "
-                          f"{', '.join(str(c.parent) for c in candidates)}); copy the run's config.yaml there")
-    node = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
-    node.pop("hydra", None)
-    cfg = to_dataclass(TrainConfig, node)
-    meta = checkpoint.read_meta(ckpt)
-    try:
-        shape = {k: v for k, v in vars(cfg.model_config()).items() if k in checkpoint.SHAPE_KEYS}
-        patterns = cfg.patterns()
-    except (PatternError, DataConfigError, ValueError) as e:
-        raise ConfigError(f"{found}: {str(e).splitlines()[0]}") from None
-    if shape != meta["model"]:
-        raise ConfigError(f"trainer.resume: {found} describes a model of shape {shape}, {ckpt / checkpoint.META} "
-                          f"another: {meta['model']}; this config.yaml is not the checkpoint's run")
-    if getattr(cfg, "objective", "clm") != "clm" or not all(p.causal for p in patterns):
+    """The training config of the run that wrote ``ckpt`` (trainer.state.run), refused unless it decodes
+    left to right."""
+    cfg = run.run_config(ckpt)
+    if getattr(cfg, "objective", "clm") != "clm" or not all(p.causal for p in cfg.patterns()):
         raise ConfigError(f"attention.causal: {ckpt} was trained bidirectionally (objective="
                           f"{getattr(cfg, 'objective', 'clm')}); generation decodes left to right and needs "
                           "causal patterns (objective=clm)")
     return cfg
-
-
-def load_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 weights from DeepSpeed's files, without a process group."""
-    if zero_stage == 0:
-        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ConfigError(f"trainer.resume: {ckpt} holds no mp_rank_*_model_states.pt (DeepSpeed's model file)")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in state.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-
-
-def load_model(ckpt: Path, device: torch.device) -> tuple[Transformer, TrainConfig]:
-    cfg = run_config(ckpt)
-    model = Transformer(cfg.model_config(), cfg.patterns())
-    state = load_state_dict(ckpt, checkpoint.read_meta(ckpt)["zero_stage"])
-    model.load_state_dict(state, strict=False)  # lm_head.weight may be absent: tied to wte.weight
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.model_config().tie_embeddings else set())
-    if missing:
-        raise ConfigError(f"trainer.resume: {ckpt} lacks weights {sorted(missing)[:3]}")
-    return model.to(device).eval(), cfg
 
 
 def documents_of(cfg: TrainConfig) -> Documents | None:
@@ -163,12 +108,6 @@ def documents_of(cfg: TrainConfig) -> Documents | None:
     mask = cfg.data.document_mask
     reset = mask if cfg.data.reset_positions is None else cfg.data.reset_positions
     return Documents(DOC_SEP, mask, reset) if mask or reset else None
-
-
-def tokenizer_of(cfg: TrainConfig):
-    d = cfg.data
-    docs = documents(d.path) if d.tokenizer != "bytes" else None
-    return get_tokenizer(d.tokenizer, docs, d.cache_dir, d.val_fraction, d.bpe_vocab_size)
 
 
 def prompt_tokens(text: str, tokenizer, n_slots: int) -> torch.Tensor:
@@ -187,11 +126,10 @@ def main(dcfg: DictConfig) -> None:
     set_environment()
     try:
         cfg = load_generate_config(dcfg)
-        ckpt = resolve_checkpoint(cfg.trainer.resume)
+        ckpt = run.resolve_checkpoint(cfg.trainer.resume)
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)
-        model, train_cfg = load_model(ckpt, device)
-        tok = tokenizer_of(train_cfg)
+        train_cfg, model, tok = run.load_run(ckpt, device, run_config(ckpt))
     except (ConfigError, DataConfigError) as e:
         config_error(str(e).splitlines()[0], None)
     g = model.cfg.n_learned_global
