@@ -22,6 +22,7 @@ RANGES: dict[str, Bounds] = {
     "model.n_kv_heads": SIZE, "model.d_ff": Bounds(1, note="null: 8/3 of d_model"),
     "model.rope_theta": Bounds(0, lo_open=True, note="the rotary base; null: the preset's"),
     "model.n_learned_global": COUNT, "model.dense_every": Bounds(0, note="0 = no dense layers"),
+    "model.loss_chunk": Bounds(0, note="0 = the whole LM head at once"),
     "parallel.sequence_parallel_size": Bounds(1, note="null: all ranks"), "parallel.tensor_parallel_size": SIZE,
     "parallel.timeout_s": Bounds(0, lo_open=True, note="seconds"), "parallel.zero_stage": Bounds(0, 3, one_of=(0, 1, 2, 3)),
     "data.bpe_vocab_size": SIZE, "data.val_fraction": Bounds(0, 1, True, True, "evaluation needs data"),
@@ -40,12 +41,13 @@ RANGES: dict[str, Bounds] = {
 
 def numeric_keys(cls, prefix: str = "") -> dict[str, type]:
     """Every field of ``cls`` (recursively) whose type holds a number: int, float, their optional,
-    tuple and list forms. Derived fields are not read from the YAML and have no range."""
+    tuple and list forms. Derived fields are not read from the YAML and have no range; a field whose
+    range another module checks names it (``range_checked_by``) and is tested there."""
     out = {}
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         hint = hints[f.name]
-        if f.metadata.get("derived"):
+        if f.metadata.get("derived") or f.metadata.get("range_checked_by"):  # the latter names its checker
             continue
         if is_dataclass(hint):
             out.update(numeric_keys(hint, f"{prefix}{f.name}."))

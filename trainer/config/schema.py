@@ -78,7 +78,9 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    path: str | list[str | float] | dict | None = None  # trainer/data/formats.py: file, dir, glob, blend
+    # trainer/data/formats.py: file, dir, glob, blend; its blend weights' range (> 0) is checked there,
+    # where the message can name the part a weight belongs to
+    path: str | list[str | float] | dict | None = field(default=None, metadata={"range_checked_by": "trainer.data.formats"})
     tokenizer: str = "bytes"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.01
