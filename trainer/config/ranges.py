@@ -16,7 +16,8 @@ FRACTION = Bounds(0, 1, lo_open=True, hi_open=True)
 POSITIVE = Bounds(0, lo_open=True)
 
 RANGES: dict[str, Bounds] = {
-    "seq_len": SIZE, "batch_size": SIZE, "steps": SIZE, "seed": SEED,
+    "seq_len": SIZE, "batch_size": SIZE, "steps": Bounds(0, note="0 only with model.init_from: convert, no training"),
+    "seed": SEED,
     "eval_every": Bounds(0, note="0 = only after the last step"), "eval_batches": SIZE,
     "model.vocab_size": SIZE, "model.d_model": SIZE, "model.n_layers": SIZE, "model.n_heads": SIZE,
     "model.n_kv_heads": SIZE, "model.d_ff": Bounds(1, note="null: 8/3 of d_model"),

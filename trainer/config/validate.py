@@ -120,13 +120,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError (one line, naming the setting) for anything that cannot run."""
     _check_finite(cfg)
     ranges.check(cfg)  # every numeric key inside its declared range, before any rule that computes with it
-    for key in ("seq_len", "batch_size", "steps", "eval_batches"):
-        if key == "steps" and cfg.steps == 0 and cfg.model.init_from is not None:
-            continue  # steps=0 with model.init_from: write the imported model as a checkpoint, and exit
-        _require(getattr(cfg, key) >= 1, key, "must be >= 1 (0 only with model.init_from: convert, no training)",
-                 getattr(cfg, key))
-    _require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63) (numpy and torch seeds are non-negative)", cfg.seed)
-    _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = only after the last step)", cfg.eval_every)
+    # steps=0 with model.init_from: write the imported model as a checkpoint, and exit
+    _require(cfg.steps >= 1 or cfg.model.init_from is not None, "steps",
+             "must be >= 1 (0 only with model.init_from: convert, no training)", cfg.steps)
     for task in cfg.eval_tasks:
         _one_of(task, EVAL_TASKS, "eval_tasks")
     _one_of(cfg.objective, OBJECTIVES, "objective")

@@ -30,14 +30,12 @@ KEYS = ("trainer.resume", "out", "as_dense")
 
 
 def load_checkpoint(resume: str):
-    """(model, train config, checkpoint path): the one place the export reads a checkpoint."""
-    from trainer.tools.generate import load_model, resolve_checkpoint
+    """(model, train config, checkpoint path): the run loader's (``trainer.state.run.load_run``: every
+    ZeRO stage, strict keys, weights_only), as generation and coverage read it."""
+    from trainer.state.run import load_run, resolve_checkpoint
 
-    path = Path(resume).expanduser()
-    if (path / "checkpoints").is_dir():  # a run directory: its checkpoints
-        path = path / "checkpoints"
-    ckpt = resolve_checkpoint(str(path))
-    model, cfg = load_model(ckpt, torch.device("cpu"))
+    ckpt = resolve_checkpoint(resume)
+    cfg, model, _ = load_run(ckpt, "cpu")
     return model, cfg, ckpt
 
 
