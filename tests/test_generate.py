@@ -59,13 +59,7 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny single-token ops: threads only contend on the shared 2-core machine (5x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(pattern, **overrides) -> Transformer:

@@ -35,12 +35,7 @@ SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_attention
              initializer_range=0.3, bos_token_id=0, eos_token_id=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_tokenizer(d: Path) -> None:

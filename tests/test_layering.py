@@ -105,3 +105,23 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert "trainer.train" in imports(f)
     assert layer("kernels.blocked") == ("kernels", 1) and layer("model.pattern.topk") == ("model.pattern", 0)
     assert layer("trainer.train")[1] > layer("parallel.halo")[1]
+
+
+def test_trainer_rooms_form_no_cycle():
+    """trainer/'s rooms (config, data, state, tools, hf and the top modules) depend one way: no two
+    rooms import each other, however indirectly."""
+    def room(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    edges: dict[str, set[str]] = {}
+    for mod, deps in GRAPH.items():
+        if mod.startswith("trainer."):
+            edges.setdefault(room(mod), set()).update(room(d) for d in deps
+                                                      if d.startswith("trainer.") and room(d) != room(mod))
+    assert {"trainer.config", "trainer.data", "trainer.state", "trainer.tools"} <= set(edges)
+
+    def reaches(a: str, b: str, seen: frozenset = frozenset()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in edges.get(a, ()))
+
+    loops = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if reaches(b, a))
+    assert not loops, loops

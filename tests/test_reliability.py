@@ -22,7 +22,8 @@ import pytest
 
 from tests.train_utils import PY, REPO, SMALL, TORCHRUN, _env, rows, train
 from trainer.config.validate import ConfigError
-from trainer.state import checkpoint, integrity, preflight
+from trainer.data import integrity
+from trainer.state import checkpoint, preflight
 
 # --- checkpoint integrity -------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import torch
 
 from tests.train_utils import PY, REPO, _env, train
 from trainer.config.validate import ConfigError
-from trainer.state import checkpoint, integrity, safe_load
+from trainer.data import integrity
+from trainer.state import checkpoint, safe_load
 
 TINY = ["seq_len=128", "batch_size=1", "eval_every=0", "eval_batches=1", "logging.wandb=disabled",
         "logging.mask_png=false", "attention.window_left=32", "attention.num_global=4"]

@@ -16,7 +16,7 @@ the model learns that what follows a NUL is unrelated to what precedes it.
 
 Cache. The stream is written once to ``<cache_dir>/<key>.<dtype>.bin`` (uint8 when the vocabulary
 fits in a byte, else uint16) and opened as a numpy memmap afterwards, so the second load reads no
-source file. Its size and block checksums are recorded beside it (``trainer/integrity.py``); a cache
+source file. Its size and block checksums are recorded beside it (``trainer/data/integrity.py``); a cache
 that no longer matches them (truncated, overwritten, zero-filled) is rebuilt, with a warning line.
 The key hashes the tokenizer's identity (name, vocab size and, for BPE, the trained tokenizer.json),
 the format, row keys and blend weights, and the list of (path, size, mtime) of the sources. A BPE tokenizer is cached too, as
@@ -46,11 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import bpe, formats, hf_tokenizer
+from trainer.data import bpe, formats, hf_tokenizer, integrity
 from trainer.data.cache import build_cache, token_dtype
 from trainer.data.formats import Fields, Record
 from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
-from trainer.state import integrity
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tokens"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes

@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.config.validate import ConfigError, TrainConfig
-from trainer.state import integrity, safe_load
+from trainer.data import integrity
+from trainer.state import safe_load
 from trainer.state.faults import TrainingAborted
 
 META = "meta.json"
