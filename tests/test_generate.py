@@ -27,13 +27,12 @@ from model.pattern import BigBird, Dense, PatternUnion, Strided, TopKBlocks, Win
 from model.transformer import ModelConfig, Transformer
 from tests.train_utils import PY, REPO, _env, train
 from trainer.config.validate import ConfigError
-from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, ByteTokenizer, load_corpus
+from trainer.data.corpus import DOC_SEP, ByteTokenizer, load_corpus
 from trainer.data.sampling import LongDocSampler, document_positions
 from trainer.state.run import load_run, resolve_checkpoint
 from trainer.tools.generate import (
     _preflight,
     documents_of,
-    generate_passkey_accuracy,
     load_generate_config,
     run_config,
 )
@@ -208,17 +207,6 @@ def test_top_k_and_top_p_filter():
     assert draws == {0, 1}
     draws = {int(next_token(logits, Sampling(temperature=1.0, top_p=0.5), gen)) for _ in range(50)}
     assert draws == {0}  # the first token alone already holds 0.72 >= 0.5
-
-
-def test_passkey_hook_scores_generated_answers():
-    """Answers the model generates itself score 1; one wrong digit in one of two rows scores 0.5."""
-    model = tiny_model(PATTERNS["sink"])
-    seq = generate(model, torch.randint(0, 64, (2, 20)), max_new_tokens=5).tokens  # (2, 25)
-    inputs, targets = seq[:, :-1], torch.full((2, 24), IGNORE_INDEX)
-    targets[:, -5:] = seq[:, -5:]  # the last 5 targets are the answers, as in passkey_batch
-    assert generate_passkey_accuracy(model, inputs, targets) == 1.0
-    targets[1, -2] = (targets[1, -2] + 1) % 64
-    assert generate_passkey_accuracy(model, inputs, targets) == 0.5
 
 
 @pytest.fixture(scope="module")

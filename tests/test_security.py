@@ -1,6 +1,6 @@
 """Nothing a file contains runs as code: a checkpoint whose DeepSpeed model file is a pickle with a
 payload (``__reduce__`` -> ``os.system`` creating a marker file), shipped with a matching sha256
-manifest as a crafted checkpoint would, is refused by resume, generate and coverage: exit 2, one
+manifest as a crafted checkpoint would, is refused by resume, generate, coverage and export: exit 2, one
 line naming the file, and the marker never exists."""
 
 from __future__ import annotations
@@ -101,6 +101,14 @@ def test_coverage_refuses_the_payload(crafted):
                            "candidate.window_left=8", "candidate.num_global=4"], cwd=REPO, env=_env(HALO_SECRET=SECRET),
                           capture_output=True, timeout=120)
     _refused(proc, ckpt, marker)
+
+
+def test_export_refuses_the_payload(crafted, tmp_path):
+    _, ckpt, marker = crafted
+    proc = subprocess.run([PY, "-m", "trainer.export", f"trainer.resume={ckpt}", f"out={tmp_path / 'hf'}"], cwd=REPO,
+                          env=_env(HALO_SECRET=SECRET), capture_output=True, timeout=120)
+    _refused(proc, ckpt, marker)
+    assert not (tmp_path / "hf").exists()  # nothing written
 
 
 def test_the_safe_engine_loads_through_safe_load(crafted):

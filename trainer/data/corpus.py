@@ -385,34 +385,3 @@ def passkey_batch(seq_len: int, depth: float, rng: np.random.Generator | int, ba
     targets[:, -5:] = torch.from_numpy(ids[:, -5:])
     info = {"keys": keys, "needle_pos": pos, "key_pos": pos + NEEDLE.index("{key}")}
     return TaskBatch(torch.from_numpy(ids[:, :-1]), targets, info)
-
-
-def associative_recall_batch(seq_len: int, n_pairs: int, vocab: int, rng: np.random.Generator | int,
-                             batch_size: int = 1) -> TaskBatch:
-    """Associative recall: ``k1 v1 … kn vn`` at the start (keys distinct, from [1, vocab/2); values
-    from [vocab/2, vocab)), padding 0 up to the last token, which repeats one key; the target there
-    is its value. ``info["query_index"]`` says which pair is asked."""
-    half = vocab // 2
-    if not 1 <= n_pairs <= half - 1:
-        raise DataConfigError(f"n_pairs: must be in [1, vocab/2 - 1 = {half - 1}], got {n_pairs}")
-    if 2 * n_pairs + 1 > seq_len:
-        raise DataConfigError(f"seq_len: must be >= 2·n_pairs + 1 = {2 * n_pairs + 1}, got {seq_len}")
-    rng = np.random.default_rng(rng)
-    inputs = np.zeros((batch_size, seq_len), dtype=np.int64)
-    targets = np.full((batch_size, seq_len), IGNORE_INDEX, dtype=np.int64)
-    which = rng.integers(n_pairs, size=batch_size)
-    for b in range(batch_size):
-        keys = rng.choice(np.arange(1, half), size=n_pairs, replace=False)
-        values = rng.integers(half, vocab, size=n_pairs)
-        inputs[b, 0: 2 * n_pairs: 2], inputs[b, 1: 2 * n_pairs: 2] = keys, values
-        inputs[b, -1], targets[b, -1] = keys[which[b]], values[which[b]]
-    return TaskBatch(torch.from_numpy(inputs), torch.from_numpy(targets), {"query_index": which.tolist()})
-
-
-def task_accuracy(logits: torch.Tensor, batch: TaskBatch) -> float:
-    """Exact match per example: every answer target equals the argmax. ``logits`` [B, T', V] may lack
-    leading rows (learned global slots): rows are aligned from the end."""
-    targets = batch.targets[:, -logits.shape[1]:]
-    answer = targets != IGNORE_INDEX
-    hit = (logits.argmax(-1) == targets) | ~answer
-    return float(hit.all(dim=1).float().mean())

@@ -23,13 +23,6 @@ def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
     return start, end - start
 
 
-def shard_for_sp(batch: torch.Tensor, sp_rank: int, sp_size: int):
-    """Windows [B, seq_len + 1] -> this SP rank's (inputs [B, L], targets [B, L], positions [L])."""
-    lo, L = shard_bounds(batch.shape[1] - 1, sp_rank, sp_size)
-    chunk = batch[:, lo: lo + L + 1]  # one token more: the last input's target
-    return chunk[:, :-1], chunk[:, 1:], torch.arange(lo, lo + L)
-
-
 def document_positions(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(doc ids, positions within the document), each [B, T], of windows ``tokens`` [B, T] (from their start).
 
@@ -105,7 +98,7 @@ class LongDocSampler:
         return self.read(self.next_starts(), 0, self.seq_len + 1)
 
     def next_shard(self, sp_rank: int = 0, sp_size: int = 1):
-        """Like ``shard_for_sp(next(self), ...)``, reading only this SP rank's L + 1 tokens per window.
+        """This SP rank's part of the next windows, reading only its L + 1 tokens per window.
 
         With ``reset_positions`` it also returns the shard's rotary positions [B, L] (restarting per
         document), and with ``documents`` then its document ids [B, L] (absolute rotary positions

@@ -28,11 +28,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from model.decode import Decoder, Documents, Sampling, generate
+from model.decode import Documents, Sampling, generate
 from model.pattern.ranges import SEED, SIZE, Bounds
-from model.transformer import Transformer
 from trainer.config.validate import ConfigError, TrainConfig, to_dataclass
-from trainer.data.corpus import DOC_SEP, IGNORE_INDEX, DataConfigError
+from trainer.data.corpus import DOC_SEP, DataConfigError
 from trainer.state import run
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -150,31 +149,6 @@ def main(dcfg: DictConfig) -> None:
     print(tok.decode(out.tokens[0, g:].tolist()), flush=True)
     print(f"[{ckpt}] {cfg.max_new_tokens} tokens, {rate:,.1f} tokens/s decoding (prefill {tokens.shape[1]} tokens "
           f"in {out.prefill_s:.3f} s); KV cache {out.cache_bytes:,} bytes ({out.cache})", file=sys.stderr)
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def generate_passkey_accuracy(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor,
-                              backend: str = "auto", documents: Documents | None = None) -> float:
-    """Exact-match rate of the answers, generated greedily: the prompt (everything before the first
-    answer) is prefilled, then one token at a time over the KV cache. ``inputs``/``targets`` [B, T]:
-    a task batch of the whole sequence (learned global slots included), answers where targets are
-    not IGNORE_INDEX. Between answers (recall's questions) the given tokens are fed; through a run of
-    answers (passkey's digits) the fed token is the answer, which equals the generated one in every
-    row still exact, so a row's score is that of free generation."""
-    scored = targets != IGNORE_INDEX  # (B, T)
-    cols = torch.nonzero(scored.any(0)).flatten().tolist()
-    if not cols:
-        raise ValueError("targets: no answer to score (every target is IGNORE_INDEX)")
-    dec = Decoder(model, cols[-1] + 1, backend, documents)
-    logits = dec.prefill(inputs[:, :cols[0] + 1])  # predicts targets[:, cols[0]]
-    exact = torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
-    for j in range(cols[0], cols[-1] + 1):
-        if j > cols[0]:
-            logits = dec.step(inputs[:, j])
-        exact &= (logits.argmax(-1) == targets[:, j]) | ~scored[:, j]
-    return float(exact.float().mean())
 
 
 def _preflight(argv: list[str]) -> str | None:
