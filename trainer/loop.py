@@ -168,9 +168,8 @@ def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | M
     if cfg.data.task != "text":
         return TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
                            reserved=cfg.model.n_learned_global, text_tokens=tokens)
-    reset = cfg.data.document_mask if cfg.data.reset_positions is None else cfg.data.reset_positions
     sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
-                             documents=cfg.data.document_mask, reset_positions=reset)
+                             documents=cfg.data.document_mask, reset_positions=cfg.data.resets_positions)
     return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from kernels.stats import head_summary, reduce_head_sums
 from parallel.comm import DIRECTIONS, CommCounter
+from trainer.config.validate import wandb_mode
 
 
 def peak_memory_gb() -> float:
@@ -68,7 +68,7 @@ class Metrics:
 
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
-        mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb
+        mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb
 

@@ -97,6 +97,12 @@ class DataSection:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
 
+    @property
+    def resets_positions(self) -> bool:
+        """Rotary positions restart per document: ``reset_positions``, or when unset ``document_mask``
+        (the one place this default is resolved: the trainer, generation and coverage read it)."""
+        return self.document_mask if self.reset_positions is None else self.reset_positions
+
 
 @dataclass
 class OptimSection:

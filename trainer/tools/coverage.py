@@ -193,9 +193,8 @@ def eval_batches(cfg) -> list:
     else:
         d = cfg.data
         corpus = corpus_of(d)
-        reset = d.document_mask if d.reset_positions is None else d.reset_positions  # as the trainer's sampler_for
         sampler = LongDocSampler(corpus.val, cfg.seq_len, cfg.batch_size, cfg.seed, documents=d.document_mask,
-                                 reset_positions=reset)
+                                 reset_positions=d.resets_positions)
     return [sampler.next_shard(0, 1) for _ in range(cfg.eval_batches)]
 
 

@@ -105,7 +105,7 @@ def run_config(ckpt: Path) -> TrainConfig:
 def documents_of(cfg: TrainConfig) -> Documents | None:
     """The packed-document settings the model was trained with (data.document_mask / reset_positions)."""
     mask = cfg.data.document_mask
-    reset = mask if cfg.data.reset_positions is None else cfg.data.reset_positions
+    reset = cfg.data.resets_positions
     return Documents(DOC_SEP, mask, reset) if mask or reset else None
 
 
