@@ -225,6 +225,14 @@ class LMOutput(NamedTuple):
     stats: list[StatSums] | None  # per layer, per-head sums over this call's queries (detached)
 
 
+def check_learned_global(n_learned_global: int, patterns: Sequence[Pattern]) -> None:
+    """The learned global slots are global tokens of every layer (the model and the config check call it)."""
+    for i, p in enumerate(patterns):
+        if p.num_global < n_learned_global:
+            raise ValueError(f"model.n_learned_global: must be <= attention.num_global of every layer "
+                             f"(layer {i} has {p.num_global}); got {n_learned_global}")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, patterns: Pattern | Sequence[Pattern]):
         super().__init__()
@@ -232,10 +240,7 @@ class Transformer(nn.Module):
         patterns = [patterns] * cfg.n_layers if isinstance(patterns, Pattern) else list(patterns)
         if len(patterns) != cfg.n_layers:
             raise ValueError(f"model.n_layers: {cfg.n_layers} layers but {len(patterns)} patterns given")
-        for i, p in enumerate(patterns):
-            if p.num_global < cfg.n_learned_global:
-                raise ValueError(f"model.n_learned_global: must be <= attention.num_global of every layer "
-                                 f"(layer {i} has {p.num_global}), got {cfg.n_learned_global}")
+        check_learned_global(cfg.n_learned_global, patterns)
         self.cfg, self.patterns = cfg, patterns
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.n_learned_global:

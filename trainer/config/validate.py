@@ -22,6 +22,7 @@ import torch
 
 from kernels import BACKENDS
 from model.pattern import PatternError
+from model.transformer import check_learned_global
 from parallel.context import ParallelConfigError, check_sizes
 from parallel.sharding import check_divisible
 from parallel.sp_attention import STRATEGIES, pick_strategy
@@ -197,9 +198,10 @@ def _validate_model(cfg: TrainConfig) -> None:
             raise ConfigError(f"objective: clm (next-token loss) needs causal attention, but layer {i}'s pattern {p} "
                               "lets queries see later keys, their own targets among them; use objective=mlm "
                               "(masked tokens), or a causal pattern (attention.causal=true, attention.window_right=0)")
-        if p.num_global < model.n_learned_global:
-            raise ConfigError(f"model.n_learned_global: must be <= attention.num_global of every layer "
-                              f"(layer {i} has {p.num_global}); got {model.n_learned_global}")
+    try:
+        check_learned_global(model.n_learned_global, patterns)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(model.ffn_dim >= 1, "model.d_ff", "must be >= 1 (null: 8/3 of d_model)", model.d_ff)
     _require(model.rope_theta > 0, "model.rope_theta", "must be > 0 (the rotary base; null: the preset's)",
              model.rope_theta)
