@@ -36,7 +36,7 @@ SETTINGS = {
             "training seconds are in train_s (the shared machine's load changed between runs)",
 }
 
-# How the task sizes were chosen: short single-process runs (trainer/tasks.py batches, the model with
+# How the task sizes were chosen: short single-process runs (trainer/data/tasks.py batches, the model with
 # plain AdamW at a constant learning rate after 10 warmup steps, not the trainer; measured on this
 # machine while it was shared), before the study.
 NOTES = [

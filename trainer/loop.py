@@ -147,7 +147,7 @@ def summary_extra(cfg: TrainConfig, s: Session, saved: Path | None, run_dir: Pat
     return extra
 
 
-OBJECTIVE_NAMES = {"clm": "clm (next-token loss)", "mlm": "mlm (masked-token loss, trainer/mlm.py)"}
+OBJECTIVE_NAMES = {"clm": "clm (next-token loss)", "mlm": "mlm (masked-token loss, trainer/data/mlm.py)"}
 
 
 def load_data(cfg: TrainConfig, ctx):
@@ -164,7 +164,7 @@ def load_data(cfg: TrainConfig, ctx):
 
 def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | MaskedLMSampler:
     """The batches of the objective: next-token windows (clm) or their masked-LM corruption (mlm);
-    with data.task != text the task's sequences (trainer/tasks.py; ``tokens`` only for mix's text)."""
+    with data.task != text the task's sequences (trainer/data/tasks.py; ``tokens`` only for mix's text)."""
     if cfg.data.task != "text":
         return TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
                            reserved=cfg.model.n_learned_global, text_tokens=tokens)
@@ -244,7 +244,7 @@ def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengt
     several bytes). ``byte_lengths``: [vocab] the bytes each token id stands for (the tokenizer's).
     mlm: loss and accuracy of the masked-token predictions (bits per byte would mean nothing: only
     the chosen positions are scored, each given both of its neighbours)."""
-    if cfg.data.task != "text":  # the task's own eval stream: answer loss and accuracy (trainer/tasks.py)
+    if cfg.data.task != "text":  # the task's own eval stream: answer loss and accuracy (trainer/data/tasks.py)
         return evaluate_task(ds, val_tokens, cfg, ctx, fwd, group)
     nbytes = torch.from_numpy(byte_lengths).to(ctx.device)
     sampler = sampler_for(cfg, val_tokens, ctx)

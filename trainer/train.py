@@ -1,7 +1,7 @@
 """Entry point: ``python -m trainer.train [overrides]`` or ``torchrun --nproc_per_node N -m trainer.train``.
 
 Hydra composes ``conf/config.yaml``; ``--cfg job`` prints it, ``-m attention=window,longformer``
-sweeps. The config is converted and validated (trainer/config.py) and the checkpoint to resume
+sweeps. The config is converted and validated (trainer/config/validate.py) and the checkpoint to resume
 is found before any process group starts: a bad setting exits with one line naming it.
 """
 

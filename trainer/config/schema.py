@@ -87,7 +87,7 @@ class DataSection:
     cache_dir: str | None = None
     document_mask: bool = False  # queries see only their own document (ids from DOC_SEP); globals excepted
     reset_positions: bool | None = None  # rotary positions restart per document; None: = document_mask
-    task: str = "text"  # text | passkey | recall | mix: trainer/tasks.py (loss on the answers only)
+    task: str = "text"  # text | passkey | recall | mix: trainer/data/tasks.py (loss on the answers only)
     passkey: PasskeyParams = field(default_factory=PasskeyParams)
     recall: RecallParams = field(default_factory=RecallParams)
     mix: MixParams = field(default_factory=MixParams)
@@ -128,7 +128,7 @@ class LoggingSection:
 
 @dataclass
 class MlmSection:
-    mask_prob: float = 0.15  # fraction of (non-global) positions chosen; trainer/mlm.py says what happens to them
+    mask_prob: float = 0.15  # fraction of (non-global) positions chosen; trainer/data/mlm.py says what happens to them
 
 
 @dataclass
@@ -187,7 +187,7 @@ class TrainConfig:
         return self.model.build(self.tokenizer_vocab() + int(self.objective == "mlm"))
 
     def mlm_spec(self) -> MlmSpec:
-        """What trainer/mlm.py needs: never chosen are the global positions of any layer."""
+        """What trainer/data/mlm.py needs: never chosen are the global positions of any layer."""
         return MlmSpec(mask_prob=self.mlm.mask_prob, mask_id=self.tokenizer_vocab(),
                        tokenizer_vocab=self.tokenizer_vocab(), num_global=max(p.num_global for p in self.patterns()),
                        seed=self.seed)

@@ -1,7 +1,7 @@
 """Token data: corpus -> memory-mapped token cache -> resumable window sampler -> sequence shards.
 
 Corpus. Byte-level tokens by default (vocab 256); ``data.tokenizer=bpe`` is a byte-level BPE of
-``data.bpe_vocab_size`` tokens (trainer/bpe.py) trained here on the training split. Without
+``data.bpe_vocab_size`` tokens (trainer/data/bpe.py) trained here on the training split. Without
 ``data.path`` the corpus is the Python standard library's own ``.py`` sources
 (``sysconfig.get_paths()["stdlib"]``, site-packages and __pycache__ left out), so training works with
 nothing downloaded. Files are taken in sorted path order; every top-level package (or single module)

@@ -68,7 +68,7 @@ class MixParams:
 
 @dataclass
 class TaskParams:
-    """The task part of the ``data`` section (trainer/config.py nests these under ``data``)."""
+    """The task part of the ``data`` section (trainer/config/schema.py nests these under ``data``)."""
 
     task: str = "text"
     passkey: PasskeyParams = field(default_factory=PasskeyParams)
@@ -244,7 +244,7 @@ def depth_bin(start: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def task_params(data) -> TaskParams:
-    """The TaskParams of a config's ``data`` section (trainer/config.py DataSection)."""
+    """The TaskParams of a config's ``data`` section (trainer/config/schema.py DataSection)."""
     return TaskParams(task=data.task, passkey=data.passkey, recall=data.recall, mix=data.mix)
 
 
