@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch.proc import run_process_group
-from tests.train_utils import PY, REPO, _env
+from tests.train_utils import PY, REPO, Payload, _env
 
 
 def table_rows() -> list[tuple[str, str, str]]:
@@ -53,24 +53,12 @@ def saved_checkpoint(root: Path) -> Path:
     return path
 
 
-class _Payload:
-    """Unpickling runs ``touch MARKER``: what a crafted checkpoint could do instead."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def payload_checkpoint(root: Path) -> Path:
     """``saved_checkpoint`` with a DeepSpeed model file whose pickle would run code."""
     import torch
 
     path = saved_checkpoint(root)
-    torch.save({"module": _Payload(root / "PAYLOAD_RAN")}, path / "mp_rank_00_model_states.pt")
+    torch.save({"module": Payload(root / "PAYLOAD_RAN")}, path / "mp_rank_00_model_states.pt")
     return path
 
 

@@ -6,7 +6,6 @@ line naming the file, and the marker never exists."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_utils import PY, REPO, _env, train
+from tests.train_utils import PY, REPO, Payload, _env, train
 from trainer.config.validate import ConfigError
 from trainer.data import integrity
 from trainer.state import checkpoint, safe_load
@@ -23,16 +22,6 @@ TINY = ["seq_len=128", "batch_size=1", "eval_every=0", "eval_batches=1", "loggin
         "logging.mask_png=false", "attention.window_left=32", "attention.num_global=4"]
 MODEL_FILE = "mp_rank_00_model_states.pt"
 SECRET = "hf_s3cr3t-t0ken-value"
-
-
-class Payload:
-    """Unpickling this runs ``touch MARKER`` (what any crafted checkpoint could do instead)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def reseal(ckpt: Path) -> None:

@@ -47,3 +47,15 @@ def train(*overrides: str, nproc: int = 1, timeout: float = 180, env: dict | Non
 def rows(run_dir: Path) -> dict[int, dict]:
     """metrics.jsonl of a run, by step."""
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER`` (what any crafted checkpoint could do instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
