@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
+from model.moe import MoE, RouterSums, merge_router_sums
 from model.pattern import Dense, Pattern, from_config
 from model.rope import RopeScaling, scaled_rotary_angles
 
@@ -53,13 +54,22 @@ class ModelConfig:
     init_std: float = 0.02
     # Imported architectures (trainer/hf); the defaults are the models trained here, bit for bit.
     head_dim: int | None = None  # None: d_model // n_heads
-    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, gpt-oss)
+    out_bias: bool = False  # a bias on the attention's output projection (gpt-oss, Llama attention_bias)
     rope_scaling: dict | None = None  # a Hugging Face rope_parameters entry (model.rope.RopeScaling fields)
     hidden_act: str = "silu"  # SwiGLU's gate; the only one the MLP computes
     # > 0: the LM head and cross-entropy run over this many rows at a time, each chunk recomputed in
     # backward, so no [tokens, vocab] logits tensor exists (ALST's tiled loss); the output then has
     # no logits. 0: one matmul over every row.
     loss_chunk: int = 0
+    # Mixture of experts (model.moe): n_experts > 0 replaces every layer's SwiGLU by gpt-oss's router and
+    # experts, each of hidden size ffn_dim, experts_per_token of them per token; swiglu_alpha/limit are the
+    # experts' clamped SwiGLU. router_aux_loss_coef > 0 adds that times the load-balancing loss (the trainer).
+    n_experts: int = 0
+    experts_per_token: int = 2
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    router_aux_loss_coef: float = 0.0
 
     @property
     def ffn_dim(self) -> int:
@@ -75,6 +85,20 @@ class ModelConfig:
             raise ValueError(f"model.loss_chunk: must be >= 0 (0 = unchunked), got {self.loss_chunk}")
         if self.n_learned_global < 0:
             raise ValueError(f"model.n_learned_global: must be >= 0, got {self.n_learned_global}")
+        if self.n_experts < 0:
+            raise ValueError(f"model.n_experts: must be >= 0 (0 = a dense SwiGLU), got {self.n_experts}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"model.experts_per_token: must be in [1, model.n_experts={self.n_experts}], got "
+                             f"{self.experts_per_token}")
+        for key in ("swiglu_alpha", "swiglu_limit"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key}: must be > 0, got {getattr(self, key)}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"model.router_aux_loss_coef: must be >= 0 (0 = no load-balancing loss), got "
+                             f"{self.router_aux_loss_coef}")
+        if self.router_aux_loss_coef and not self.n_experts:
+            raise ValueError("model.router_aux_loss_coef: weighs the experts' load-balancing loss; it needs "
+                             f"model.n_experts > 0, got n_experts=0 and router_aux_loss_coef={self.router_aux_loss_coef}")
         if self.hidden_act != "silu":
             raise ValueError(f"model.hidden_act: must be silu (the SwiGLU gate), got {self.hidden_act!r}")
         if self.head_dim is None:
@@ -96,7 +120,7 @@ class ModelConfig:
     @property
     def plain_attention(self) -> bool:
         """True for the attention of the models trained here (no head_dim, biases or rope scaling)."""
-        return self.head_dim is None and not self.qkv_bias and self.rope_scaling is None
+        return self.head_dim is None and not self.qkv_bias and not self.out_bias and self.rope_scaling is None
 
 
 # vocab 50304 = GPT-2's 50257 padded to a multiple of 128; a byte-level run overrides vocab_size=256.
@@ -177,7 +201,7 @@ class ProjectedAttention(Attention):
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.out_bias)
 
     def angles(self, rope: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return scaled_rotary_angles(rope, self.head_dim, self.rope_theta, self.rope, seq_len)
@@ -190,15 +214,19 @@ class Block(nn.Module):
         self.attn = (Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
                      if cfg.plain_attention else ProjectedAttention(cfg))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.mlp = (MoE(cfg.d_model, cfg.ffn_dim, cfg.n_experts, cfg.experts_per_token, cfg.swiglu_alpha,
+                        cfg.swiglu_limit) if cfg.n_experts else SwiGLU(cfg.d_model, cfg.ffn_dim))
 
     def forward(self, x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids=None, rope_positions=None,
                 layer=0):
+        """-> (x, per-head stat sums or None, the router's sums or None)."""
         a, sums = self.attn(self.attn_norm(x), positions, pattern, attention_fn, seq_len, return_stats, doc_ids,
                             rope_positions, layer)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, sums
+        if isinstance(self.mlp, MoE):
+            m, router = self.mlp(self.mlp_norm(x))
+            return x + m, sums, router
+        return x + self.mlp(self.mlp_norm(x)), sums, None
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -223,6 +251,9 @@ class LMOutput(NamedTuple):
     loss: torch.Tensor | None  # mean cross-entropy over the n_targets non-ignored targets (0 if none)
     n_targets: torch.Tensor | None  # how many targets the loss averages: weights for merging shards
     stats: list[StatSums] | None  # per layer, per-head sums over this call's queries (detached)
+    # model.n_experts > 0: the routers' sums over this call's tokens, all layers pooled (model.moe.aux_loss)
+    router: RouterSums | None = None
+    router_layers: list[RouterSums] | None = None  # the same per layer (tokens per expert in the metrics)
 
 
 def check_learned_global(n_learned_global: int, patterns: Sequence[Pattern]) -> None:
@@ -263,9 +294,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("attn.sinks"):
                 nn.init.constant_(p, Attention.SINK_INIT)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias")):
                 nn.init.zeros_(p)
-            elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+            elif name.endswith(("attn.wo.weight", "mlp.w2.weight", "mlp.experts.down_proj")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -296,14 +327,18 @@ class Transformer(nn.Module):
         seq_len = int(positions[-1]) + 1 if seq_len is None else seq_len
         x = self.embed(tokens, positions)
         stats = [] if return_stats else None
+        routers = []
         for i, (block, pattern) in enumerate(zip(self.blocks, self.patterns)):
             args = (x, positions, pattern, attention_fn, seq_len, return_stats, doc_ids, rope_positions, i)
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x, sums = checkpoint(block, *args, use_reentrant=False)  # recomputed in backward
+                x, sums, router = checkpoint(block, *args, use_reentrant=False)  # recomputed in backward
             else:
-                x, sums = block(*args)
+                x, sums, router = block(*args)
             if return_stats:
                 stats.append({k: s.detach() for k, s in sums.items()})
+            if router is not None:
+                routers.append(router)
+        moe = dict(router=merge_router_sums(routers), router_layers=routers) if routers else {}
         # The global slots are a prefix of the positions (they are ascending): drop their rows.
         # int() is a host sync, paid only when learned globals are on.
         n_drop = int((positions < self.cfg.n_learned_global).sum()) if self.cfg.n_learned_global else 0
@@ -312,7 +347,7 @@ class Transformer(nn.Module):
             t = targets[:, n_drop:].reshape(-1)
             n_targets = (t != -100).sum()
             loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, t, self.cfg.loss_chunk)
-            return LMOutput(None, loss_sum / n_targets.clamp(min=1), n_targets, stats)
+            return LMOutput(None, loss_sum / n_targets.clamp(min=1), n_targets, stats, **moe)
         logits = self.lm_head(h)  # (B, T', V)
         loss = n_targets = None
         if targets is not None:
@@ -321,4 +356,4 @@ class Transformer(nn.Module):
             loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), t, ignore_index=-100,
                                        reduction="sum")
             loss = loss_sum / n_targets.clamp(min=1)
-        return LMOutput(logits, loss, n_targets, stats)
+        return LMOutput(logits, loss, n_targets, stats, **moe)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.moe import aux_loss
 from parallel.comm import CommCounter
 from trainer import engine
 from trainer.config.validate import TrainConfig
@@ -19,7 +20,7 @@ from trainer.data.corpus import IGNORE_INDEX, corpus_of, passkey_batch
 from trainer.data.mlm import MaskedLMSampler
 from trainer.data.sampling import LongDocSampler, shard_bounds
 from trainer.data.tasks import TaskSampler, evaluate_task, task_params
-from trainer.metrics import Metrics, attention_metrics, comm_metrics, peak_memory_gb
+from trainer.metrics import Metrics, attention_metrics, comm_metrics, layer_kinds, peak_memory_gb
 from trainer.state import checkpoint
 from trainer.state.faults import (
     FaultInjection,
@@ -130,7 +131,8 @@ def one_step(s: Session, step: int, fault: FaultInjection) -> dict:
     dt = time.perf_counter() - t0
     tokens_per_step = cfg.seq_len * cfg.batch_size * ctx.dp_size
     row.update({"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
-                "perf/peak_mem_gb": peak_memory_gb(), **comm_metrics(s.counter, s.reduce_group, ctx.device)})
+                "perf/peak_mem_gb": peak_memory_gb(),
+                **comm_metrics(s.counter, s.reduce_group, ctx.device, layer_kinds(s.ds.module.patterns))})
     if stats is not None:
         row.update(attention_metrics(stats, s.reduce_group))
     if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
@@ -173,18 +175,42 @@ def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | M
     return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
 
 
-def backward_loss(out, group, group_size: int):
-    """(loss to backpropagate on this rank, global mean loss).
+def backward_loss(out, group, group_size: int, aux_coef: float = 0.0):
+    """(loss to backpropagate on this rank, global mean loss, router metrics).
 
     The global mean loss is Λ = Σ_r S_r / N, with S_r the sum of rank r's token losses and N the
     number of targets of the whole global batch (all ranks). DeepSpeed averages gradients over the
     G ranks of the reduce group: (1/G)·Σ_r ∇ℓ_r. With ℓ_r = S_r·G/N (N a constant, all-reduced and
     detached) that average is Σ_r ∇S_r / N = ∇Λ: the same gradient for any split into SP and DP ranks.
+
+    Mixture of experts (``out.router``): the experts' token counts travel in the same all-reduce, so
+    the load-balancing loss is the global batch's (``model.moe.aux_loss``: this rank's share, times G
+    like ℓ_r) and ``aux_coef`` times it joins the loss; the metrics count tokens per expert per layer,
+    and the dropped ones (none: routing is dropless; counted, not assumed).
     """
     loss_sum = out.loss * out.n_targets  # (B·L') token losses of this shard, summed
-    totals = torch.stack([loss_sum.detach(), out.n_targets.to(loss_sum.dtype)])
+    parts = [loss_sum.detach()[None], out.n_targets.to(loss_sum.dtype)[None]]
+    if out.router is not None:
+        parts += [loss_sum.new_tensor([float(out.router.tokens)]), out.router.prob_sum.detach().to(loss_sum.dtype),
+                  *(r.counts.to(loss_sum.dtype) for r in out.router_layers)]
+    totals = torch.cat(parts)
     dist.all_reduce(totals, group=group)
-    return loss_sum * (group_size / totals[1].clamp(min=1)), float(totals[0] / totals[1].clamp(min=1))
+    loss = loss_sum * (group_size / totals[1].clamp(min=1))
+    global_loss = float(totals[0] / totals[1].clamp(min=1))
+    if out.router is None:
+        return loss, global_loss, {}
+    E, layers = out.router.counts.shape[0], len(out.router_layers)
+    tokens, prob_sum = float(totals[2]), totals[3:3 + E]
+    counts = totals[3 + E:].view(layers, E)
+    aux = E * float(((counts.sum(0) / tokens) * (prob_sum / tokens)).sum())  # model.moe.aux_loss over all ranks
+    if aux_coef:
+        loss = loss + aux_coef * group_size * aux_loss(out.router, counts.sum(0).to(out.router.prob_sum.dtype), tokens)
+    k = round(float(counts[0].sum()) * layers / tokens)  # experts per token (each layer routes every token k times)
+    metrics = {"train/aux_loss": aux, "moe/dropped_tokens": float(tokens * k - counts.sum())}
+    for i in range(layers):
+        metrics.update({f"moe/layer{i}/expert{e}_tokens": float(counts[i, e]) for e in range(E)})
+        metrics[f"moe/layer{i}/max_load"] = float(counts[i].max() / counts[i].mean())  # 1.0 = perfectly balanced
+    return loss, global_loss, metrics
 
 
 def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGuard, step: int,
@@ -196,7 +222,8 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
     out = ds(tokens, positions=positions, targets=targets, return_stats=with_stats, **doc_kwargs(docs), **fwd)
     if poison:  # HALO_FAULT=nan@step
         out = out._replace(loss=out.loss * float("nan"))
-    loss, global_loss = backward_loss(out, group, dist.get_world_size(group))
+    loss, global_loss, router_row = backward_loss(out, group, dist.get_world_size(group),
+                                                  ds.module.cfg.router_aux_loss_coef)
     lr = ds.get_lr()[0]
     if guard.check(global_loss, step):
         return skipped_row(global_loss, lr, guard), None
@@ -220,7 +247,7 @@ def train_step(ds, batch, fwd: dict, group, with_stats: bool, guard: NonFiniteGu
                                                          "gradient norm"):
         return skipped_row(global_loss, lr, guard), None
     row = {"train/loss": global_loss, "train/lr": lr, "train/grad_norm": norm,
-           "train/skipped": 0.0, "train/skipped_total": float(guard.skipped)}
+           "train/skipped": 0.0, "train/skipped_total": float(guard.skipped), **router_row}
     return row, out.stats
 
 

@@ -29,16 +29,31 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def comm_metrics(counter: CommCounter, group, device) -> dict[str, float]:
+def layer_kinds(patterns) -> list[str]:
+    """Per layer, the kind its bytes are summed under: the pattern's name (window, dense, ...)."""
+    return [type(p).__name__.lower() for p in patterns]
+
+
+def comm_metrics(counter: CommCounter, group, device, kinds: list[str] | None = None) -> dict[str, float]:
     """Bytes received in the step per direction (forward / backward): summed over all ranks, and the
-    largest single rank's (the one the step waits for)."""
-    recv = torch.tensor([float(counter.total("recv", direction=d)) for d in DIRECTIONS], dtype=torch.float64,
-                        device=device)  # nccl reduces only device tensors
-    total, peak = recv.clone(), recv.clone()
+    largest single rank's (the one the step waits for); with ``kinds`` (``layer_kinds``) also per layer
+    (``comm/layer{i}/{direction}_bytes``) and per layer kind (``comm/kind/{kind}/{direction}_bytes``),
+    summed over all ranks, so a model of mixed layers shows where its bytes go."""
+    kinds = kinds or []
+    per = [float(counter.total("recv", direction=d)) for d in DIRECTIONS]
+    per += [float(counter.total("recv", direction=d, layer=i)) for i in range(len(kinds)) for d in DIRECTIONS]
+    recv = torch.tensor(per, dtype=torch.float64, device=device)  # nccl reduces only device tensors
+    total, peak = recv.clone(), recv[:2].clone()
     dist.all_reduce(total, group=group)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    return {**{f"comm/{d}_bytes": float(v) for d, v in zip(DIRECTIONS, total)},
-            **{f"comm/{d}_bytes_max_rank": float(v) for d, v in zip(DIRECTIONS, peak)}}
+    out = {**{f"comm/{d}_bytes": float(v) for d, v in zip(DIRECTIONS, total)},
+           **{f"comm/{d}_bytes_max_rank": float(v) for d, v in zip(DIRECTIONS, peak)}}
+    layers = total[2:].view(len(kinds), len(DIRECTIONS)) if kinds else total[:0]
+    for i, kind in enumerate(kinds):
+        for j, d in enumerate(DIRECTIONS):
+            out[f"comm/layer{i}/{d}_bytes"] = float(layers[i, j])
+            out[f"comm/kind/{kind}/{d}_bytes"] = out.get(f"comm/kind/{kind}/{d}_bytes", 0.0) + float(layers[i, j])
+    return out
 
 
 def attention_metrics(stats: list[dict[str, torch.Tensor]], group) -> dict[str, float]:
@@ -143,7 +158,16 @@ def summary_table(rows: list[dict], extra: dict) -> str:
         ("comm bytes/step", f"forward {_last(rows, 'comm/forward_bytes'):,.0f}, backward "
                             f"{_last(rows, 'comm/backward_bytes'):,.0f} (all ranks)" if rows else None),
     ]
-    lines += [(k.replace("eval/", "eval "), v) for k, v in (rows[-1].items() if rows else []) if k.startswith("eval/passkey")]
+    last = rows[-1] if rows else {}
+    kinds = sorted({k.split("/")[2] for k in last if k.startswith("comm/kind/")})
+    if len(kinds) > 1:  # mixed layers: where the bytes go
+        lines.append(("comm bytes/step by kind", ", ".join(
+            f"{kind} {last[f'comm/kind/{kind}/forward_bytes'] + last[f'comm/kind/{kind}/backward_bytes']:,.0f}"
+            for kind in kinds) + " (forward + backward, all ranks)"))
+    if "train/aux_loss" in last:
+        lines.append(("router aux loss", last["train/aux_loss"]))
+        lines.append(("dropped tokens", last["moe/dropped_tokens"]))
+    lines += [(k.replace("eval/", "eval "), v) for k, v in last.items() if k.startswith("eval/passkey")]
     layer = 0
     while _last(rows, f"attn/layer{layer}/entropy_mean") is not None:
         lines.append((f"entropy layer {layer}", f"{_last(rows, f'attn/layer{layer}/entropy_mean'):.3f} (min head "

@@ -34,7 +34,7 @@ class ModelSection:
     n_learned_global: int = 0
     # model.sink_logits, not attention.*: the sinks are parameters (they change the state dict),
     # while the attention node describes which keys a query sees and is read by the pattern alone.
-    sink_logits: bool = False
+    sink_logits: bool | None = None  # None: the preset's (off) or config.json's (gpt-oss: on)
     activation_checkpointing: bool = False
     dense_every: int = 0
     layer_overrides: dict = field(default_factory=dict)
@@ -45,6 +45,12 @@ class ModelSection:
     init_from: str | None = None
     patterns_from: str = "auto"
     loss_chunk: int = 0  # > 0: LM head + loss over this many rows at a time (model.transformer.chunked_cross_entropy)
+    # Mixture of experts (model/moe.py, gpt-oss's): null = the preset's (none) or config.json's.
+    n_experts: int | None = None
+    experts_per_token: int | None = None
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
+    router_aux_loss_coef: float = 0.0  # > 0: + coef x the load-balancing loss (Switch; Hugging Face's formula)
 
     def uses_hf_patterns(self) -> bool:
         return self.init_from is not None and self.patterns_from in ("auto", "hf")

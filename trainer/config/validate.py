@@ -217,6 +217,7 @@ def _validate_import(cfg: TrainConfig, model, patterns) -> None:
     """model.init_from: the weights fit the config (shapes from the file headers), and the settings
     that assume the models trained here are refused."""
     from model.transformer import Transformer
+    from trainer.hf.config_map import SINK_ARCHITECTURES, architecture, read_hf_config
     from trainer.hf.weights import check_shapes, expected_shapes, read_hf_shapes
 
     if cfg.model.init_from is None:
@@ -231,8 +232,9 @@ def _validate_import(cfg: TrainConfig, model, patterns) -> None:
         raise ConfigError("data.document_mask / data.reset_positions: not with model.init_from (documents are "
                           "separated by the model's EOS, which the document masks do not read yet)")
     try:
+        hf_sinks = architecture(read_hf_config(cfg.model.init_from)) in SINK_ARCHITECTURES
         with torch.device("meta"):
-            expected = expected_shapes(Transformer(model, patterns))
+            expected = expected_shapes(Transformer(model, patterns), hf_sinks)
         check_shapes(read_hf_shapes(cfg.model.init_from), expected, model.tie_embeddings)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None

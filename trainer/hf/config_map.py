@@ -18,7 +18,8 @@ import functools
 import json
 from pathlib import Path
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GptOssForCausalLM")
+SINK_ARCHITECTURES = ("GptOssForCausalLM",)  # one learned sink logit per head (self_attn.sinks)
 ROPE_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
              "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -50,6 +51,13 @@ def _read(path: str) -> dict:
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ValueError(f"model.init_from: architecture {', '.join(map(str, archs)) or '(none)'} of {cfg_file} is "
                          f"not supported; supported: {', '.join(ARCHITECTURES)}")
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(f"model.init_from: {cfg_file} holds quantized weights (quantization_config: {method}); "
+                         "Haloformer imports fp32/bf16/fp16 weights only: dequantize once with transformers "
+                         "(gpt-oss: from_pretrained(DIR, quantization_config=Mxfp4Config(dequantize=True)), then "
+                         "save_pretrained) and import that directory")
     return hf
 
 
@@ -81,22 +89,28 @@ def model_fields(hf: dict) -> dict:
     """The ModelConfig fields config.json decides."""
     arch = architecture(hf)
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and arch != "GptOssForCausalLM":  # gpt-oss's experts have their own activation
         raise ValueError(f"model.init_from: hidden_act={act!r} is not supported; the MLP computes silu (SwiGLU)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ValueError(f"model.init_from: {key}=true is not supported (no o_proj/MLP biases); "
-                             f"supported: {key}=false")
+    if hf.get("mlp_bias"):
+        raise ValueError("model.init_from: mlp_bias=true is not supported (no dense-MLP biases); supported: "
+                         "mlp_bias=false")
     heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
     theta, scaling = rope_fields(hf)
-    return {"vocab_size": int(hf["vocab_size"]), "d_model": int(hf["hidden_size"]),
+    bias = bool(hf.get("attention_bias", arch == "GptOssForCausalLM"))  # Llama, gpt-oss: q, k, v and o
+    moe = {}
+    if arch == "GptOssForCausalLM":
+        moe = {"n_experts": int(hf.get("num_local_experts", 128)), "experts_per_token": int(hf.get("num_experts_per_tok", 4)),
+               "swiglu_alpha": float(hf.get("swiglu_alpha", 1.702)), "swiglu_limit": float(hf.get("swiglu_limit", 7.0)),
+               "sink_logits": True}
+    return {**moe, "vocab_size": int(hf["vocab_size"]), "d_model": int(hf["hidden_size"]),
             "n_layers": int(hf["num_hidden_layers"]), "n_heads": heads,
             "n_kv_heads": int(hf.get("num_key_value_heads") or heads), "d_ff": int(hf["intermediate_size"]),
             "rope_theta": theta, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "head_dim": None if head_dim * heads == int(hf["hidden_size"]) else int(head_dim),
-            "qkv_bias": arch == "Qwen2ForCausalLM", "rope_scaling": scaling, "hidden_act": act}
+            "qkv_bias": arch == "Qwen2ForCausalLM" or bias, "out_bias": bias, "rope_scaling": scaling,
+            "hidden_act": "silu"}
 
 
 def layer_windows(hf: dict) -> list[int | None]:
@@ -106,10 +120,13 @@ def layer_windows(hf: dict) -> list[int | None]:
         return [None] * n
     if arch == "MistralForCausalLM":
         return [int(window)] * n
-    if not hf.get("use_sliding_window", False):
+    if arch == "GptOssForCausalLM":  # layer_types always (its config's default: sliding on even layers)
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    elif not hf.get("use_sliding_window", False):
         return [None] * n
-    types = hf.get("layer_types") or ["sliding_attention" if i >= int(hf.get("max_window_layers", 28))
-                                      else "full_attention" for i in range(n)]
+    else:
+        types = hf.get("layer_types") or ["sliding_attention" if i >= int(hf.get("max_window_layers", 28))
+                                          else "full_attention" for i in range(n)]
     if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"model.init_from: layer_types must list {n} of sliding_attention / full_attention; "
                          f"got {types!r}")

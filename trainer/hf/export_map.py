@@ -6,7 +6,8 @@ without globals or dilation (its ``sliding_window`` = window_left + 1, counting 
 - every layer dense -> the source architecture (``model.init_from``'s), Llama for a model trained here;
 - every layer the same window -> Mistral (Qwen2 for a Qwen2 source, with ``layer_types``);
 - dense and window layers mixed (one window size) -> Qwen2 ``layer_types`` (zero q/k/v biases are
-  written for a source without them: the same function).
+  written for a source without them: the same function);
+- a mixture of experts (model.n_experts, with sink logits) -> gpt-oss, ``layer_types`` per layer.
 
 Anything else (globals, BigBird, strided, dilated, top-k, two window sizes) raises one line naming
 the layer, its pattern and the way out, ``as_dense=true``: the same weights with dense attention
@@ -18,7 +19,8 @@ from __future__ import annotations
 from model.pattern import Dense, Pattern, Window
 from model.transformer import ModelConfig
 
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "GptOssForCausalLM": "gpt_oss"}
 
 
 def hf_window(p: Pattern) -> int | None:
@@ -62,7 +64,7 @@ def hf_config(cfg: ModelConfig, arch: str, windows: list[int | None], base: dict
     """config.json: ``base`` (the source's, for keys Haloformer does not model) with every field
     that decides the math written from ``cfg`` and ``windows``."""
     for key in ("auto_map", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-                "rope_scaling", "rope_theta", "attention_bias", "mlp_bias"):
+                "rope_scaling", "rope_theta", "attention_bias", "mlp_bias", "quantization_config"):
         base.pop(key, None)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
@@ -80,6 +82,12 @@ def hf_config(cfg: ModelConfig, arch: str, windows: list[int | None], base: dict
         out.update(attention_bias=False, mlp_bias=False)
     elif arch == "MistralForCausalLM":
         out["sliding_window"] = window
+    elif arch == "GptOssForCausalLM":
+        out.update(sliding_window=window or base.get("sliding_window") or 128, attention_bias=cfg.qkv_bias or cfg.out_bias,
+                   layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+                   num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                   swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef or base.get("router_aux_loss_coef", 0.001))
     else:
         out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
                    layer_types=["full_attention" if w is None else "sliding_attention" for w in windows])

@@ -25,6 +25,10 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernor
 for _hf, _ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
     for _kind in ("weight", "bias"):
         _LAYER[f"self_attn.{_hf}.{_kind}"] = f"attn.{_ours}.{_kind}"
+_LAYER["self_attn.sinks"] = "attn.sinks"  # gpt-oss
+for _name in ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+              "experts.down_proj", "experts.down_proj_bias"):  # gpt-oss's MoE: model.moe keeps its names
+    _LAYER[f"mlp.{_name}"] = f"mlp.{_name}"
 _TOP = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OUR_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -123,6 +127,10 @@ def to_ours(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]
         if name == "lm_head.weight" and tied:
             continue  # some tied checkpoints store the shared matrix twice
         ours = hf_to_ours(name)
+        if name.endswith(("_blocks", "_scales")):
+            raise ValueError(f"model.init_from: tensor {name} is MXFP4-quantized; Haloformer imports fp32/bf16/fp16 "
+                             "weights only: dequantize once with transformers (Mxfp4Config(dequantize=True), then "
+                             "save_pretrained) and import that directory")
         if ours is None or ours not in expected:
             raise ValueError(f"model.init_from: unexpected tensor {name} {list(t.shape)}: the config describes no "
                              "such weight")
@@ -137,16 +145,21 @@ def to_ours(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     return out
 
 
-def expected_shapes(model) -> dict[str, torch.Size]:
-    """Our parameters that come from a checkpoint: all but a tied head and what Hugging Face's models
-    lack (learned global slots, sink logits: added to an imported model, they keep their init)."""
+def expected_shapes(model, hf_sinks: bool = False) -> dict[str, torch.Size]:
+    """Our parameters that come from a checkpoint: all but a tied head and what the Hugging Face
+    model lacks (learned global slots; sink logits unless ``hf_sinks``, as gpt-oss has them: added to
+    an imported model, they keep their init)."""
     skip = {"global_emb"} | ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
-    return {k: v.shape for k, v in model.state_dict().items() if k not in skip and not k.endswith("attn.sinks")}
+    return {k: v.shape for k, v in model.state_dict().items()
+            if k not in skip and (hf_sinks or not k.endswith("attn.sinks"))}
 
 
 def load_into(model, path: str) -> None:
     """Copy the directory's weights into ``model`` (fp32 or the model's dtype), checked first."""
-    state = to_ours(read_hf_tensors(path), expected_shapes(model), model.cfg.tie_embeddings)
+    from trainer.hf.config_map import SINK_ARCHITECTURES, architecture, read_hf_config
+
+    hf_sinks = architecture(read_hf_config(path)) in SINK_ARCHITECTURES
+    state = to_ours(read_hf_tensors(path), expected_shapes(model, hf_sinks), model.cfg.tie_embeddings)
     with torch.no_grad():
         params = model.state_dict()
         for k, t in state.items():
