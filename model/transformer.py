@@ -1,7 +1,8 @@
 """Decoder-only language model: pure math on one device, given its positions and attention function.
 
     tokens [B, T] ─ embedding ─┬─ N × Block ── RMSNorm ── LM head ── logits [B, T', V]
-    positions [T] ─────────────┘   Block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    positions [T] ─────────────┘   Block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x))
+                                   MLP: SwiGLU, or with n_experts > 0 gpt-oss's mixture (model.moe)
 
 The model never knows about ranks. A sequence shard passes its own ``positions`` (absolute, in the
 full sequence of length ``seq_len``) and an ``attention_fn`` that fetches the keys the shard's

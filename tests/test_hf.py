@@ -73,6 +73,7 @@ CASES = {
     "qwen2_bias_untied_mixed": ("qwen2", dict(n_layers=3, tie_word_embeddings=False, use_sliding_window=True,
                                               sliding_window=8, layer_types=["full_attention", "sliding_attention",
                                                                              "full_attention"])),
+    "llama_attention_bias": ("llama", dict(attention_bias=True)),  # q, k, v and o biases
     "rope_default_theta": ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=5000.0))),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
     # dynamic NTK changes the base only past max_position_embeddings: SEQ = 40 > 16

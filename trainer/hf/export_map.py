@@ -79,7 +79,7 @@ def hf_config(cfg: ModelConfig, arch: str, windows: list[int | None], base: dict
            "bos_token_id": bos, "eos_token_id": eos}
     window = next((w for w in windows if w is not None), None)
     if arch == "LlamaForCausalLM":
-        out.update(attention_bias=False, mlp_bias=False)
+        out.update(attention_bias=cfg.qkv_bias or cfg.out_bias, mlp_bias=False)
     elif arch == "MistralForCausalLM":
         out["sliding_window"] = window
     elif arch == "GptOssForCausalLM":

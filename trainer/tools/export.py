@@ -76,13 +76,16 @@ def export(model, cfg: TrainConfig, out: Path, as_dense: bool, dtype: str = "flo
     base = read_hf_config(source) if source else {}
     arch = "GptOssForCausalLM" if mcfg.n_experts else choose_architecture(
         architecture(base) if source else "LlamaForCausalLM", windows)
+    if mcfg.out_bias and arch not in ("LlamaForCausalLM", "GptOssForCausalLM"):
+        raise ConfigError(f"export: this model has attention output biases (o_proj.bias), which {arch} (what its "
+                          "patterns export as) lacks; only Llama (dense layers) and gpt-oss have them")
     tok = get_tokenizer(cfg.data.tokenizer) if is_hf(cfg.data.tokenizer) else None
     bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
     config = hf_config(mcfg, arch, windows, base, cfg.seq_len, bos, eos)
     tensors = hf_state_dict(model.state_dict(), mcfg.tie_embeddings)
-    # Qwen2 always has q/k/v biases, gpt-oss with attention_bias all four: zero ones compute the same
-    zero_bias = {"Qwen2ForCausalLM": ("q_proj", "k_proj", "v_proj"),
-                 "GptOssForCausalLM": ("q_proj", "k_proj", "v_proj", "o_proj") if config["attention_bias"] else ()}
+    # Qwen2 always has q/k/v biases, Llama and gpt-oss with attention_bias all four: zero ones compute the same
+    four = ("q_proj", "k_proj", "v_proj", "o_proj") if config.get("attention_bias") else ()
+    zero_bias = {"Qwen2ForCausalLM": ("q_proj", "k_proj", "v_proj"), "LlamaForCausalLM": four, "GptOssForCausalLM": four}
     for i, block in enumerate(model.blocks):
         for hf in zero_bias.get(arch, ()):
             lin = getattr(block.attn, {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}[hf])
