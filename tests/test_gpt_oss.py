@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from model.decode import Sampling, generate  # noqa: E402
 from model.moe import MoE, aux_loss  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from tests.test_hf import ATOL, SEQ, config_of, imported, save_tokenizer  # noqa: E402
+from tests.test_hf import ATOL, SEQ, config_of, hf_greedy, imported, save_tokenizer, text_dir  # noqa: E402
 from tests.train_utils import PY, REPO, _env, rows, train  # noqa: E402
 from trainer.config.schema import ConfigError  # noqa: E402
 from trainer.data.hf_tokenizer import HfTokenizer  # noqa: E402
@@ -87,8 +87,7 @@ def test_greedy_ids_equal_hugging_face_generate(dirs, name):
     d, hf = dirs[name]
     ours = imported(d)
     prompt = torch.tensor([HfTokenizer(str(d)).encode("def f(x): the quick").tolist()])
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
-                       do_sample=False, pad_token_id=0)
+    want = hf_greedy(hf, prompt, 32)
     got = generate(ours, prompt, 32, Sampling()).tokens
     assert got.shape == want.shape == (1, prompt.shape[1] + 32)
     assert torch.equal(got, want)
@@ -130,18 +129,10 @@ def test_moe_matches_a_dense_loop_and_routes_every_token():
     assert float(sums.counts.sum()) == 14 * 3 and sums.tokens == 14
 
 
-def _text(root: Path) -> Path:
-    text = root / "text"
-    text.mkdir(exist_ok=True)
-    for i in range(3):
-        (text / f"{i}.txt").write_text(f"the quick brown fox {i} def f(x): return x\n" * 200)
-    return text
-
-
 def test_convert_export_round_trip_is_bit_exact_and_bf16_loads(dirs, tmp_path):
     d, hf = dirs["alternating_yarn"]
     run = tmp_path / "run"
-    train(f"model.init_from={d}", "steps=0", f"data.path={_text(tmp_path)}", "data.val_fraction=0.1",
+    train(f"model.init_from={d}", "steps=0", f"data.path={text_dir(tmp_path)}", "data.val_fraction=0.1",
           f"seq_len={SEQ}", f"hydra.run.dir={run}", "logging.mask_png=false", timeout=120)
     from safetensors.torch import load_file
 
@@ -172,7 +163,7 @@ def test_sp2_trains_as_sp1_with_the_aux_loss_and_exports(dirs, tmp_path):
     from trainer.tools.export import export, load_checkpoint
 
     d = dirs["alternating_yarn"][0]
-    common = (f"model.init_from={d}", "steps=3", f"data.path={_text(tmp_path)}", "data.val_fraction=0.1",
+    common = (f"model.init_from={d}", "steps=3", f"data.path={text_dir(tmp_path)}", "data.val_fraction=0.1",
               "seq_len=64", "eval_every=3", "eval_batches=1", "optim.warmup_steps=1", "optim.lr=1e-3",
               "logging.mask_png=false", "parallel.timeout_s=30", "model.router_aux_loss_coef=0.01")
     train(*common, f"hydra.run.dir={tmp_path / 'sp1'}", timeout=240)
@@ -193,8 +184,7 @@ def test_sp2_trains_as_sp1_with_the_aux_loss_and_exports(dirs, tmp_path):
     export(model, cfg, tmp_path / "out", as_dense=False)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     prompt = torch.tensor([HfTokenizer(str(d)).encode("the quick").tolist()])
-    want = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
-                         do_sample=False, pad_token_id=0)
+    want = hf_greedy(back, prompt, 32)
     assert torch.equal(generate(model, prompt, 32, Sampling()).tokens, want)
 
 
@@ -268,7 +258,7 @@ def test_sliding_layer_bytes_are_constant_in_the_sequence_length(dirs, tmp_path)
     byts = {}
     for n in (64, 128):
         run = tmp_path / f"n{n}"
-        train(f"model.init_from={d}", "steps=1", f"data.path={_text(tmp_path)}", "data.val_fraction=0.2",
+        train(f"model.init_from={d}", "steps=1", f"data.path={text_dir(tmp_path)}", "data.val_fraction=0.2",
               f"seq_len={n}", "eval_every=0", "eval_batches=1", "logging.mask_png=false", "parallel.timeout_s=30",
               f"hydra.run.dir={run}", nproc=2, timeout=180)
         r = rows(run)[1]

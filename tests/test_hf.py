@@ -102,6 +102,23 @@ def imported(d: Path, *overrides: str) -> Transformer:
     return model.eval()
 
 
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy ids: prompt + exactly n new tokens. attention_mask given: without it
+    generate takes the BOS (id 0) for padding (pad_token_id=0) and masks it; min_new_tokens: n tokens
+    even where the random model's argmax is EOS (ours does not stop at EOS)."""
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+
+
+def text_dir(root: Path) -> Path:
+    """Three small text files, the training data of the import tests."""
+    text = root / "text"
+    text.mkdir(exist_ok=True)
+    for i in range(3):
+        (text / f"{i}.txt").write_text(f"the quick brown fox {i} def f(x): return x\n" * 200)
+    return text
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -136,10 +153,7 @@ def test_greedy_ids_equal_hugging_face_generate(hf_dirs, name):
     d, hf = hf_dirs[name]
     ours = imported(d)
     prompt = torch.tensor([HfTokenizer(str(d)).encode("def f(x): the quick").tolist()])
-    # attention_mask given: without it generate takes the BOS (id 0) for padding (pad_token_id=0) and masks it;
-    # min_new_tokens: 32 tokens even where the random model's argmax is EOS (ours does not stop at EOS)
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
-                       do_sample=False, pad_token_id=0)
+    want = hf_greedy(hf, prompt, 32)
     got = generate(ours, prompt, 32, Sampling()).tokens
     assert got.shape == want.shape == (1, prompt.shape[1] + 32)
     assert torch.equal(got, want)
@@ -178,10 +192,7 @@ def _tensors(d: Path) -> dict:
 def test_convert_and_export_round_trip_is_bit_exact(hf_dirs, tmp_path):
     """steps=0 writes the imported model as a checkpoint; the export of it equals the source."""
     d, hf = hf_dirs["mistral_head_dim_window"]
-    text = tmp_path / "text"
-    text.mkdir()
-    for i in range(3):
-        (text / f"{i}.txt").write_text(f"the quick brown fox {i} def f(x): return x\n" * 200)
+    text = text_dir(tmp_path)
     run = tmp_path / "run"
     train(f"model.init_from={d}", "steps=0", f"data.path={text}", "data.val_fraction=0.1", f"seq_len={SEQ}",
           f"hydra.run.dir={run}", "logging.mask_png=false", timeout=120)
@@ -206,8 +217,7 @@ def test_convert_and_export_round_trip_is_bit_exact(hf_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)
     prompt = torch.tensor([hf_tok("def f(x): the").input_ids])
-    want = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
-                         do_sample=False, pad_token_id=0)
+    want = hf_greedy(back, prompt, 16)
     assert row["prompt_ids"] == prompt[0].tolist() and row["ids"] == want[0, prompt.shape[1]:].tolist()
     assert row["cache_bytes"] > 0 and row["text"] == hf_tok.decode(row["ids"], skip_special_tokens=True)
 
@@ -298,10 +308,7 @@ def test_imported_model_trains_under_sp2_as_under_sp1_and_exports(hf_dirs, tmp_p
     from trainer.tools.export import export, load_checkpoint
 
     d = hf_dirs["qwen2_bias_untied_mixed"][0]
-    text = tmp_path / "text"
-    text.mkdir()
-    for i in range(3):
-        (text / f"{i}.txt").write_text(f"the quick brown fox {i} def f(x): return x\n" * 200)
+    text = text_dir(tmp_path)
     common = (f"model.init_from={d}", "steps=3", f"data.path={text}", "data.val_fraction=0.1", "seq_len=64",
               "eval_every=3", "eval_batches=1", "optim.warmup_steps=1", "optim.lr=1e-3", "logging.mask_png=false",
               "parallel.timeout_s=30")
@@ -319,8 +326,7 @@ def test_imported_model_trains_under_sp2_as_under_sp1_and_exports(hf_dirs, tmp_p
     export(model, cfg, tmp_path / "out", as_dense=False)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     prompt = torch.tensor([HfTokenizer(str(d)).encode("the quick").tolist()])
-    want = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
-                         do_sample=False, pad_token_id=0)
+    want = hf_greedy(back, prompt, 32)
     assert torch.equal(generate(model, prompt, 32, Sampling()).tokens, want)
 
 
