@@ -21,8 +21,10 @@ Strategies:
 - ``ulysses`` (``parallel.ulysses``): DeepSpeed all-to-all over heads; any pattern; O(n·d/P) bytes.
 - ``auto``: topk for content-based patterns (their keys depend on the data: no static plan), or
   ulysses when a rank's chunk is not whole blocks and the heads split over P; otherwise halo, unless
-  the plan needs more bytes than Ulysses would (e.g. strided or dense patterns whose plan approaches
-  an all-gather) and the heads split over P.
+  the heads split over P and the pattern is unbounded (strided, dense) with a plan that needs more
+  bytes than Ulysses would (one approaching an all-gather) or that leaves the busiest rank more than
+  ``MAX_HALO_IMBALANCE`` times the mean work (causal dense: the last rank's queries see every key);
+  then ulysses, whose ranks do equal work.
 
 ``backend`` picks the local kernel (``kernels.attend``'s backend names) or is a callable with
 ``kernels.attend``'s signature, (q, k, v, pattern, call) -> AttnResult (the startup guard's tests pass a
@@ -85,10 +87,29 @@ def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads:
         return "halo"
     if pattern.bounded or heads % P:
         return "halo"
-    # unbounded positional pattern (strided, dense): its plan may approach an all-gather
+    # unbounded positional pattern (strided, dense): its plan may approach an all-gather, and under a
+    # causal mask the last rank's queries see P times the keys of the first one's (3x the first's work
+    # at P=2 for dense); Ulysses gives every rank all n positions of H/P heads, so equal work
     halo_rows = build_plan(pattern, seq_len, P).max_recv_keys() * 2 * kv_heads
     ulysses_rows = seq_len // P * (2 * heads + 2 * kv_heads) * (P - 1) / P
-    return "halo" if halo_rows <= ulysses_rows else "ulysses"
+    if halo_rows > ulysses_rows or halo_imbalance(pattern, seq_len, P) > MAX_HALO_IMBALANCE:
+        return "ulysses"
+    return "halo"
+
+
+MAX_HALO_IMBALANCE = 1.25  # busiest rank's (query, key) pairs / the mean that Ulysses gives every rank
+
+
+@functools.lru_cache(maxsize=64)
+def halo_imbalance(pattern: Pattern, seq_len: int, P: int, samples: int = 16) -> float:
+    """The busiest rank's share of the pattern's (query, key) pairs over the mean, as the halo strategy
+    splits them (each rank its own queries). Each rank's pairs are estimated from the exact key counts
+    of ``samples`` evenly spaced queries (midpoints of equal slices: exact when the count is linear in
+    the position, as under causal dense), so the cost is O(P·samples·n), not O(n²)."""
+    L = seq_len // P
+    work = [sum(pattern.num_keys(r * L + (2 * i + 1) * L // (2 * samples), seq_len) for i in range(samples))
+            for r in range(P)]
+    return max(work) * P / max(sum(work), 1)
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, ctx: ParallelContext,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.contract import AttnCall
-from model.pattern import BigBird, Strided, Window
+from model.pattern import BigBird, Dense, Strided, Window
 from parallel.comm import CommCounter, allgather_cost, halo_cost, ulysses_cost
 from parallel.context import ParallelConfigError, ParallelContext, check_sizes
 from parallel.plan import build_plan, regular_queries
@@ -80,6 +80,32 @@ def test_strategy_errors_name_the_settings():
         pick_strategy(Window(window_left=4), 2, 96, 4, 2, "ring")
     assert pick_strategy(TopKBlocks(), 2, 96, 4, 2) == "ulysses"
     assert pick_strategy(Window(window_left=4), 4, 96, 4, 2) == "halo"
+
+
+@pytest.mark.parametrize("pattern", [Dense(causal=True), Dense(causal=False), Strided(stride=16, causal=True)],
+                         ids=["causal_dense", "bidirectional_dense", "causal_strided"])
+def test_halo_imbalance_matches_the_exact_pair_counts(pattern):
+    from parallel.sp_attention import halo_imbalance
+
+    n, P = 512, 2
+    per_rank = pattern.key_counts(n).reshape(P, -1).sum(1).double()  # the exact (query, key) pairs
+    exact = float(per_rank.max() * P / per_rank.sum())
+    # the estimate samples 16 queries per rank: exact for a count linear in the position (causal dense),
+    # within a few percent where the stride's residues make it a staircase
+    assert halo_imbalance(pattern, n, P) == pytest.approx(exact, abs=0.05)
+
+
+def test_auto_gives_causal_dense_ulysses_when_the_heads_split():
+    """Halo under a causal dense pattern needs fewer bytes at H=4, Hkv=2, P=2 but leaves the last rank
+    3x the first one's work (its queries see every key); auto weighs that balance."""
+    from parallel.sp_attention import MAX_HALO_IMBALANCE, halo_imbalance, pick_strategy
+
+    n = 4096
+    assert halo_imbalance(Dense(causal=True), n, 2) > MAX_HALO_IMBALANCE
+    assert pick_strategy(Dense(causal=True), 2, n, 4, 2) == "ulysses"
+    assert pick_strategy(Dense(causal=True), 2, n, 3, 3) == "halo"  # heads do not split: halo is the one left
+    assert pick_strategy(Dense(causal=False), 2, n, 4, 2) == "halo"  # balanced, and fewer bytes than Ulysses
+    assert pick_strategy(Window(window_left=127, causal=True), 2, n, 4, 2) == "halo"
 
 
 def test_world_size_not_divisible_names_the_settings():
