@@ -18,15 +18,13 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose(overrides: list[str], config_name: str = "pattern"):
+    """The composed config; a bad override raises Hydra's error (the command, ``model/pattern/__main__.py``,
+    reports it in one line first)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import HydraException
 
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    except HydraException as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def _int_setting(cfg, key: str) -> int | None:

@@ -291,5 +291,7 @@ def test_bad_generate_settings_are_one_line(override, message):
         load_generate_config(dcfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert _preflight(["trainer.resume=/x", "temprature=1"]) == (
-        "temprature: not a key of the generate config; allowed: prompt, max_new_tokens, temperature, top_k, top_p, "
-        "seed, backend, device, format, trainer.resume")
+        "temprature: not a key of the generate config; did you mean temperature?")
+    assert _preflight(["trainer.resume=/x", "zzz=1"]) == (  # nothing close: the keys there are
+        "zzz: not a key of the generate config; allowed: trainer.resume, prompt, max_new_tokens, temperature, top_k, "
+        "top_p, seed, backend, device, format")

@@ -38,7 +38,8 @@ def test_cli_seed_example_and_png(repo_root, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,names", [
-    (["attention=nope"], "attention/nope"),
+    (["attention=nope"], "attention=nope: unknown attention option; allowed: "),
+    (["attention.window_lft=3"], "attention.window_lft: not a key of the pattern config; did you mean attention.window_left?"),
     (["attention=sink", "attention.window_right=3"], "attention.window_right"),
 ])
 def test_cli_errors_are_one_line(repo_root, tmp_path, overrides, names):

@@ -46,6 +46,14 @@ def write_status(run_dir: str | os.PathLike | None, state: str, **info) -> None:
         json.dump({"state": state, **info}, f)
 
 
+def config_error(message: str, run_dir: str | os.PathLike | None) -> None:
+    """Say it once (every rank finds the same error), leave status.json, exit 2."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"config error: {message}", file=sys.stderr)
+    write_status(run_dir, "config_error", error=message)
+    sys.exit(2)
+
+
 # --- preemption signals -----------------------------------------------------------------------------
 
 class StopSignals:

@@ -108,7 +108,7 @@ def export(model, cfg: TrainConfig, out: Path, as_dense: bool, dtype: str = "flo
 
 
 def cli() -> None:
-    from trainer.train import config_error
+    from trainer.state.faults import config_error
 
     try:
         args = parse_args(sys.argv[1:])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -120,7 +120,7 @@ def prompt_tokens(text: str, tokenizer, n_slots: int) -> torch.Tensor:
 @hydra.main(config_path=str(CONF), config_name="generate", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from trainer.engine import set_environment
-    from trainer.train import config_error
+    from trainer.state.faults import config_error
 
     set_environment()
     try:
@@ -153,26 +153,9 @@ def main(dcfg: DictConfig) -> None:
 
 def _preflight(argv: list[str]) -> str | None:
     """A composition error (unknown key, bad override) of conf/generate.yaml as one line; None if it composes."""
-    from hydra import compose, initialize_config_dir
+    from trainer.config.compose import composition_error
 
-    from trainer.train import _VALUE_FLAGS
-
-    overrides, skip = [], False
-    for arg in argv:  # Hydra's own flags (and the values of those that take one) are not overrides
-        if not skip and not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra."):
-            overrides.append(arg)
-        skip = arg in _VALUE_FLAGS
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose(config_name="generate", overrides=overrides)
-    except Exception as e:  # noqa: BLE001 - any composition error is reported, in one line
-        text = " ".join(str(e).split())
-        if text.startswith("Could not override"):
-            key = text.split("'")[1]
-            allowed = [f.name for f in fields(GenerateConfig) if f.name != "trainer"] + ["trainer.resume"]
-            return f"{key}: not a key of the generate config; allowed: {', '.join(allowed)}"
-        return f"{' '.join(overrides)}: {text[:300]}"
-    return None
+    return composition_error(argv, "generate")
 
 
 def cli() -> None:
