@@ -32,7 +32,7 @@ decoding step t equals a full forward over the whole sequence at t.
 Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
 each cached key keeps its document id, a query sees its own document's keys and the globals
 (``model.pattern.documents.document_rule``), and rotary positions restart after each separator, exactly as
-``trainer.data.sampling.document_positions`` counts them over the whole sequence.
+``model.pattern.documents.document_positions`` counts them over the whole sequence.
 
 Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
 no value: ``out' = out · sigmoid(lse − sinks[h])``, joined after the keys (``kernels.stats.apply_sinks``).
@@ -50,7 +50,7 @@ from kernels import attend
 from kernels.contract import AttnCall, AttnResult
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, PatternUnion, Window
-from model.pattern.documents import document_rule
+from model.pattern.documents import document_positions, document_rule
 
 
 def bounded_reach(pattern: Pattern) -> int | None:
@@ -243,7 +243,7 @@ class CachedAttention:
 
 @dataclass(frozen=True)
 class Documents:
-    """Packed documents as the model was trained with them (trainer.data.sampling.document_positions): a
+    """Packed documents as the model was trained with them (model.pattern.documents.document_positions): a
     ``separator`` token ends its document; ``mask``: a query sees only its document's keys (and the
     globals); ``reset_positions``: rotary positions restart at 0 after each separator."""
 
@@ -264,20 +264,13 @@ class Decoder:
         self.model, self.max_len, self.documents = model, max_len, documents
         self.attn = CachedAttention(list(model.patterns), backend)
         self.pos = 0
-        self.n_sep = self.doc_start = None  # [B]: separators so far, and where the current document began
+        self.doc_state = None  # ([B], [B]): separators so far, and where the current document began
 
     def _doc_positions(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(doc ids, rotary positions in the document), each [B, T]: ``document_positions`` of the
         whole sequence so far, continued one chunk at a time from the counts of the prefix."""
-        sep = (tokens == self.documents.separator).long()  # (B, T)
-        if self.n_sep is None:
-            self.n_sep, self.doc_start = torch.zeros_like(sep[:, 0]), torch.zeros_like(sep[:, 0])
-        doc = self.n_sep[:, None] + torch.cumsum(sep, dim=1) - sep  # separators strictly before each position
-        idx = positions[None, :].expand_as(tokens)
-        after = torch.where(sep.bool(), idx + 1, torch.zeros_like(idx))  # where a document starts after a separator
-        starts = torch.cummax(torch.cat([self.doc_start[:, None], after[:, :-1]], dim=1), dim=1).values
-        self.n_sep, self.doc_start = self.n_sep + sep.sum(1), torch.maximum(self.doc_start, after.max(1).values)
-        return doc, idx - starts
+        doc, rope, self.doc_state = document_positions(tokens, self.documents.separator, positions, self.doc_state)
+        return doc, rope
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if int(positions[-1]) >= self.max_len:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model.pattern import documents
 from parallel.sharding import local_range
 from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
 
@@ -24,17 +25,16 @@ def shard_bounds(seq_len: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
 
 
 def document_positions(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc ids, positions within the document), each [B, T], of windows ``tokens`` [B, T] (from their start).
+    """(doc ids, positions within the document), each [B, T], of windows ``tokens`` [B, T] (from their
+    start), separated by ``DOC_SEP``: ``model.pattern.documents.document_positions``, the one rule."""
+    doc_ids, positions, _ = documents.document_positions(tokens, DOC_SEP)
+    return doc_ids, positions
 
-    A separator ``DOC_SEP`` ends its document: the doc id of position i counts the separators before
-    i, and the next token starts the next document at position 0. A window's first document starts
-    at its first position (its earlier part lies before the window)."""
-    sep = (tokens == DOC_SEP).long()
-    doc_ids = torch.cumsum(sep, dim=1) - sep  # separators strictly before each position
-    idx = torch.arange(tokens.shape[1]).expand_as(tokens)
-    starts = torch.where(sep.bool(), idx + 1, torch.zeros_like(idx))  # the position after each separator
-    starts = torch.cummax(torch.cat([torch.zeros_like(starts[:, :1]), starts[:, :-1]], dim=1), dim=1).values
-    return doc_ids, idx - starts
+
+def min_windows(n_tokens: int, seq_len: int) -> int:
+    """The fewest windows of ``seq_len + 1`` tokens any epoch offset (< seq_len) leaves in ``n_tokens``
+    tokens (windows overlap by the one token that is a target of one and an input of the next)."""
+    return max((n_tokens - seq_len) // seq_len, 0)
 
 
 class LongDocSampler:
@@ -52,10 +52,10 @@ class LongDocSampler:
             raise ValueError(f"rank_in_dp: must be in [0, dp_size={dp_size}), got {rank_in_dp}")
         if seq_len < 1 or batch_size < 1:
             raise DataConfigError(f"seq_len and batch_size: must be >= 1, got {seq_len}, {batch_size}")
-        worst = (len(tokens) - seq_len) // seq_len  # fewest windows any epoch offset leaves
+        worst = min_windows(len(tokens), seq_len)
         if worst < batch_size * dp_size:
             raise DataConfigError(
-                f"seq_len: {len(tokens)} tokens give only {max(worst, 0)} windows of {seq_len + 1}, fewer "
+                f"seq_len: {len(tokens)} tokens give only {worst} windows of {seq_len + 1}, fewer "
                 f"than one global batch (batch_size={batch_size} × dp_size={dp_size}); use more data or "
                 "a shorter seq_len")
         # A ScoredStream (prompt/completion data) scores only its completions: see _scored_targets.

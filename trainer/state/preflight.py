@@ -24,6 +24,7 @@ from pathlib import Path
 
 from trainer.config.validate import ConfigError, TrainConfig
 from trainer.data.corpus import DEFAULT_CACHE_DIR, DataConfigError, corpus_of
+from trainer.data.sampling import min_windows
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def check_windows(cfg: TrainConfig, facts: DataFacts) -> None:
     need = cfg.batch_size * cfg.dp_size
     for split, n, fix in (("training", facts.n_train, "a smaller batch_size or seq_len, or more data (data.path)"),
                           ("validation", facts.n_val, "a larger data.val_fraction, or more data")):
-        windows = max((n - cfg.seq_len) // cfg.seq_len, 0)
+        windows = min_windows(n, cfg.seq_len)
         if windows < need:
             key = "data.val_fraction" if split == "validation" else "batch_size" if windows else "data.path"
             raise ConfigError(f"{key}: the {split} split has {n:,} tokens: {windows} windows of seq_len={cfg.seq_len} "
