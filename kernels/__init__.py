@@ -57,7 +57,7 @@ def _flex(q, k, v, pattern, c: AttnCall) -> AttnResult:
 
 
 def _fused(q, k, v, pattern, c: AttnCall) -> AttnResult:
-    # C++ band kernel (CPU, fp32, Window); blocked where it does not apply
+    # C++ band kernel (CPU, fp32, Window); choose_backend sends what it cannot take to blocked
     from kernels.fused import fused_attention
 
     return fused_attention(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.sinks, c.q_doc,
@@ -92,19 +92,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, 
     """Sparse attention of one described call: the backend is chosen here, once (``choose_backend``)."""
     check_inputs(q, k, v, call.q_pos, call.k_pos)
     check_sinks(call.sinks, q.shape[1])
-    name = choose_backend(q, pattern, call, backend)
+    name = choose_backend(q, k, pattern, call, backend)
     if TABLE[name].sinks:  # the kernel joins the sinks itself
         return KERNELS[name](q, k, v, pattern, call)
     return join_sinks(KERNELS[name](q, k, v, pattern, call.without_sinks()), call.sinks)
 
 
-def choose_backend(q: torch.Tensor, pattern: Pattern, call: AttnCall, backend: str = "auto") -> str:
-    """The backend that runs this call: ``backend`` itself, ``auto``'s pick (``pick_backend``), and
-    ``blocked`` for a call with documents the chosen backend cannot mask (the table's ``documents``)."""
+def choose_backend(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call: AttnCall, backend: str = "auto") -> str:
+    """The backend that runs this call, decided here and nowhere else: ``backend`` itself or ``auto``'s
+    pick (``pick_backend``); then ``blocked`` for a call with documents the chosen backend cannot mask
+    (the table's ``documents``) and for a ``fused`` call the C++ kernel cannot take (its key layout,
+    dtypes, an empty call, or no build: ``kernels.fused.applies``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
     name = pick_backend(q, pattern, call.return_stats) if backend == "auto" else backend
-    return name if not call.docs or TABLE[name].documents else "blocked"
+    if call.docs and not TABLE[name].documents:
+        return "blocked"
+    if name == "fused":
+        from kernels.fused import applies
+
+        return "fused" if applies(q, k, pattern, call) else "blocked"
+    return name
 
 
 def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:

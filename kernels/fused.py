@@ -5,7 +5,8 @@ fp32 CPU tensors with head_dim a multiple of 8, and keys laid out as a shard hol
 ``[globals | one contiguous run]`` — the keys whose positions are below ``num_global`` first (in
 ascending order), then consecutive positions (``k_pos`` defaults to arange, which is of that form).
 Query positions may be anything. Everything else, and every machine where the extension cannot be
-built, goes to ``kernels.blocked`` (the build failure says so in one warning line).
+built, goes to ``kernels.blocked``: ``kernels.choose_backend`` decides, once per call, with ``applies``
+(the build failure says so in one warning line).
 
 The kernel (kernels/csrc): 64-query × 64-key tiles; a query tile visits only the global prefix and
 the tiles of its band, and masks only the edge tiles, by comparing positions; keys and values are
@@ -46,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels.contract import AttnResult
 from kernels.inputs import EmptyRowError, check_docs, check_inputs
-from kernels.stats import AttnStats, join_sinks
+from kernels.stats import AttnStats
 from model.pattern import Pattern, Window
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,13 @@ def geometry(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_pos, k_pos) -
     return Geometry(q_pos, k_pos, P, kbase)
 
 
+def applies(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call) -> bool:
+    """Whether the fused kernel runs this call (``kernels.choose_backend`` asks, once per call): the
+    pattern and dtypes it takes, its key layout (``geometry``), at least one query, and a build."""
+    return q.shape[2] > 0 and isinstance(geometry(q, k, pattern, call.q_pos, call.k_pos), Geometry) \
+        and extension() is not None
+
+
 def _check_rows(g: Geometry, pattern: Window, K: int) -> None:
     """EmptyRowError (before any compute) for a query with no allowed key among those given."""
     qi = g.q_pos
@@ -177,17 +185,15 @@ class FusedAttention(torch.autograd.Function):
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
                     sinks=None, q_doc=None, k_doc=None):
     """``AttnResult`` (out, lse, AttnStats or None): the contract of ``kernels.sparse_attention``, learned
-    ``sinks`` [H] and document ids included; runs ``kernels.blocked`` (and joins the sinks after it)
-    where the fused kernel does not apply or cannot be built."""
+    ``sinks`` [H] and document ids included, for a call the kernel takes (``applies``; through
+    ``kernels.attend`` every other call has gone to ``blocked`` already). A call it cannot take is a
+    ValueError saying why."""
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     g = geometry(q, k, pattern, q_pos, k_pos)
     if isinstance(g, str) or Q == 0 or extension() is None:
-        from kernels.blocked import blocked_attention
-
-        res = blocked_attention(q, k, v, pattern, q_pos, k_pos, scale, seq_len, return_stats, q_doc=q_doc,
-                                k_doc=k_doc)
-        return join_sinks(res, sinks)
+        why = g if isinstance(g, str) else "no queries" if Q == 0 else "the extension could not be built"
+        raise ValueError(f"fused_attention: {why}; kernels.attend runs such a call on the blocked kernel")
     _check_rows(g, pattern, K)  # the pattern's empty rows are errors; the documents' are out 0, lse −inf
     if q_doc is not None:
         g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))
