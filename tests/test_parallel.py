@@ -69,8 +69,11 @@ def _close(name, what, got, want, failures):
         failures.append(f"{name}: {what} max err {float((got - want).abs().max()):.3g}")
 
 
-def _run_case(ctx, name, pattern, n, strategy, backend="reference", return_stats=True, batch=1, grad=True):
-    """Compare one configuration with the reference; returns (failures, output)."""
+def _run_case(ctx, name, pattern, n, strategy, backend="reference", return_stats=True, batch=1, grad=True,
+              expect_fused=False):
+    """Compare one configuration with the reference; returns (failures, output). ``expect_fused``: the
+    fused C++ kernel must be what ran (a case that silently went to blocked would prove nothing of it)."""
+    import kernels.fused as fused
     from kernels.reference import reference_attention
     from parallel.sharding import shard
     from parallel.sp_attention import sp_attention
@@ -80,9 +83,15 @@ def _run_case(ctx, name, pattern, n, strategy, backend="reference", return_stats
     ref, ref_lse, ref_st = reference_attention(q, k, v, pattern, seq_len=n, return_stats=True)
     (ref * w).sum().backward()
     mine = [shard(x.detach(), ctx, 2).clone().requires_grad_(grad) for x in (q, k, v)]
-    failures = []
-    st = sp_attention(*mine, pattern, ctx, AttnCall(seq_len=n, return_stats=return_stats), strategy=strategy,
-                      backend=backend)
+    failures, fused_calls, apply = [], [], fused.FusedAttention.apply
+    fused.FusedAttention.apply = lambda *a: fused_calls.append(1) or apply(*a)
+    try:
+        st = sp_attention(*mine, pattern, ctx, AttnCall(seq_len=n, return_stats=return_stats), strategy=strategy,
+                          backend=backend)
+    finally:
+        fused.FusedAttention.apply = apply
+    if expect_fused and not fused_calls:
+        failures.append(f"{name}: the fused kernel did not run")
     out = st.out
     assert (st.stats is None) == (not return_stats)  # one result shape: stats None exactly when not asked
     st = st if return_stats else None
@@ -111,13 +120,15 @@ def _check_stats(ctx, name, st, ref_lse, ref_st, failures):
 
 
 def _variants(P: int) -> list[tuple[str, object, dict]]:
-    """Other paths on inputs of earlier cases: no stats, the fast local kernel, batch 2, no grad."""
+    """Other paths on inputs of earlier cases: no stats, the fast local kernel (fused under halo and
+    Ulysses; top-k's content-based pattern is not a band, so it runs blocked), batch 2, no grad."""
     sink = Window(causal=True, window_left=20, num_global=4)
     longformer = Window(causal=False, window_left=12, window_right=12, num_global=4)
     bigbird = BigBird(causal=False, window_left=8, window_right=8, num_global=4, random_blocks=2, block_size=16)
     return [
         ("sink_halo_for_ulysses", sink, {"strategy": "halo", "return_stats": False}),
-        ("longformer_auto", longformer, {"strategy": "halo", "backend": "auto"}),
+        ("longformer_auto", longformer, {"strategy": "halo", "backend": "auto", "expect_fused": True}),
+        ("sink_ulysses_fused", sink, {"strategy": "ulysses", "backend": "fused", "expect_fused": True}),
         ("bigbird_bidir_blocked", bigbird, {"strategy": "halo", "backend": "auto", "return_stats": False}),
         ("bigbird_bidir_batch2", bigbird, {"strategy": "halo", "batch": 2}),
         ("longformer_ulysses_batch2", longformer, {"strategy": "ulysses", "batch": 2}),
