@@ -306,9 +306,9 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
     learned global slots (positions < 2) scored neither in the loss nor in the bytes."""
     from types import SimpleNamespace
 
-    from trainer import loop
+    from trainer import evaluate
     lengths = np.array([1, 2, 3, 4])  # bytes of token ids 0..3
-    monkeypatch.setattr(loop.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
+    monkeypatch.setattr(evaluate.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
 
     def ds(tokens, positions, targets, **_):
         n = (targets[:, positions >= 2] != D.IGNORE_INDEX).sum()
@@ -321,7 +321,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
     cfg = load_config(_compose("seq_len=64", "attention.window_left=16", "batch_size=2", "seed=3", "eval_batches=3",
                                "model.n_learned_global=2"), 1)
     ctx = SimpleNamespace(device="cpu", dp_rank=0, dp_size=1, sp_rank=0, sp_size=1)
-    row = loop.evaluate(ds, val, cfg, ctx, {}, None, lengths)
+    row = evaluate.evaluate(ds, val, cfg, ctx, {}, None, lengths)
     sampler = S.LongDocSampler(val, 64, 2, seed=3)
     scored = np.concatenate([val[s + 3: s + 65] for _ in range(3) for s in sampler.next_starts()])
     assert row["eval/loss"] == pytest.approx(0.7)
@@ -344,3 +344,29 @@ def test_train_with_bpe_end_to_end(tmp_path):
     bytes_per_token = corpus.tokenizer.byte_lengths[targets.numpy()].mean()
     assert bytes_per_token > 2  # BPE tokens of words: several bytes each
     assert last["eval/bpb"] == pytest.approx(last["eval/loss"] / math.log(2) / bytes_per_token, rel=1e-6)
+
+
+def test_passkey_probe_scores_whole_keys(monkeypatch):
+    """The eval_tasks=[passkey] probe through the one evaluation loop: a model that gets every key digit
+    scores 1.0, one that misses a single digit of one row of 4 scores 0.75 (a row counts only whole)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from trainer import evaluate as E
+
+    monkeypatch.setattr(E.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
+    cfg = SimpleNamespace(seq_len=256, seed=3)
+    ctx = SimpleNamespace(device="cpu", sp_rank=0, sp_size=1, sp_group=None)
+    (batch,) = E.passkey_batches(cfg, ctx, 0.5)
+    for wrong_rows, want in (((), 1.0), ((2,), 0.75)):
+        guess = torch.where(batch.targets == D.IGNORE_INDEX, 0, batch.targets).clone()
+        for r in wrong_rows:
+            guess[r, -1] += 1  # the last key digit of row r
+
+        def ds(tokens, positions, targets=None, guess=guess):
+            assert targets is None  # the probe asks for logits only
+            return SimpleNamespace(logits=F.one_hot(guess, 256).float())
+
+        row = E.run_eval(ds, E.passkey_batches(cfg, ctx, 0.5), E.PasskeyScorer(ctx, 0.5), {}, None)
+        assert row == {"eval/passkey_acc@0.5": want}

@@ -150,14 +150,14 @@ def test_tasks_need_byte_tokens():
 
 
 def _eval_on_rank(rank, world, wrong):
-    """evaluate_task on SP rank ``rank`` of ``world`` with an oracle model that predicts every target
-    except those at the (row, position) pairs in ``wrong``."""
+    """The task evaluation (trainer.evaluate) on SP rank ``rank`` of ``world`` with an oracle model that
+    predicts every target except those at the (row, position) pairs in ``wrong``."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from trainer.data.tasks import evaluate_task
+    from trainer.evaluate import evaluate
 
     seq, K = 24, 8
     cfg = SimpleNamespace(data=SimpleNamespace(task="passkey", passkey=PasskeyParams(key_len=K), recall=RecallParams(),
@@ -179,7 +179,7 @@ def _eval_on_rank(rank, world, wrong):
         n = (targets != IGNORE_INDEX).sum()
         return SimpleNamespace(logits=logits, loss=loss / n.clamp(min=1), n_targets=n)
 
-    return evaluate_task(oracle, None, cfg, ctx, {}, dist.group.WORLD)
+    return evaluate(oracle, None, cfg, ctx, {}, dist.group.WORLD, None)
 
 
 def test_task_eval_is_exact_under_sequence_parallelism():

@@ -16,10 +16,9 @@ from model.moe import aux_loss
 from parallel.comm import CommCounter
 from trainer import engine
 from trainer.config.validate import TrainConfig
-from trainer.data.corpus import IGNORE_INDEX, corpus_of, passkey_batch
-from trainer.data.mlm import MaskedLMSampler
-from trainer.data.sampling import LongDocSampler, shard_bounds
-from trainer.data.tasks import TaskSampler, evaluate_task, task_params
+from trainer.data.batches import doc_kwargs, sampler_for
+from trainer.data.corpus import corpus_of
+from trainer.evaluate import evaluate
 from trainer.metrics import Metrics, attention_metrics, comm_metrics, layer_kinds, peak_memory_gb
 from trainer.state import checkpoint
 from trainer.state.faults import (
@@ -164,17 +163,6 @@ def load_data(cfg: TrainConfig, ctx):
     return sampler_for(cfg, corpus.train, ctx), corpus.val, corpus.tokenizer
 
 
-def sampler_for(cfg: TrainConfig, tokens: np.ndarray, ctx) -> LongDocSampler | MaskedLMSampler:
-    """The batches of the objective: next-token windows (clm) or their masked-LM corruption (mlm);
-    with data.task != text the task's sequences (trainer/data/tasks.py; ``tokens`` only for mix's text)."""
-    if cfg.data.task != "text":
-        return TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
-                           reserved=cfg.model.n_learned_global, text_tokens=tokens)
-    sampler = LongDocSampler(tokens, cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
-                             documents=cfg.data.document_mask, reset_positions=cfg.data.resets_positions)
-    return MaskedLMSampler(sampler, cfg.mlm_spec()) if cfg.objective == "mlm" else sampler
-
-
 def backward_loss(out, group, group_size: int, aux_coef: float = 0.0):
     """(loss to backpropagate on this rank, global mean loss, router metrics).
 
@@ -256,51 +244,3 @@ def skipped_row(global_loss: float, lr: float, guard: NonFiniteGuard) -> dict:
             "train/skipped_total": float(guard.skipped), "train/skipped_grad_total": float(guard.skipped_grad)}
 
 
-def doc_kwargs(docs) -> dict:
-    """The model's ``rope_positions`` [, ``doc_ids``] from a shard's extra fields (``LongDocSampler.next_shard``
-    under data.reset_positions / data.document_mask); none for plain windows."""
-    return dict(zip(("rope_positions", "doc_ids"), docs))
-
-
-@torch.no_grad()
-def evaluate(ds, val_tokens, cfg: TrainConfig, ctx, fwd: dict, group, byte_lengths: np.ndarray) -> dict:
-    """Validation over the same eval_batches every time (the same masks too, under mlm).
-
-    clm: mean loss (nats/token) and bits per byte = (summed nats / ln 2) / the bytes the scored
-    targets encode: nats / ln 2 for byte tokens, and comparable across tokenizers (a BPE token is
-    several bytes). ``byte_lengths``: [vocab] the bytes each token id stands for (the tokenizer's).
-    mlm: loss and accuracy of the masked-token predictions (bits per byte would mean nothing: only
-    the chosen positions are scored, each given both of its neighbours)."""
-    if cfg.data.task != "text":  # the task's own eval stream: answer loss and accuracy (trainer/data/tasks.py)
-        return evaluate_task(ds, val_tokens, cfg, ctx, fwd, group)
-    nbytes = torch.from_numpy(byte_lengths).to(ctx.device)
-    sampler = sampler_for(cfg, val_tokens, ctx)
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, targets, bytes (clm) | hits (mlm)
-    for _ in range(cfg.eval_batches):
-        tokens, targets, positions, *docs = (t.to(ctx.device) for t in sampler.next_shard(ctx.sp_rank, ctx.sp_size))
-        out = ds(tokens, positions=positions, targets=targets, **doc_kwargs(docs), **fwd)
-        scored = targets[:, positions >= cfg.model.n_learned_global]  # learned global slots carry no loss
-        third = (((out.logits.argmax(-1) == scored) & (scored != IGNORE_INDEX)).sum() if cfg.objective == "mlm"
-                 else nbytes[scored[scored != IGNORE_INDEX]].sum())  # completion data: its targets only
-        totals += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(), third.double()])
-    dist.all_reduce(totals, group=group)
-    loss = float(totals[0] / totals[1].clamp(min=1))
-    if cfg.objective == "mlm":
-        return {"eval/mlm_loss": loss, "eval/mlm_acc": float(totals[2] / totals[1].clamp(min=1))}
-    row = {"eval/loss": loss, "eval/bpb": float(totals[0] / totals[2]) / math.log(2)}
-    if "passkey" in cfg.eval_tasks:
-        for depth in (0.1, 0.5, 0.9):
-            row[f"eval/passkey_acc@{depth}"] = passkey_accuracy(ds, cfg, ctx, fwd, depth)
-    return row
-
-
-def passkey_accuracy(ds, cfg: TrainConfig, ctx, fwd: dict, depth: float, n: int = 4) -> float:
-    """Exact-match rate of the 5 key digits; each SP rank checks the answer positions it holds."""
-    task = passkey_batch(cfg.seq_len, depth, np.random.default_rng([cfg.seed, int(depth * 100)]), n)
-    lo, L = shard_bounds(cfg.seq_len, ctx.sp_rank, ctx.sp_size)
-    tokens, targets = task.inputs[:, lo: lo + L].to(ctx.device), task.targets[:, lo: lo + L].to(ctx.device)
-    logits = ds(tokens, positions=torch.arange(lo, lo + L, device=ctx.device), **fwd).logits
-    targets = targets[:, targets.shape[1] - logits.shape[1]:]  # learned global slots have no logits
-    miss = ((logits.argmax(-1) != targets) & (targets != IGNORE_INDEX)).any(dim=1).float()  # (B,)
-    dist.all_reduce(miss, op=dist.ReduceOp.MAX, group=ctx.sp_group)
-    return float(1.0 - miss.mean())

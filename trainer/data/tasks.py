@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer.data.corpus import IGNORE_INDEX, DataConfigError
 from trainer.data.sampling import LongDocSampler, shard_bounds
@@ -246,45 +245,3 @@ def depth_bin(start: np.ndarray, seq_len: int) -> np.ndarray:
 def task_params(data) -> TaskParams:
     """The TaskParams of a config's ``data`` section (trainer/config/schema.py DataSection)."""
     return TaskParams(task=data.task, passkey=data.passkey, recall=data.recall, mix=data.mix)
-
-
-# --- evaluation (trainer/loop.py calls this for data.task != text) ---------------------------------
-
-@torch.no_grad()
-def evaluate_task(ds, val_tokens: np.ndarray, cfg, ctx, fwd: dict, group) -> dict:
-    """``eval/loss`` (nats per scored target: the answers, plus every target of mix's text rows),
-    ``eval/task_acc`` (task rows whose every answer is the argmax), ``eval/task_token_acc`` and
-    ``eval/task_acc@D`` per fifth D of the sequence where the needle / pairs start, over
-    ``eval_batches`` batches of the eval stream (the same ones every time). Exact under SP: each rank
-    scores the answer positions it holds; a row's misses are OR-ed (MAX) over the SP group and
-    counted once (on SP rank 0); sums are reduced over ``group`` (every rank)."""
-    sampler = TaskSampler(task_params(cfg.data), cfg.seq_len, cfg.batch_size, cfg.seed, ctx.dp_rank, ctx.dp_size,
-                          reserved=cfg.model.n_learned_global, text_tokens=val_tokens, stream=EVAL_STREAM)
-    # [loss sum, targets, answer hits, answers, row hits, rows, hits per depth bin, rows per depth bin]
-    totals = torch.zeros(6 + 2 * DEPTH_BINS, dtype=torch.float64, device=ctx.device)
-    for i in range(cfg.eval_batches):
-        text_rows = next(sampler.text).numpy() if sampler.text is not None else None
-        full, answers, start = sampler.batch(i, text_rows)
-        tokens, targets, positions = (t.to(ctx.device) for t in shard(full, answers, ctx.sp_rank, ctx.sp_size))
-        out = ds(tokens, positions=positions, targets=targets, **fwd)
-        targets = targets[:, targets.shape[1] - out.logits.shape[1]:]  # learned global slots have no logits
-        is_task = torch.from_numpy(start >= 0).to(ctx.device)  # (B,) mix's text rows are not task rows
-        scored = (targets != IGNORE_INDEX) & is_task[:, None]
-        hit = (out.logits.argmax(-1) == targets) & scored
-        miss = (scored & ~hit).any(dim=1).double()  # (B,)
-        dist.all_reduce(miss, op=dist.ReduceOp.MAX, group=ctx.sp_group)
-        once = float(ctx.sp_rank == 0)  # every SP rank now holds the same row verdicts
-        row_hit = (1.0 - miss) * is_task * once
-        bins = torch.from_numpy(depth_bin(np.maximum(start, 0), cfg.seq_len)).to(ctx.device)
-        totals[:6] += torch.stack([out.loss.double() * out.n_targets, out.n_targets.double(), hit.sum().double(),
-                                   scored.sum().double(), row_hit.sum(), is_task.double().sum() * once])
-        totals[6: 6 + DEPTH_BINS] += torch.bincount(bins, weights=row_hit, minlength=DEPTH_BINS)
-        totals[6 + DEPTH_BINS:] += torch.bincount(bins, weights=is_task.double() * once, minlength=DEPTH_BINS)
-    dist.all_reduce(totals, group=group)
-    t = totals.tolist()
-    row = {"eval/loss": t[0] / max(t[1], 1.0), "eval/task_token_acc": t[2] / max(t[3], 1.0),
-           "eval/task_acc": t[4] / max(t[5], 1.0)}
-    for b in range(DEPTH_BINS):
-        if t[6 + DEPTH_BINS + b]:
-            row[f"eval/task_acc@{b / DEPTH_BINS:.1f}"] = t[6 + b] / t[6 + DEPTH_BINS + b]
-    return row
