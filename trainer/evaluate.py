@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from trainer.data.batches import doc_kwargs, sampler_for
 from trainer.data.corpus import IGNORE_INDEX, passkey_batch
-from trainer.data.sampling import shard_bounds
 from trainer.data.tasks import DEPTH_BINS, EVAL_STREAM, TaskSampler, depth_bin, shard, task_params
 
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
@@ -164,9 +163,9 @@ def task_batches(cfg, ctx, val_tokens: np.ndarray | None) -> Iterable[EvalBatch]
 def passkey_batches(cfg, ctx, depth: float, n: int = 4) -> Iterable[EvalBatch]:
     """One batch of ``n`` probes with the needle at ``depth``, this SP rank's shard (logits only)."""
     task = passkey_batch(cfg.seq_len, depth, np.random.default_rng([cfg.seed, int(depth * 100)]), n)
-    lo, L = shard_bounds(cfg.seq_len, ctx.sp_rank, ctx.sp_size)
-    yield EvalBatch(task.inputs[:, lo: lo + L].to(ctx.device), task.targets[:, lo: lo + L].to(ctx.device),
-                    torch.arange(lo, lo + L, device=ctx.device), loss=False)
+    full = torch.cat([task.inputs, task.targets[:, -1:]], dim=1).numpy()  # the key's last digit ends the window
+    tokens, targets, positions = shard(full, (task.targets != IGNORE_INDEX).numpy(), ctx.sp_rank, ctx.sp_size)
+    yield EvalBatch(tokens.to(ctx.device), targets.to(ctx.device), positions.to(ctx.device), loss=False)
 
 
 @torch.no_grad()
