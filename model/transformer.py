@@ -274,6 +274,7 @@ class Transformer(nn.Module):
             raise ValueError(f"model.n_layers: {cfg.n_layers} layers but {len(patterns)} patterns given")
         check_learned_global(cfg.n_learned_global, patterns)
         self.cfg, self.patterns = cfg, patterns
+        self.attention_fn: AttentionFn = local_attention  # bound once by the trainer (``bind_attention``)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.n_learned_global:
             self.global_emb = nn.Parameter(torch.empty(cfg.n_learned_global, cfg.d_model))
@@ -302,6 +303,11 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    def bind_attention(self, attention_fn: AttentionFn) -> None:
+        """The attention every forward uses unless it passes its own (torchtitan's parallelize-once: the
+        trainer binds the sequence-parallel one at startup; the decoder passes its caches per call)."""
+        self.attention_fn = attention_fn
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
 
@@ -321,10 +327,11 @@ class Transformer(nn.Module):
         """tokens [B, T] at ascending absolute ``positions`` [T] (default arange) of a sequence of
         ``seq_len`` (default: last position + 1, right only for the last shard or a whole sequence).
         ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss. ``doc_ids`` [B, T] and
-        ``rope_positions`` [T] or [B, T]: packed documents (see the module docstring)."""
+        ``rope_positions`` [T] or [B, T]: packed documents (see the module docstring). ``attention_fn``:
+        this call's attention (default: the bound one, ``bind_attention``; unbound: ``local_attention``)."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device) if positions is None else positions
-        attention_fn = local_attention if attention_fn is None else attention_fn
+        attention_fn = self.attention_fn if attention_fn is None else attention_fn
         seq_len = int(positions[-1]) + 1 if seq_len is None else seq_len
         x = self.embed(tokens, positions)
         stats = [] if return_stats else None

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.contract import AttnCall, AttnResult
-from model.attention import AttentionFn, local_attention
+from model.attention import local_attention
 from model.transformer import Transformer
 from parallel.comm import CommCounter
 from parallel.context import ParallelContext, init_parallel
@@ -117,11 +117,13 @@ def count_params(cfg: TrainConfig) -> int:
         return Transformer(cfg.model_config(), cfg.patterns()).num_params()
 
 
-def parallelize(ctx: ParallelContext, par: ParallelSection, counter: CommCounter) -> AttentionFn:
-    """The attention function this rank's model calls (torchtitan's ``parallelize_model`` idea)."""
+def parallelize(model: Transformer, ctx: ParallelContext, par: ParallelSection, counter: CommCounter) -> None:
+    """Bind this rank's attention to the model, once (torchtitan's ``parallelize_model``): the local
+    kernel, or sequence-parallel attention over the context with its bytes counted."""
     if ctx.sp_size == 1:
-        return functools.partial(local_attention, backend=par.backend)
-    return ShardedAttention(ctx, par, counter)
+        model.bind_attention(functools.partial(local_attention, backend=par.backend))
+    else:
+        model.bind_attention(ShardedAttention(ctx, par, counter))
 
 
 def check_startup(model: Transformer, ctx: ParallelContext, par: ParallelSection, seq_len: int) -> None:

@@ -102,7 +102,7 @@ def start(cfg: TrainConfig, ctx, resolved: dict, run_dir: Path, resume_from: Pat
     """Model, its attention (checked by the startup guard), engine, data, resume, metrics."""
     counter = CommCounter()
     model = engine.build_model(cfg)
-    attention_fn = engine.parallelize(ctx, cfg.parallel, counter)
+    engine.parallelize(model, ctx, cfg.parallel, counter)
     engine.check_startup(model, ctx, cfg.parallel, cfg.seq_len)
     ds, reduce_group = engine.build_engine(cfg, model, ctx)
     train_data, val_tokens, tokenizer = load_data(cfg, ctx)
@@ -110,7 +110,7 @@ def start(cfg: TrainConfig, ctx, resolved: dict, run_dir: Path, resume_from: Pat
     log = Metrics(cfg, resolved, run_dir, ctx.rank, step)
     if cfg.logging.mask_png and step == 0:
         log.mask_picture(model.patterns[0], cfg.seq_len)
-    fwd = dict(attention_fn=attention_fn, seq_len=cfg.seq_len)
+    fwd = dict(seq_len=cfg.seq_len)
     guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
     return Session(cfg, ctx, ds, reduce_group, train_data, val_tokens, tokenizer.byte_lengths, fwd, counter, guard,
                    log), step
