@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from trainer.data import corpus as D
 from trainer.data import sampling as S
+from trainer.data import tasks as T
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,10 +163,10 @@ def test_sp_shards_concatenate_to_the_window():
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.75, 1.0])
 def test_passkey_at_requested_depth(depth):
     seq_len = 600
-    batch = D.passkey_batch(seq_len, depth, np.random.default_rng(1), batch_size=2)
+    batch = T.passkey_batch(seq_len, depth, np.random.default_rng(1), batch_size=2)
     tok = D.ByteTokenizer()
     assert batch.inputs.shape == batch.targets.shape == (2, seq_len)
-    n_fill = seq_len + 1 - len(D.NEEDLE.format(key="00000")) - len(D.QUESTION) - 5
+    n_fill = seq_len + 1 - len(T.PROBE_NEEDLE.format(key="00000")) - len(T.PROBE_QUESTION) - 5
     # The needle starts at the sentence boundary nearest the depth; the longest filler sentence is 22.
     assert abs(batch.info["needle_pos"] - depth * n_fill) <= 22
     for b, key in enumerate(batch.info["keys"]):
@@ -173,8 +174,8 @@ def test_passkey_at_requested_depth(depth):
         kp = batch.info["key_pos"]
         assert tok.decode(batch.inputs[b, kp: kp + 5]) == key
         assert tok.decode(batch.targets[b, -5:]) == key  # the answer: the last five targets
-        assert tok.decode(batch.inputs[b, -len(D.QUESTION) - 4:]) == D.QUESTION + key[:4]
-        assert (batch.targets[b, :-5] == D.IGNORE_INDEX).all()
+        assert tok.decode(batch.inputs[b, -len(T.PROBE_QUESTION) - 4:]) == T.PROBE_QUESTION + key[:4]
+        assert (batch.targets[b, :-5] == T.IGNORE_INDEX).all()
 
 
 # --- the BPE tokenizer ----------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_targets(monkeypatch):
     monkeypatch.setattr(evaluate.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is itself
 
     def ds(tokens, positions, targets, **_):
-        n = (targets[:, positions >= 2] != D.IGNORE_INDEX).sum()
+        n = (targets[:, positions >= 2] != T.IGNORE_INDEX).sum()
         return SimpleNamespace(loss=torch.tensor(0.7, dtype=torch.float64), n_targets=n)
 
     val = np.random.default_rng(0).integers(0, 4, size=2000)
@@ -360,7 +361,7 @@ def test_passkey_probe_scores_whole_keys(monkeypatch):
     ctx = SimpleNamespace(device="cpu", sp_rank=0, sp_size=1, sp_group=None)
     (batch,) = E.passkey_batches(cfg, ctx, 0.5)
     for wrong_rows, want in (((), 1.0), ((2,), 0.75)):
-        guess = torch.where(batch.targets == D.IGNORE_INDEX, 0, batch.targets).clone()
+        guess = torch.where(batch.targets == T.IGNORE_INDEX, 0, batch.targets).clone()
         for r in wrong_rows:
             guess[r, -1] += 1  # the last key digit of row r
 

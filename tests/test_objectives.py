@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.train_utils import REPO, SMALL, _env, rows, train
-from trainer.data.corpus import IGNORE_INDEX
+from trainer.data.stream import IGNORE_INDEX
 
 ATTENTION = sorted(p.stem for p in (REPO / "conf" / "attention").glob("*.yaml"))
 SEQ = 64

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.corpus import IGNORE_INDEX, DataConfigError
+from trainer.data.stream import IGNORE_INDEX, DataConfigError
 from trainer.data.tasks import (
     DIGITS,
     MARK,

@@ -4,7 +4,7 @@
 
 - text, clm: ``eval/loss`` (nats per target) and ``eval/bpb`` (summed nats / ln 2 / the bytes the scored
   targets encode: comparable across tokenizers); with ``eval_tasks=[passkey]`` also
-  ``eval/passkey_acc@{0.1,0.5,0.9}`` (the natural-language probe, ``trainer.data.corpus.passkey_batch``).
+  ``eval/passkey_acc@{0.1,0.5,0.9}`` (the natural-language probe, ``trainer.data.tasks.passkey_batch``).
 - mlm: ``eval/mlm_loss`` and ``eval/mlm_acc`` of the masked-token predictions (bits per byte would mean
   nothing: only the chosen positions are scored, each given both of its neighbours).
 - ``data.task != text``: ``eval/loss`` (the answers, plus every target of mix's text rows),
@@ -29,8 +29,16 @@ import torch
 import torch.distributed as dist
 
 from trainer.data.batches import doc_kwargs, sampler_for
-from trainer.data.corpus import IGNORE_INDEX, passkey_batch
-from trainer.data.tasks import DEPTH_BINS, EVAL_STREAM, TaskSampler, depth_bin, shard, task_params
+from trainer.data.stream import IGNORE_INDEX
+from trainer.data.tasks import (
+    DEPTH_BINS,
+    EVAL_STREAM,
+    TaskSampler,
+    depth_bin,
+    passkey_batch,
+    shard,
+    task_params,
+)
 
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 

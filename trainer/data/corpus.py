@@ -40,16 +40,15 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trainer.data import bpe, formats, hf_tokenizer, integrity
 from trainer.data.cache import build_cache, token_dtype
 from trainer.data.formats import Fields, Record
-from trainer.data.stream import DOC_SEP, IGNORE_INDEX, DataConfigError, ScoredStream
+from trainer.data.stream import DOC_SEP, DataConfigError, ScoredStream
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tokens"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or the document convention changes
@@ -347,41 +346,3 @@ def split_point(tokens: np.ndarray, byte_lengths: np.ndarray, val_fraction: floa
     tail = np.asarray(tokens[len(tokens) - min(len(tokens), n_val_bytes):])  # every token is >= 1 byte
     spans = np.cumsum(byte_lengths[tail[::-1]])  # bytes of the last 1, 2, ... tokens
     return len(tokens) - int(np.searchsorted(spans, n_val_bytes, side="right"))
-
-
-# --- synthetic long-range tasks -------------------------------------------------------------------
-
-@dataclass
-class TaskBatch:
-    inputs: torch.Tensor  # [B, seq_len]
-    targets: torch.Tensor  # [B, seq_len], IGNORE_INDEX except the answer tokens
-    info: dict = field(default_factory=dict)
-
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? The pass key is "
-
-
-def passkey_batch(seq_len: int, depth: float, rng: np.random.Generator | int, batch_size: int = 1) -> TaskBatch:
-    """Passkey retrieval (Mohtashami & Jaggi 2023), byte tokens: a random 5-digit key in a needle
-    sentence starting at relative ``depth`` of the filler, the question at the end, the key as the
-    last 5 targets. ``info``: keys, needle_pos (start of the needle), key_pos (first key digit)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth: must be in [0, 1], got {depth}")
-    rng = np.random.default_rng(rng)
-    n_fill = seq_len + 1 - len(NEEDLE.format(key="00000")) - len(QUESTION) - 5
-    if n_fill < 0:
-        raise DataConfigError(f"seq_len: passkey needs at least {seq_len - n_fill}, got {seq_len}")
-    hay = (FILLER * (n_fill // len(FILLER) + 1))[:n_fill]
-    hay = hay[: hay.rfind(". ") + 2 if ". " in hay else 0].ljust(n_fill)  # whole sentences, space-padded
-    # The needle goes at the sentence boundary nearest to the requested depth.
-    starts = [0, n_fill] + [i + 2 for i in range(len(hay) - 1) if hay[i: i + 2] == ". "]
-    pos = min(starts, key=lambda i: abs(i - depth * n_fill))
-    keys = [f"{int(k):05d}" for k in rng.integers(10000, 100000, size=batch_size)]
-    ids = np.stack([ByteTokenizer().encode(hay[:pos] + NEEDLE.format(key=k) + hay[pos:] + QUESTION + k)
-                    for k in keys]).astype(np.int64)  # (B, seq_len + 1)
-    targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
-    targets[:, -5:] = torch.from_numpy(ids[:, -5:])
-    info = {"keys": keys, "needle_pos": pos, "key_pos": pos + NEEDLE.index("{key}")}
-    return TaskBatch(torch.from_numpy(ids[:, :-1]), targets, info)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data.corpus import IGNORE_INDEX
 from trainer.data.sampling import LongDocSampler, shard_bounds
+from trainer.data.stream import IGNORE_INDEX
 
 MASK_FRAC, RANDOM_FRAC = 0.8, 0.1  # of the chosen positions; the remaining 0.1 keep their token
 ACTION_KEEP, ACTION_MASK, ACTION_RANDOM = 0, 1, 2  # what happened at a chosen position

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer.data.corpus import IGNORE_INDEX, DataConfigError
+from trainer.data.corpus import ByteTokenizer
 from trainer.data.sampling import LongDocSampler, shard_bounds
+from trainer.data.stream import IGNORE_INDEX, DataConfigError
 
 TASKS = ("text", "passkey", "recall", "mix")
 MIX_TASKS = ("passkey", "recall")
@@ -245,3 +246,41 @@ def depth_bin(start: np.ndarray, seq_len: int) -> np.ndarray:
 def task_params(data) -> TaskParams:
     """The TaskParams of a config's ``data`` section (trainer/config/schema.py DataSection)."""
     return TaskParams(task=data.task, passkey=data.passkey, recall=data.recall, mix=data.mix)
+
+
+# --- the natural-language passkey probe (eval_tasks=[passkey] on text models; trainer/evaluate.py) ---
+
+@dataclass
+class TaskBatch:
+    inputs: torch.Tensor  # [B, seq_len]
+    targets: torch.Tensor  # [B, seq_len], IGNORE_INDEX except the answer tokens
+    info: dict = field(default_factory=dict)
+
+
+PROBE_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PROBE_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PROBE_QUESTION = "What is the pass key? The pass key is "
+
+
+def passkey_batch(seq_len: int, depth: float, rng: np.random.Generator | int, batch_size: int = 1) -> TaskBatch:
+    """Passkey retrieval (Mohtashami & Jaggi 2023), byte tokens: a random 5-digit key in a needle
+    sentence starting at relative ``depth`` of the filler, the question at the end, the key as the
+    last 5 targets. ``info``: keys, needle_pos (start of the needle), key_pos (first key digit)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth: must be in [0, 1], got {depth}")
+    rng = np.random.default_rng(rng)
+    n_fill = seq_len + 1 - len(PROBE_NEEDLE.format(key="00000")) - len(PROBE_QUESTION) - 5
+    if n_fill < 0:
+        raise DataConfigError(f"seq_len: passkey needs at least {seq_len - n_fill}, got {seq_len}")
+    hay = (PROBE_FILLER * (n_fill // len(PROBE_FILLER) + 1))[:n_fill]
+    hay = hay[: hay.rfind(". ") + 2 if ". " in hay else 0].ljust(n_fill)  # whole sentences, space-padded
+    # The needle goes at the sentence boundary nearest to the requested depth.
+    starts = [0, n_fill] + [i + 2 for i in range(len(hay) - 1) if hay[i: i + 2] == ". "]
+    pos = min(starts, key=lambda i: abs(i - depth * n_fill))
+    keys = [f"{int(k):05d}" for k in rng.integers(10000, 100000, size=batch_size)]
+    ids = np.stack([ByteTokenizer().encode(hay[:pos] + PROBE_NEEDLE.format(key=k) + hay[pos:] + PROBE_QUESTION + k)
+                    for k in keys]).astype(np.int64)  # (B, seq_len + 1)
+    targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+    targets[:, -5:] = torch.from_numpy(ids[:, -5:])
+    info = {"keys": keys, "needle_pos": pos, "key_pos": pos + PROBE_NEEDLE.index("{key}")}
+    return TaskBatch(torch.from_numpy(ids[:, :-1]), targets, info)
