@@ -119,6 +119,15 @@ def text_dir(root: Path) -> Path:
     return text
 
 
+def assert_logits_match(ours, hf, vocab: int, seq: int = SEQ) -> None:
+    """Our imported model's logits equal Hugging Face's on random tokens (fp32: ATOL)."""
+    tokens = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(tokens).logits, ours(tokens).logits
+    assert want.abs().max() > 1.0  # logits that spread: the comparison below can fail
+    assert (got - want).abs().max() <= ATOL
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -128,12 +137,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_imported_logits_equal_hugging_face(hf_dirs, name):
     d, hf = hf_dirs[name]
-    ours = imported(d)
-    tokens = torch.randint(0, SHAPE["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want, got = hf(tokens).logits, ours(tokens).logits
-    assert want.abs().max() > 1.0  # logits that spread: the comparison below can fail
-    assert (got - want).abs().max() <= ATOL
+    assert_logits_match(imported(d), hf, SHAPE["vocab_size"])
 
 
 def test_patterns_follow_the_config(hf_dirs):
