@@ -13,9 +13,9 @@ thread each):
 - ``ulysses``: ``parallel.strategy=ulysses``: every layer all-to-all over heads.
 
 Each sequence length runs in one fresh pair of processes holding both variants (the same initial
-weights, each its own AdamW); after one warm-up step each (the first pays the kernels' plans: ~3x a
-step at 16k), the timed steps alternate (A B, B A, ...); ``--steps`` per length (default 1 at 64k,
-where full attention makes a step minutes long on 2 cores).
+weights, each its own AdamW); after one warm-up step each (kernel plans, first-touch allocations), the
+timed steps alternate (A B, B A, ...); ``--steps`` per length (default 1 at 64k, where full attention
+makes a step minutes long on 2 cores).
 A step is the trainer's: forward with the loss, ``trainer.loop.backward_loss`` (the loss and router
 counts all-reduced), backward, one flat all-reduce of the gradients (DeepSpeed's bucketed reduce in
 the trainer), AdamW. Reported per variant, median over the timed steps:
