@@ -26,6 +26,8 @@ query sees a key only if the pattern allows it and both are in the same document
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.contract import BACKENDS as TABLE
@@ -56,12 +58,12 @@ def _flex(q, k, v, pattern, c: AttnCall) -> AttnResult:
                                   c.k_doc)
 
 
-def _fused(q, k, v, pattern, c: AttnCall) -> AttnResult:
+def _fused(q, k, v, pattern, c: AttnCall, layout=None) -> AttnResult:
     # C++ band kernel (CPU, fp32, Window); choose_backend sends what it cannot take to blocked
     from kernels.fused import fused_attention
 
     return fused_attention(q, k, v, pattern, c.q_pos, c.k_pos, c.scale, c.seq_len, c.return_stats, c.sinks, c.q_doc,
-                           c.k_doc)
+                           c.k_doc, layout)
 
 
 KERNELS = {"reference": _reference, "blocked": _blocked, "flex": _flex, "fused": _fused}
@@ -92,10 +94,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, 
     """Sparse attention of one described call: the backend is chosen here, once (``choose_backend``)."""
     check_inputs(q, k, v, call.q_pos, call.k_pos)
     check_sinks(call.sinks, q.shape[1])
-    name = choose_backend(q, k, pattern, call, backend)
+    name, layout = _select(q, k, pattern, call, backend)
+    kernel = functools.partial(_fused, layout=layout) if name == "fused" else KERNELS[name]
     if TABLE[name].sinks:  # the kernel joins the sinks itself
-        return KERNELS[name](q, k, v, pattern, call)
-    return join_sinks(KERNELS[name](q, k, v, pattern, call.without_sinks()), call.sinks)
+        return kernel(q, k, v, pattern, call)
+    return join_sinks(kernel(q, k, v, pattern, call.without_sinks()), call.sinks)
 
 
 def choose_backend(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call: AttnCall, backend: str = "auto") -> str:
@@ -103,16 +106,22 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call: Att
     pick (``pick_backend``); then ``blocked`` for a call with documents the chosen backend cannot mask
     (the table's ``documents``) and for a ``fused`` call the C++ kernel cannot take (its key layout,
     dtypes, an empty call, or no build: ``kernels.fused.applies``)."""
+    return _select(q, k, pattern, call, backend)[0]
+
+
+def _select(q, k, pattern, call, backend) -> tuple[str, object]:
+    """(``choose_backend``'s name, the fused kernel's key layout when that is the name, else None)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
     name = pick_backend(q, pattern, call.return_stats) if backend == "auto" else backend
     if call.docs and not TABLE[name].documents:
-        return "blocked"
+        return "blocked", None
     if name == "fused":
         from kernels.fused import applies
 
-        return "fused" if applies(q, k, pattern, call) else "blocked"
-    return name
+        layout = applies(q, k, pattern, call)
+        return ("fused", layout) if layout is not None else ("blocked", None)
+    return name, None
 
 
 def pick_backend(q: torch.Tensor, pattern: Pattern, return_stats: bool) -> str:

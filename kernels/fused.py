@@ -136,11 +136,14 @@ def geometry(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_pos, k_pos) -
     return Geometry(q_pos, k_pos, P, kbase)
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call) -> bool:
-    """Whether the fused kernel runs this call (``kernels.choose_backend`` asks, once per call): the
-    pattern and dtypes it takes, its key layout (``geometry``), at least one query, and a build."""
-    return q.shape[2] > 0 and isinstance(geometry(q, k, pattern, call.q_pos, call.k_pos), Geometry) \
-        and extension() is not None
+def applies(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, call) -> Geometry | None:
+    """The key layout when the fused kernel runs this call, else None (``kernels.choose_backend`` asks,
+    once per call, and hands the layout on): the pattern and dtypes it takes, its key layout
+    (``geometry``), at least one query, and a build."""
+    if q.shape[2] == 0:
+        return None
+    g = geometry(q, k, pattern, call.q_pos, call.k_pos)
+    return g if isinstance(g, Geometry) and extension() is not None else None
 
 
 def _check_rows(g: Geometry, pattern: Window, K: int) -> None:
@@ -183,14 +186,14 @@ class FusedAttention(torch.autograd.Function):
 
 
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
-                    sinks=None, q_doc=None, k_doc=None):
+                    sinks=None, q_doc=None, k_doc=None, layout: Geometry | None = None):
     """``AttnResult`` (out, lse, AttnStats or None): the contract of ``kernels.sparse_attention``, learned
     ``sinks`` [H] and document ids included, for a call the kernel takes (``applies``; through
     ``kernels.attend`` every other call has gone to ``blocked`` already). A call it cannot take is a
-    ValueError saying why."""
+    ValueError saying why. ``layout``: the call's ``applies`` result, so it is not worked out twice."""
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
-    g = geometry(q, k, pattern, q_pos, k_pos)
+    g = geometry(q, k, pattern, q_pos, k_pos) if layout is None else layout
     if isinstance(g, str) or Q == 0 or extension() is None:
         why = g if isinstance(g, str) else "no queries" if Q == 0 else "the extension could not be built"
         raise ValueError(f"fused_attention: {why}; kernels.attend runs such a call on the blocked kernel")
