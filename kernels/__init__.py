@@ -18,6 +18,9 @@ are the per-query partials of entropy, max logit and global mass (kernels.stats.
 value (gpt-oss). Backends whose row of ``BACKENDS`` says ``sinks`` start each row's online softmax
 from it; for every other backend ``attend`` joins it from (out, lse) afterwards
 (``kernels.stats.apply_sinks``), so any backend supports it.
+``call.q_global`` [B, H, Q, D] (model.global_rope=fixed): the keys a query sees only because they are
+global are scored with it (``kernels.global_part``): ``attend`` runs the pattern's local part on the
+chosen backend and the global keys as a second, dense partial, merged by LSE.
 ``q_doc`` [B, Q], ``k_doc`` [B, K] LongTensors: packed documents (``model.pattern.documents``): a
 query sees a key only if the pattern allows it and both are in the same document, except global keys
 (seen by all) and, when bidirectional, global queries (see all). Backends whose row says
@@ -32,6 +35,7 @@ import torch
 
 from kernels.contract import BACKENDS as TABLE
 from kernels.contract import AttnCall, AttnResult
+from kernels.global_part import attend_apart
 from kernels.inputs import EmptyRowError, check_inputs
 from kernels.reference import reference_attention
 from kernels.stats import join_sinks
@@ -94,6 +98,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, 
     """Sparse attention of one described call: the backend is chosen here, once (``choose_backend``)."""
     check_inputs(q, k, v, call.q_pos, call.k_pos)
     check_sinks(call.sinks, q.shape[1])
+    if call.global_part:
+        return attend_apart(q, k, v, pattern, call, functools.partial(attend, backend=backend))
     name, layout = _select(q, k, pattern, call, backend)
     kernel = functools.partial(_fused, layout=layout) if name == "fused" else KERNELS[name]
     if TABLE[name].sinks:  # the kernel joins the sinks itself

@@ -2,8 +2,9 @@
 and the one result every backend, strategy and adapter returns.
 
     AttnCall     the call description (positions, sequence length, scale, sinks, documents, layer,
-                 whether statistics are wanted); adapters pass it on whole, so a new field reaches
-                 every backend and strategy by construction (``dataclasses.replace`` narrows it)
+                 whether statistics are wanted, the queries for the global keys); adapters pass it on
+                 whole, so a new field reaches every backend and strategy by construction
+                 (``dataclasses.replace`` narrows it)
     AttnResult   (out, lse, stats): out [B, H, Q, D] in q's dtype, lse [B, H, Q] fp32 (−inf for a
                  row with no key and no sink), stats ``AttnStats`` (per-query partials, merged as
                  ``kernels.stats`` derives) or None — None
@@ -14,6 +15,8 @@ and the one result every backend, strategy and adapter returns.
 Shapes: q [B, H, Q, D]; k, v [B, Hkv, K, D] with H % Hkv == 0 (GQA); q_pos [Q], k_pos [K] absolute
 positions (None: arange); q_doc [B, Q], k_doc [B, K] integer document ids (both or neither);
 sinks [H] fp32 learned sink logits (one extra softmax column per head, no value).
+q_global [B, H, Q, D] (model.global_rope=fixed): the queries that score the keys a query sees only
+because they are global (``kernels.global_part``); every other key is scored with q. None: q for all.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class AttnCall:
     k_doc: torch.Tensor | None = None
     return_stats: bool = False
     layer: int = 0  # the calling layer's index, for adapters that keep per-layer state or counters
+    q_global: torch.Tensor | None = None  # [B, H, Q, D]: queries for the keys seen only as globals
+
+    @property
+    def global_part(self) -> bool:
+        """Whether the global keys are scored apart, with ``q_global`` (``kernels.global_part``)."""
+        return self.q_global is not None
 
     @property
     def docs(self) -> bool:

@@ -30,6 +30,14 @@ an attention function never has to.
 Rotary angles come from ``rope_positions`` when given (e.g. restarting at every document: [T] or
 [B, T]), otherwise from ``positions``; the pattern always sees the absolute ``positions``, so the
 halo plan of a sequence shard does not depend on where documents start.
+
+``global_rope`` (model.global_rope): ``position`` rotates every query at its own position, so a
+query at i scores the global key j at rotary distance i − j — distances a model trained at length n
+has never seen beyond n. ``fixed`` also hands the attention function ``call.q_global``: the queries
+rotated as if they sat at position g − 1 + ``global_rope_distance`` (g = the layer's num_global), so
+every query sees global key j at distance D + g − 1 − j, whatever its own position. The attention
+function scores with it the keys a query sees only because they are global (``kernels.global_part``);
+keys in its window keep their ordinary distances.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import torch.nn as nn
 
 from kernels import attend
 from kernels.contract import AttnCall, AttnResult
+from kernels.global_part import scores_apart
 from kernels.stats import head_sums
 from model.pattern import Pattern
 
@@ -102,12 +111,13 @@ class Attention(nn.Module):
     SINK_INIT = 0.0
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0,
-                 sink_logits: bool = False):
+                 sink_logits: bool = False, global_rope: str = "position", global_rope_distance: int = 1):
         super().__init__()
         check_heads(d_model, n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.rope_theta = rope_theta
+        self.global_rope, self.global_rope_distance = global_rope, global_rope_distance
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
@@ -117,6 +127,15 @@ class Attention(nn.Module):
     def angles(self, rope: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the rotary angles at positions ``rope``; subclasses scale the frequencies."""
         return rotary_angles(rope, self.head_dim, self.rope_theta)
+
+    def global_queries(self, q: torch.Tensor, pattern: Pattern, seq_len: int) -> torch.Tensor | None:
+        """q [B, H, T, D] (not yet rotated) rotated at the one position g − 1 + global_rope_distance
+        (model.global_rope=fixed, a layer with g global tokens its local rule does not all reach), else None."""
+        if self.global_rope != "fixed" or not scores_apart(pattern):
+            return None
+        at = torch.tensor([pattern.num_global - 1 + self.global_rope_distance], device=q.device)
+        cos, sin = self.angles(at, seq_len)  # (1, D/2): one position for every query
+        return apply_rotary(q, cos, sin)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: Pattern, attention_fn: AttentionFn,
                 seq_len: int, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
@@ -132,9 +151,10 @@ class Attention(nn.Module):
         cos, sin = self.angles(rope, seq_len)  # (T, D/2) or (B, T, D/2)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): one set of angles per batch row
+        q_global = self.global_queries(q, pattern, seq_len)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         call = AttnCall(q_pos=positions, k_pos=positions, seq_len=seq_len, sinks=self.sinks, q_doc=doc_ids,
-                        k_doc=doc_ids, return_stats=return_stats, layer=layer)
+                        k_doc=doc_ids, return_stats=return_stats, layer=layer, q_global=q_global)
         res = attention_fn(q, k, v, pattern, call)
         y = res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, H, T, D) -> (B, T, H·D)
         return self.wo(y), (head_sums(res.lse, res.stats) if return_stats else None)

@@ -36,6 +36,11 @@ each cached key keeps its document id, a query sees its own document's keys and 
 
 Learned sink logits (``sinks`` [H], passed by a layer that has them) are one more softmax column with
 no value: ``out' = out · sigmoid(lse − sinks[h])``, joined after the keys (``kernels.stats.apply_sinks``).
+
+Global keys at a fixed rotary distance (model.global_rope=fixed: ``call.q_global``): the prefill runs
+``kernels.attend``, which takes them apart itself; each step scores the cached keys the query sees
+only because they are global (``kernels.global_part.apart_mask``) with q_global, the others with q —
+one softmax over both, as the merged partials of a full forward.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import torch
 
 from kernels import attend
 from kernels.contract import AttnCall, AttnResult
+from kernels.global_part import apart_mask, scores_apart
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Pattern, PatternUnion, Window
 from model.pattern.documents import document_positions, document_rule
@@ -186,14 +192,21 @@ def layer_cache(pattern: Pattern) -> RingCache | FullCache:
     return FullCache(pattern.block_size if pattern.content_based else 0)
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor):
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               q_global: torch.Tensor | None = None, apart: torch.Tensor | None = None):
     """(out [B, H, 1, D], lse [B, H, 1] fp32): one query per row over the held keys, softmax in fp32.
     q [B, H, 1, D]; k, v [B, Hkv, K, D] (GQA: query head h reads key head h // (H / Hkv));
-    ``allowed`` [1, K] (positional) or [B, H, 1, K] (content-based, or with document ids)."""
+    ``allowed`` [1, K] (positional) or [B, H, 1, K] (content-based, or with document ids); ``q_global``
+    [B, H, 1, D] scores the keys where ``apart`` ([1, K] or [B, 1, K]) is true."""
     B, H, _, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
-    qg = q.reshape(B, Hkv, H // Hkv, D).float()  # (B, Hkv, G, D): the G heads sharing a key head
-    s = torch.matmul(qg, k.float().transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, K)
+
+    def scores(x):  # (B, Hkv, G, K): the G heads sharing a key head
+        return torch.matmul(x.reshape(B, Hkv, H // Hkv, D).float(), k.float().transpose(-1, -2)) / math.sqrt(D)
+
+    s = scores(q)
+    if q_global is not None:
+        s = torch.where(apart.reshape(-1, 1, 1, K), scores(q_global), s)
     mask = allowed.reshape(B, Hkv, H // Hkv, K) if allowed.dim() == 4 else allowed.reshape(1, 1, 1, K)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G)
@@ -237,7 +250,10 @@ class CachedAttention:
                 same = document_rule(pattern, positions[:, None], k_pos[None, :], doc_ids[:, :, None], k_doc[:, None, :])
                 allowed = allowed & same[:, None]  # (B, H or 1, 1, K)
                 allowed = allowed.expand(q.shape[0], q.shape[1], 1, k_pos.numel())
-            out, lse = attend_one(q, k_all, v_all, allowed)
+            apart = None
+            if call.global_part and scores_apart(pattern):
+                apart = apart_mask(pattern, positions, k_pos, seq_len, doc_ids, k_doc)  # (1, K) or (B, 1, K)
+            out, lse = attend_one(q, k_all, v_all, allowed, call.q_global if apart is not None else None, apart)
         return AttnResult(*apply_sinks(out, lse, call.sinks))
 
 

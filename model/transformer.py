@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.global_part import GLOBAL_ROPE, check_patterns
 from model.attention import Attention, AttentionFn, StatSums, check_heads, local_attention
 from model.moe import MoE, RouterSums, merge_router_sums
 from model.pattern import Dense, Pattern, from_config
@@ -71,6 +72,10 @@ class ModelConfig:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     router_aux_loss_coef: float = 0.0
+    # Rotary distance to the global keys (model.attention, kernels.global_part): position = each query's
+    # own; fixed = every query at global_rope_distance from the last global key, whatever its position.
+    global_rope: str = "position"
+    global_rope_distance: int = 1
 
     @property
     def ffn_dim(self) -> int:
@@ -100,6 +105,11 @@ class ModelConfig:
         if self.router_aux_loss_coef and not self.n_experts:
             raise ValueError("model.router_aux_loss_coef: weighs the experts' load-balancing loss; it needs "
                              f"model.n_experts > 0, got n_experts=0 and router_aux_loss_coef={self.router_aux_loss_coef}")
+        if self.global_rope not in GLOBAL_ROPE:
+            raise ValueError(f"model.global_rope: must be one of {', '.join(GLOBAL_ROPE)}; got {self.global_rope!r}")
+        if self.global_rope_distance < 0:
+            raise ValueError(f"model.global_rope_distance: must be >= 0 (the rotary distance to the last global "
+                             f"key), got {self.global_rope_distance}")
         if self.hidden_act != "silu":
             raise ValueError(f"model.hidden_act: must be silu (the SwiGLU gate), got {self.hidden_act!r}")
         if self.head_dim is None:
@@ -197,7 +207,8 @@ class ProjectedAttention(Attention):
 
     def __init__(self, cfg: ModelConfig):
         hd = cfg.head_dim or cfg.d_model // cfg.n_heads
-        super().__init__(cfg.n_heads * hd, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        super().__init__(cfg.n_heads * hd, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits,
+                         cfg.global_rope, cfg.global_rope_distance)
         self.rope = cfg.rope() or RopeScaling()
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
@@ -212,7 +223,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = (Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits)
+        self.attn = (Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.sink_logits,
+                               cfg.global_rope, cfg.global_rope_distance)
                      if cfg.plain_attention else ProjectedAttention(cfg))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = (MoE(cfg.d_model, cfg.ffn_dim, cfg.n_experts, cfg.experts_per_token, cfg.swiglu_alpha,
@@ -273,6 +285,8 @@ class Transformer(nn.Module):
         if len(patterns) != cfg.n_layers:
             raise ValueError(f"model.n_layers: {cfg.n_layers} layers but {len(patterns)} patterns given")
         check_learned_global(cfg.n_learned_global, patterns)
+        if cfg.global_rope == "fixed":
+            check_patterns(patterns)
         self.cfg, self.patterns = cfg, patterns
         self.attention_fn: AttentionFn = local_attention  # bound once by the trainer (``bind_attention``)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)

@@ -39,6 +39,8 @@ class Tag(IntEnum):
     TOPK_BLOCKS = 40  # top-k path: the fetched key blocks
     KV_DOCS = 50  # halo path: document ids of the K/V rows, on the K/V routes
     TOPK_DOCS = 60  # top-k path: document ids of the fetched blocks, on the block routes
+    GLOBAL_KV = 70  # model.global_rope=fixed: the global keys, owners to every rank (parallel.global_part)
+    GLOBAL_KV_DOCS = 80  # ... and their document ids
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class GlobalQueryState:
     partial_cut: torch.Tensor  # leaf copy of ``partial``: backward stage A ends here, stage B resumes
     recv_partials: torch.Tensor | None = None  # owners: leaf, the other ranks' partials of the owned rows
     out_owned: torch.Tensor | None = None  # owners: output of the owned global rows, after sinks
+    lse_owned: torch.Tensor | None = None  # owners: their lse, after sinks
 
 
 @dataclass
@@ -80,6 +81,7 @@ class HaloState:
     global_q: GlobalQueryState | None  # stage 2: global-query partials (None: no such queries)
     recv_kv: torch.Tensor  # stage 3: leaf, the received halo/global/block keys (2, B, Hkv, R, D)
     out_reg: torch.Tensor | None  # stage 4: regular rows, local and remote merged, after sinks (None: none)
+    lse_reg: torch.Tensor | None  # stage 4: their lse, after sinks (None: none)
     output: Output  # stage 5: [owned global rows | regular rows]
 
 
@@ -106,7 +108,7 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> HaloState:
 
     recv_kv = leaf(pend_kv.wait())  # (2, B, Hkv, R, D)
     recv_doc = None if pend_doc is None else pend_doc.wait()[..., 0]  # (B, R)
-    outs, out_reg = [], None
+    outs, out_reg, lse_reg = [], None, None
     if q_reg.shape[2]:
         merged = _merge_remote(spec, local, q_reg, recv_kv, doc_reg, recv_doc)
         out_reg, lse_reg, st_reg = apply_sinks(*merged[:2], lv.sinks, merged[2])
@@ -118,7 +120,7 @@ def _forward(q, k, v, sinks, spec: HaloSpec) -> HaloState:
     output = Output(out=torch.cat([o for o, _, _ in outs], dim=2),
                     lse=torch.cat([lse for _, lse, _ in outs], dim=2),
                     stats=None if not spec.call.return_stats else _cat_stats([st for _, _, st in outs]))
-    return HaloState(leaves=lv, global_q=global_q, recv_kv=recv_kv, out_reg=out_reg, output=output)
+    return HaloState(leaves=lv, global_q=global_q, recv_kv=recv_kv, out_reg=out_reg, lse_reg=lse_reg, output=output)
 
 
 def _global_partial(spec: HaloSpec, lv: Leaves, pend_q) -> tuple[GlobalQueryState, Pending]:
@@ -138,8 +140,8 @@ def _owned_rows(spec: HaloSpec, lv: Leaves, global_q: GlobalQueryState, pend_p, 
     o, lse_gq, st_gq = global_queries.merge_owned(global_q.partial_cut, global_q.recv_partials, lv.q.shape[-1],
                                                   spec.num_global_queries, len(spec.local_pos), spec.sp_size,
                                                   spec.sp_rank)
-    global_q.out_owned, lse_gq, st_gq = apply_sinks(o.to(dtype), lse_gq, lv.sinks, st_gq)
-    return global_q.out_owned, lse_gq, st_gq
+    global_q.out_owned, global_q.lse_owned, st_gq = apply_sinks(o.to(dtype), lse_gq, lv.sinks, st_gq)
+    return global_q.out_owned, global_q.lse_owned, st_gq
 
 
 def _cat_stats(parts: list[AttnStats]) -> AttnStats:
@@ -170,15 +172,17 @@ def _merge_remote(spec: HaloSpec, local, q_reg, recv_kv, doc_reg=None, recv_doc=
     return merge_partials((out_l, lse_l, st_l), (out_r, lse_r, st_r))
 
 
-def _backward(spec: HaloSpec, s: HaloState, g_out: torch.Tensor):
+def _backward(spec: HaloSpec, s: HaloState, g_out: torch.Tensor, g_lse: torch.Tensor | None = None):
     lv, global_q = s.leaves, s.global_q
     n_own = global_queries.owned_count(spec.num_global_queries, len(spec.local_pos), spec.sp_rank)
+    g_lse_own, g_lse_reg = (None, None) if g_lse is None else (g_lse[:, :, :n_own], g_lse[:, :, n_own:])
     sinks = [lv.sinks] if lv.sinks is not None else []  # its gradient: this rank's queries' share
     g_partial, g_sinks = None, 0
     # stage A: owners turn the gradient of their global rows into gradients of every partial
     if global_q is not None:
         if n_own:
-            g_recv_p, g_own, *g_s = grads_or_zeros([global_q.out_owned], [g_out[:, :, :n_own]],
+            g_recv_p, g_own, *g_s = grads_or_zeros([global_q.out_owned, global_q.lse_owned],
+                                                   [g_out[:, :, :n_own], g_lse_own],
                                                    [global_q.recv_partials, global_q.partial_cut] + sinks)
             g_sinks = g_s[0] if sinks else 0
         else:  # nothing arrived here: no gradient to return, only the owners' to receive
@@ -188,8 +192,8 @@ def _backward(spec: HaloSpec, s: HaloState, g_out: torch.Tensor):
     # stage B: local backward, then the received rows' gradients go home
     inputs = [lv.q, lv.k, lv.v, s.recv_kv] + ([global_q.recv_q] if global_q is not None else []) + sinks
     partial = None if global_q is None else global_q.partial
-    g_q, g_k, g_v, g_recv_kv, *rest = grads_or_zeros([s.out_reg, partial], [g_out[:, :, n_own:], g_partial],
-                                                     inputs)
+    g_q, g_k, g_v, g_recv_kv, *rest = grads_or_zeros([s.out_reg, s.lse_reg, partial],
+                                                     [g_out[:, :, n_own:], g_lse_reg, g_partial], inputs)
     g_recv_q = rest[0] if global_q is not None else None
     g_sinks = g_sinks + rest[-1] if sinks else None
     pend_kv = spec.kv_exchange.start_reverse(g_recv_kv, like=lv.kv)

@@ -6,7 +6,10 @@ A strategy supplies two functions and a state dataclass (its ``Leaves``, what it
 and its ``output``):
 
     forward(q, k, v, sinks, spec) -> state      run with grad enabled; the state keeps the inner graph
-    backward(spec, state, g_out) -> (g_q, g_k, g_v, g_sinks)
+    backward(spec, state, g_out, g_lse) -> (g_q, g_k, g_v, g_sinks)
+
+The layer's lse is differentiable too (g_lse None when nothing downstream used it): a caller that
+merges another partial into the result by LSE (``parallel.global_part``) needs its gradient.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ def attend(spec: KernelCall, q, k, v, q_pos, k_pos, q_doc=None, k_doc=None) -> A
 
 def grads_or_zeros(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
     """torch.autograd.grad over the (output, grad) pairs that exist (an output may be None or outside
-    the graph on a rank with no such rows); zeros for inputs the outputs do not reach."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o is not None and o.requires_grad]
+    the graph on a rank with no such rows, a grad None where nothing used it); zeros for inputs the
+    outputs do not reach."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True)
+             if o is not None and g is not None and o.requires_grad]
     if not pairs:
         return [torch.zeros_like(x) for x in inputs]
     got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
@@ -103,12 +108,17 @@ class _InnerGraphLayer(torch.autograd.Function):
         stats = res.stats
         fields = () if stats is None else stats.fields() + ((stats.sink_mass,) if stats.sink_mass is not None else ())
         packed = torch.stack(fields, -1) if stats is not None else res.lse.new_zeros(0)
-        fctx.mark_non_differentiable(res.lse, packed)
+        fctx.mark_non_differentiable(packed)
+        fctx.set_materialize_grads(False)  # an unused lse gets None: backward then takes exactly its old steps
+        fctx.out_like = (res.out.shape, res.out.dtype, res.out.device)
         return res.out.detach(), res.lse.detach(), packed.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(fctx, g_out, _g_lse, _g_stats):
+    def backward(fctx, g_out, g_lse, _g_stats):
         state, fctx.state = fctx.state, None  # the inner graph is freed once backward returns
-        gq, gk, gv, g_sinks = fctx.strategy_backward(fctx.spec, state, g_out)
+        if g_out is None:
+            shape, dtype, device = fctx.out_like
+            g_out = torch.zeros(shape, dtype=dtype, device=device)
+        gq, gk, gv, g_sinks = fctx.strategy_backward(fctx.spec, state, g_out, g_lse)
         return gq, gk, gv, g_sinks, None, None, None

@@ -5,8 +5,9 @@
 
 q [B, H, L, D] and k, v [B, Hkv, L, D] hold positions [r·L, (r+1)·L) of a sequence of n = L·P
 (``call.seq_len``; None: L·P); the call's positions are those, whatever it says. lse and stats are
-exact: merged over every rank's keys (and the sink). Ulysses without statistics returns lse None (it
-stays on the ranks that own the heads). ``call.sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
+exact: merged over every rank's keys (and the sink), and differentiable on the halo and top-k paths
+(a caller may merge another partial into the result). Ulysses without statistics returns lse None (it
+stays on the ranks that own the heads), and with them an lse without gradient. ``call.sinks`` [H]: learned sink logits, joined once per query after every partial is merged; the
 gradient each rank returns for them is its own queries' share (Ulysses: its heads' slice), so the
 sum over the SP group — what the trainer's gradient all-reduce computes — is the single-device one.
 ``call.q_doc`` [B, L]: this shard's document ids (``model.pattern.documents.document_rule``); the ids of
@@ -26,6 +27,10 @@ Strategies:
   ``MAX_HALO_IMBALANCE`` times the mean work (causal dense: the last rank's queries see every key);
   then ulysses, whose ranks do equal work.
 
+``call.q_global`` (model.global_rope=fixed): the keys a query sees only because they are global are
+scored with it (``parallel.global_part``): the global keys travel to every rank, the pattern's local
+part runs on the strategy above (halo or top-k; Ulysses is refused), and the two merge by LSE.
+
 ``backend`` picks the local kernel (``kernels.attend``'s backend names) or is a callable with
 ``kernels.attend``'s signature, (q, k, v, pattern, call) -> AttnResult (the startup guard's tests pass a
 deliberately broken one).
@@ -34,7 +39,7 @@ deliberately broken one).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -42,9 +47,11 @@ import torch
 import parallel.global_queries as global_queries
 from kernels import attend, check_sinks
 from kernels.contract import AttnCall, AttnResult
+from kernels.global_part import local_part, scores_apart
 from model.pattern import Pattern
 from parallel.comm import DOC_KIND, CommCounter
 from parallel.context import ParallelConfigError, ParallelContext
+from parallel.global_part import sharded_apart
 from parallel.halo import P2PExchange, Tag, kv_routes
 from parallel.halo_attention import HaloSpec, halo_attention
 from parallel.plan import bidirectional_globals, build_plan, regular_queries, remote_rows
@@ -97,6 +104,16 @@ def _auto_strategy(pattern: Pattern, P: int, seq_len: int, heads: int, kv_heads:
     return "halo"
 
 
+def check_strategy(patterns: Sequence[Pattern], sp_size: int, seq_len: int, heads: int, kv_heads: int,
+                   strategy: str = "auto") -> None:
+    """ParallelConfigError naming the setting when a layer's local part would run on Ulysses."""
+    for i, p in enumerate(patterns):
+        if scores_apart(p) and pick_strategy(local_part(p), sp_size, seq_len, heads, kv_heads, strategy) == "ulysses":
+            raise ParallelConfigError(f"model.global_rope=fixed: layer {i}'s local part would run on "
+                                      f"parallel.strategy=ulysses (asked: {strategy}), whose lse comes back without a "
+                                      "gradient; use parallel.strategy=halo, or model.global_rope=position")
+
+
 MAX_HALO_IMBALANCE = 1.25  # busiest rank's (query, key) pairs / the mean that Ulysses gives every rank
 
 
@@ -132,6 +149,15 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
                                   f"local length {L} of q")
     doc = None if doc is None else doc.long()
     call = replace(call, seq_len=n, q_doc=doc, k_doc=doc)
+    if call.global_part:  # model.global_rope=fixed: the global keys scored apart (parallel.global_part)
+        if scores_apart(pattern):
+            check_strategy([pattern], ctx.sp_size, n, H, k.shape[1], strategy)
+
+            def local(q_, k_, v_, part, part_call):  # partial (a): the local part, on this very path
+                return sp_attention(q_, k_, v_, part, ctx, part_call, strategy, backend, counter)
+
+            return sharded_apart(q, k, v, pattern, ctx, call, counter, local)
+        call = replace(call, q_global=None)
     kernel = resolve_kernel(backend)
     chosen = pick_strategy(pattern, ctx.sp_size, n, H, k.shape[1], strategy)
     if chosen == "ulysses":

@@ -186,11 +186,11 @@ def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:
     return TopKState(leaves=lv, exchange=exchange, recv_kv=recv_kv, output=output)
 
 
-def _backward(spec: TopKSpec, s: TopKState, g_out: torch.Tensor):
+def _backward(spec: TopKSpec, s: TopKState, g_out: torch.Tensor, g_lse: torch.Tensor | None = None):
     """The local kernel's backward, then the fetched rows' gradients go home and are summed there."""
     lv = s.leaves
     sinks = [lv.sinks] if lv.sinks is not None else []  # its gradient: this rank's queries' share
-    g_q, g_k, g_v, g_recv_kv, *g_sinks = grads_or_zeros([s.output.out], [g_out],
+    g_q, g_k, g_v, g_recv_kv, *g_sinks = grads_or_zeros([s.output.out, s.output.lse], [g_out, g_lse],
                                                         [lv.q, lv.k, lv.v, s.recv_kv] + sinks)
     g_kv = s.exchange.start_reverse(g_recv_kv, like=lv.kv).wait()
     return g_q, g_k + g_kv[0], g_v + g_kv[1], (g_sinks[0] if g_sinks else None)

@@ -28,6 +28,7 @@ RANGES: dict[str, Bounds] = {
     "model.experts_per_token": Bounds(1, note="<= model.n_experts"),
     "model.swiglu_alpha": POSITIVE, "model.swiglu_limit": POSITIVE,
     "model.router_aux_loss_coef": Bounds(0, note="0 = no load-balancing loss"),
+    "model.global_rope_distance": Bounds(0, note="the rotary distance to the last global key"),
     "parallel.sequence_parallel_size": Bounds(1, note="null: all ranks"), "parallel.tensor_parallel_size": SIZE,
     "parallel.timeout_s": Bounds(0, lo_open=True, note="seconds"), "parallel.zero_stage": Bounds(0, 3, one_of=(0, 1, 2, 3)),
     "data.bpe_vocab_size": SIZE, "data.val_fraction": Bounds(0, 1, True, True, "evaluation needs data"),

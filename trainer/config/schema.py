@@ -9,8 +9,10 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
+from kernels.global_part import check_patterns
 from model.pattern import Pattern, from_config
 from model.transformer import ModelConfig, layer_patterns, model_preset, override_layers
+from parallel.sp_attention import check_strategy
 from trainer.data.corpus import tokenizer_vocab_size
 from trainer.data.mlm import MlmSpec
 from trainer.data.tasks import MixParams, PasskeyParams, RecallParams
@@ -51,6 +53,9 @@ class ModelSection:
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
     router_aux_loss_coef: float = 0.0  # > 0: + coef x the load-balancing loss (Switch; Hugging Face's formula)
+    # Rotary distance to the global keys (kernels.global_part): position (each query's own) | fixed.
+    global_rope: str = "position"
+    global_rope_distance: int = 1  # fixed: every query this far from the last global key
 
     def uses_hf_patterns(self) -> bool:
         return self.init_from is not None and self.patterns_from in ("auto", "hf")
@@ -209,6 +214,11 @@ class TrainConfig:
             pats = layer_patterns(base, self.model_config().n_layers, self.model.dense_every, overrides)
         for p in pats:
             p.validate(self.seq_len)
+        if self.model.global_rope == "fixed":  # the layers and the SP strategy must take the globals apart
+            model = self.model_config()
+            check_patterns(pats)
+            if self.sp_size > 1:
+                check_strategy(pats, self.sp_size, self.seq_len, model.n_heads, model.n_kv_heads, self.parallel.strategy)
         return pats
 
 

@@ -7,7 +7,8 @@ tokenizer's files, so that ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load it. Which architecture, and which patterns are refused,
 is ``trainer.hf.export_map``'s rule: a mixture-of-experts model (model.n_experts) is gpt-oss, whose
 attention has sink logits (model.sink_logits: required there, and only there). Learned global slots
-have no Hugging Face equivalent and are refused. Errors are one line, exit 2, before anything is written.
+have no Hugging Face equivalent and are refused, and so are global keys at a fixed rotary distance
+(model.global_rope=fixed). Errors are one line, exit 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.global_part import scores_apart
 from model.pattern import PatternError
 from trainer.config.validate import ConfigError, TrainConfig
 from trainer.data.corpus import DataConfigError, get_tokenizer
@@ -64,6 +66,9 @@ def export(model, cfg: TrainConfig, out: Path, as_dense: bool, dtype: str = "flo
     if mcfg.n_learned_global:
         raise ConfigError("export: model.n_learned_global has no Hugging Face equivalent; export a model trained "
                           "without learned global slots")
+    if mcfg.global_rope == "fixed" and any(scores_apart(p) for p in model.patterns):
+        raise ConfigError("export: model.global_rope=fixed scores the global keys at a fixed rotary distance, which "
+                          "no Hugging Face attention does; export a model trained with model.global_rope=position")
     if bool(mcfg.sink_logits) != bool(mcfg.n_experts):
         raise ConfigError("export: model.sink_logits and model.n_experts go together in Hugging Face's models "
                           "(gpt-oss has both; Llama, Mistral and Qwen2 neither); this model has sink_logits="
