@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--systems", default="haloformer_sp1,haloformer_sp2,hf_sdpa")
     p.add_argument("--decode", type=int, default=128, help="greedy tokens generated after the prompt")
     p.add_argument("--threads", type=int, default=2, help="torch threads per system (SP=2: split over the ranks)")
-    p.add_argument("--loss-chunk", type=int, default=4096, help="Haloformer's model.loss_chunk in train rows")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="Haloformer's model.loss_chunk in train rows")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
     p.add_argument("--mem-cap-gib", type=float, default=18.0, help="RSS cap per measurement (all its ranks)")
     p.add_argument("--chunk-loss", default="", help="VOCABxTOKENS,... for the chunked-loss rows, e.g. 131072x65536")

@@ -297,7 +297,8 @@ class Decoder:
             extra = {"doc_ids": doc} if self.documents.mask else {}
             if self.documents.reset_positions:
                 extra["rope_positions"] = rope
-        out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len, **extra)
+        out = self.model(tokens, positions=positions, attention_fn=self.attn, seq_len=self.max_len,
+                         logits_to_keep=1, **extra)
         self.pos = int(positions[-1]) + 1
         return out.logits[:, -1].float()  # (B, V)
 

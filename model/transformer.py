@@ -337,12 +337,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_fn: AttentionFn | None = None, seq_len: int | None = None,
                 targets: torch.Tensor | None = None, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None) -> LMOutput:
+                rope_positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
         """tokens [B, T] at ascending absolute ``positions`` [T] (default arange) of a sequence of
         ``seq_len`` (default: last position + 1, right only for the last shard or a whole sequence).
         ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss. ``doc_ids`` [B, T] and
         ``rope_positions`` [T] or [B, T]: packed documents (see the module docstring). ``attention_fn``:
-        this call's attention (default: the bound one, ``bind_attention``; unbound: ``local_attention``)."""
+        this call's attention (default: the bound one, ``bind_attention``; unbound: ``local_attention``).
+        ``logits_to_keep`` k > 0 (transformers' name; no ``targets``): logits of the last k positions only,
+        so a prefill never holds [T, V]."""
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep: only without targets (the loss needs every position's logits)")
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device) if positions is None else positions
         attention_fn = self.attention_fn if attention_fn is None else attention_fn
@@ -365,6 +369,8 @@ class Transformer(nn.Module):
         # int() is a host sync, paid only when learned globals are on.
         n_drop = int((positions < self.cfg.n_learned_global).sum()) if self.cfg.n_learned_global else 0
         h = self.norm(x[:, n_drop:])  # (B, T', C)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         if targets is not None and self.cfg.loss_chunk:
             t = targets[:, n_drop:].reshape(-1)
             n_targets = (t != -100).sum()

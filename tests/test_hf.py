@@ -334,6 +334,27 @@ def test_imported_model_trains_under_sp2_as_under_sp1_and_exports(hf_dirs, tmp_p
     assert torch.equal(generate(model, prompt, 32, Sampling()).tokens, want)
 
 
+def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
+    """A prefill keeps only the last position's logits (transformers' ``logits_to_keep``): the same
+    row and [B, 1, V] instead of [B, T, V]; with learned global slots the kept row is still the last
+    token's. Not bit for bit: BLAS takes another path for one row than for twelve (fp32 sums in
+    another order, ~1e-7 relative); 1e-5 leaves room, a wrong row differs by O(1)."""
+    from model.pattern import Window
+    from model.transformer import ModelConfig
+
+    for g in (0, 2):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_learned_global=g),
+                            Window(window_left=4, num_global=2, causal=True)).eval()
+        tokens = torch.randint(0, 64, (2, 12))
+        with torch.no_grad():
+            full, last = model(tokens).logits, model(tokens, logits_to_keep=1).logits
+        assert last.shape == (2, 1, 64) and full.shape == (2, 12 - g, 64)
+        torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(tokens, targets=tokens, logits_to_keep=1)
+
+
 def test_chunked_lm_head_and_loss_equal_the_unchunked_without_the_logits():
     """model.loss_chunk: the same loss and gradients (fp32 sums in another order: ~1e-7 relative; 1e-5
     leaves room, a chunk dropped or counted twice is off by >= 1/7 of the loss), and no tensor saved
