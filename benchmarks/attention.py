@@ -26,6 +26,7 @@ import torch
 
 BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "fused", "flex")
 SPARSE = ("blocked", "blocked_compiled", "fused")  # the backends measured against the targets
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BWD_FACTOR = 2.5  # backward ≈ 2.5 × forward FLOPs (FlashAttention convention: 5 matmuls vs 2, ×1.25 recompute)
 FLOPS_CONVENTION = ("useful FLOPs = attended pairs (pattern.key_counts(n).sum() x B x H) x 4*D per pair forward "
                     "(QK^T and PV, 2 FLOPs per multiply-add); backward = 2.5 x forward (FlashAttention convention); "
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="q/k/v dtype; the matmul peak is measured in the same dtype")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
                    help="skip dense-cost rows whose extrapolated seconds per call exceed this (a busy machine needs more)")
@@ -80,7 +83,7 @@ def child_argv(args, backend, n):
     """The command line that measures one row in a fresh process."""
     flags = ["--pattern", args.pattern, "--window-left", args.window_left, "--num-global", args.num_global,
              "--heads", args.heads, "--head-dim", args.head_dim, "--batch", args.batch,
-             "--device", args.device, "--repeats", args.repeats, "--threads", args.threads, "--clock", args.clock,
+             "--device", args.device, "--dtype", args.dtype, "--repeats", args.repeats, "--threads", args.threads, "--clock", args.clock,
              "--one", backend, n]
     return [sys.executable, "-m", "benchmarks.attention", *map(str, flags)]
 
@@ -141,7 +144,8 @@ def measure(args, backend, n):
     except ImportError as e:
         return {**row, "skipped": f"not importable: {e}"}
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, n, args.head_dim, device=device, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(args.batch, args.heads, n, args.head_dim, device=device, generator=g).to(DTYPES[args.dtype])
+               for _ in range(3))
     dout = torch.randn_like(q)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -164,9 +168,14 @@ def measure(args, backend, n):
 
 # --- parent: the sweep ------------------------------------------------------------------------------
 
-def matmul_gflops(device, n=4096, clock=time.perf_counter):
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_time(lambda: a @ b, 3, device, clock) / 1e9
+def matmul_gflops(device, n=4096, clock=time.perf_counter, dtype=torch.float32):
+    """The n x n product's rate; n = 1024 where that one already takes over 0.5 s (bf16 without bf16
+    hardware: 0.7 GFLOP/s measured on an AVX2-only EPYC, so 4096 would take minutes)."""
+    small = (torch.randn(1024, 1024, device=device).to(dtype) for _ in range(2))
+    a, b = small
+    if best_time(lambda: a @ b, 1, device, clock) <= 0.5:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * a.shape[0] ** 3 / best_time(lambda: a @ b, 3, device, clock) / 1e9
 
 
 def skip_reason(args, backend, n, prev):
@@ -223,8 +232,10 @@ def fmt(x, spec):
 
 def print_report(res):
     c = res["config"]
+    print("\n".join(f"# {line}" for line in res["cpu"].splitlines()))
     print(f"# attention: pattern={c['pattern']} B={c['batch']} H={c['heads']} D={c['head_dim']} "
-          f"device={c['device']} threads={c['threads']} clock={c['clock']}; matmul {res['matmul_gflops']:.1f} GFLOP/s")
+          f"device={c['device']} dtype={c['dtype']} threads={c['threads']} clock={c['clock']}; "
+          f"matmul {res['matmul_gflops']:.1f} GFLOP/s ({c['dtype']})")
     print(f"# {res['flops_convention']}")
     print(f"{'backend':<16} {'seq_len':>8} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>9} {'useful GFLOP/s':>15}  note")
     for r in res["rows"]:
@@ -264,9 +275,11 @@ def main(argv=None):
             rows.append(row)
             prev = row if not row.get("skipped") else prev
             print(f"  {backend} n={n}: {row.get('skipped') or 'done'}", file=sys.stderr)
-    mm = matmul_gflops(torch.device(args.device), clock=clock)
+    mm = matmul_gflops(torch.device(args.device), clock=clock, dtype=DTYPES[args.dtype])
     config = {k: v for k, v in vars(args).items() if k not in ("one", "json")} | {"threads": torch.get_num_threads()}
-    res = {"config": config, "flops_convention": FLOPS_CONVENTION, "matmul_gflops": mm, "rows": rows,
+    from kernels.cpu import describe
+
+    res = {"cpu": describe(), "config": config, "flops_convention": FLOPS_CONVENTION, "matmul_gflops": mm, "rows": rows,
            "ratios": ratios(rows, mm)}
     print_report(res)
     if args.json:

@@ -35,16 +35,10 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
 
 
 def cpu_header() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    field = {}
-    for line in info.splitlines():
-        if ":" in line:
-            k, v = (x.strip() for x in line.split(":", 1))
-            field.setdefault(k, v)
-    flags = field.get("flags", "")
-    simd = " ".join(f for f in flags.split() if f.startswith(("avx", "sse4", "fma", "amx")))
-    return (f"CPU: {field.get('model name', 'unknown')} ({os.cpu_count()} logical cores, "
-            f"{len(os.sched_getaffinity(0))} usable)\nflags (SIMD): {simd or 'n/a'}")
+    """The benchmark header's CPU lines (``kernels.cpu.describe``: model, cores, features, kernel path)."""
+    from kernels.cpu import describe
+
+    return describe()
 
 
 def generate(path: Path, mb: int, seed: int = 0) -> int:

@@ -109,6 +109,6 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             note="block-sparse PyTorch: only key blocks the pattern (and the documents) reach"),
     Backend("flex", documents=True, sinks=False, stats=False, devices=("cuda",), dtypes=FLOATS,
             note="torch FlexAttention; positional patterns; no CPU backward"),
-    Backend("fused", documents=True, sinks=True, stats=True, devices=("cpu",), dtypes=(torch.float32,),
-            note="C++ band kernel for Window patterns; other inputs run blocked"),
+    Backend("fused", documents=True, sinks=True, stats=True, devices=("cpu",), dtypes=(torch.float32, torch.bfloat16),
+            note="C++ band kernel for Window patterns (bf16: on fp32 copies); other inputs run blocked"),
 )}

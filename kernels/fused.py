@@ -1,7 +1,8 @@
 """Fused CPU attention for band patterns: C++ (AVX2/FMA, ATen's OpenMP threads), forward and backward.
 
 Applies to ``Window`` patterns with dilation 1 (window, sink, longformer, bidirectional windows),
-fp32 CPU tensors with head_dim a multiple of 8, and keys laid out as a shard holds them:
+fp32 or bf16 CPU tensors with head_dim a multiple of 8 (bf16 runs the fp32 micro-kernel on fp32
+copies and rounds the output once: kernels/cpu.py), and keys laid out as a shard holds them:
 ``[globals | one contiguous run]`` — the keys whose positions are below ``num_global`` first (in
 ascending order), then consecutive positions (``k_pos`` defaults to arange, which is of that form).
 Query positions may be anything. Everything else, and every machine where the extension cannot be
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.contract import AttnResult
+from kernels.contract import BACKENDS, AttnResult
 from kernels.inputs import EmptyRowError, check_docs, check_inputs
 from kernels.stats import AttnStats
 from model.pattern import Pattern, Window
@@ -88,7 +89,7 @@ def extension():
 
 def pattern_supported(q: torch.Tensor, pattern: Pattern) -> bool:
     """What ``backend="auto"`` checks before choosing ``fused`` (positions are checked per call)."""
-    return (os.environ.get("HALOFORMER_FUSED", "1") != "0" and q.device.type == "cpu" and q.dtype == torch.float32
+    return (os.environ.get("HALOFORMER_FUSED", "1") != "0" and q.device.type == "cpu" and q.dtype in BACKENDS["fused"].dtypes
             and type(pattern) is Window and pattern.dilation == 1 and q.shape[-1] % 8 == 0)
 
 
@@ -120,9 +121,9 @@ def _docs32(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, tor
 def geometry(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_pos, k_pos) -> Geometry | str:
     """The key layout, or why the fused kernel does not apply (then ``blocked`` runs)."""
     if not pattern_supported(q, pattern):
-        return "needs fp32 CPU tensors, head_dim % 8 == 0 and a Window pattern with dilation 1"
-    if k.dtype != torch.float32 or k.device.type != "cpu":
-        return "needs fp32 CPU keys and values"
+        return "needs fp32 or bf16 CPU tensors, head_dim % 8 == 0 and a Window pattern with dilation 1"
+    if k.dtype != q.dtype or k.device.type != "cpu":
+        return "needs CPU keys and values in the queries' dtype"
     Q, K = q.shape[2], k.shape[2]
     q_pos = torch.arange(Q) if q_pos is None else q_pos.detach().cpu().long().contiguous()
     k_pos = torch.arange(K) if k_pos is None else k_pos.detach().cpu().long().contiguous()
@@ -202,8 +203,11 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
         g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s32 = None if sinks is None else sinks.float().contiguous()  # autograd casts its gradient back
-    res = FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), s32, g.args(pattern), scale,
-                               return_stats)
+    # bf16 in: the fp32 kernel on fp32 copies (autograd rounds the gradients back), out rounded to bf16
+    # once; lse and the statistics stay fp32 as the contract says. fp32 in: no copies (.float() is q).
+    res = FusedAttention.apply(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), s32,
+                               g.args(pattern), scale, return_stats)
+    res = (res[0].to(q.dtype), *res[1:])
     if not return_stats:
         return AttnResult(*res, None)
     out, lse, m, mx, gm = res

@@ -111,6 +111,37 @@ def test_auto_picks_fused_for_fp32_bands_on_cpu(monkeypatch):
     _assert_match(_inputs(1, 2, 2, 200, 200, 16, seed=1), PATTERNS["sink"], backend="auto")
 
 
+@pytest.mark.parametrize("name", ["sink", "longformer"])
+def test_fused_bf16_inputs_run_the_fp32_kernel(name):
+    """bf16 q/k/v: ``auto`` picks fused, which computes in fp32 on the bf16 values and rounds out (and,
+    through autograd, dq/dk/dv) to bf16 once; lse and the statistics stay fp32. Against the fp64
+    reference on the same bf16 values, with a loss whose output gradient is exact in bf16 (weights
+    that are bf16 numbers): out and the gradients are off by at most one bf16 rounding (half an ulp:
+    2^-8 = 3.9e-3 relative; 3.88e-3 measured; 5e-3 leaves room for fp32 noise), lse and the
+    statistics by fp32 noise only (1e-4). The blocked kernel in bf16 misses this (dq off by 0.85
+    relative at worst, measured)."""
+    from kernels import AttnCall, choose_backend
+
+    pattern = PATTERNS[name]
+    qkv = [t.bfloat16().double() for t in _inputs(1, 4, 2, 200, 200, 16, seed=11)]
+    w = torch.randn(1, 4, 200, 16, generator=torch.Generator().manual_seed(12)).bfloat16().double()
+    q16 = qkv[0].bfloat16()
+    assert choose_backend(q16, qkv[1].bfloat16(), pattern, AttnCall()) == "fused"
+
+    def run(dtype, backend):
+        q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
+        out, lse, st = sparse_attention(q, k, v, pattern, backend=backend, return_stats=True)
+        loss = (out.double() * w).sum() + lse.double().sum()
+        return (out, lse, st.m, st.max_logit, st.global_mass, *torch.autograd.grad(loss, (q, k, v)))
+
+    ref, got = run(torch.float64, "reference"), run(torch.bfloat16, "auto")
+    for name_, a, b in zip(NAMES, ref, got):
+        rounded = name_ in ("out", "dq", "dk", "dv")
+        assert b.dtype == (torch.bfloat16 if rounded else torch.float32), name_
+        tol = dict(rtol=5e-3, atol=1e-4) if rounded else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.double(), a, **tol, msg=lambda m, n=name_: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("case", ["dilated", "bigbird", "two_runs", "unsorted"])
 def test_fallback_to_blocked_where_fused_does_not_apply(case):
     """What the fused kernel cannot take runs ``blocked`` and still matches the reference."""
@@ -375,3 +406,23 @@ def test_fused_documents_unsorted_ids():
     qkv = _inputs(2, 2, 2, n, n, 8, seed=25)
     for name in ("sink", "longformer"):
         _assert_docs_match(qkv, PATTERNS[name], docs, docs, sinks=_sinks(2))
+
+
+def test_cpu_features_are_read_from_cpuinfo(tmp_path):
+    """kernels.cpu: the model name and the kernel-relevant flags of the first processor entry (an
+    AVX-512/AMX Xeon and an AVX2-only EPYC, as /proc/cpuinfo writes them); an unknown feature name is
+    an error, not False."""
+    from kernels import cpu
+
+    xeon = tmp_path / "xeon"
+    xeon.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu sse4_2 avx fma avx2 "
+                    "avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    epyc = tmp_path / "epyc"
+    epyc.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx fma avx2 sse4a\n")
+    x, e = cpu.info(str(xeon)), cpu.info(str(epyc))
+    assert x.model == "Intel(R) Xeon(R) Platinum" and x.has("amx_bf16") and x.has("avx512f")
+    assert e.model == "AMD EPYC" and e.has("avx2") and not e.has("avx512f") and not e.has("amx_bf16")
+    assert x.fused_isa == e.fused_isa == "avx2"  # the one micro-kernel built today
+    assert "absent: avx512f" in cpu.describe(e) and "fused kernel: avx2" in cpu.describe(x)
+    with pytest.raises(ValueError, match="feature: must be one of"):
+        e.has("avx512")

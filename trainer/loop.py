@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels.cpu import describe
 from model.moe import aux_loss
 from parallel.comm import CommCounter
 from trainer import engine
@@ -143,6 +144,8 @@ def summary_extra(cfg: TrainConfig, s: Session, saved: Path | None, run_dir: Pat
     extra = {"objective": OBJECTIVE_NAMES[cfg.objective], "checkpoint": str(saved) if saved else
              "none (trainer.ckpt_every=0)", "run dir": str(run_dir),
              "skipped steps": f"{s.guard.skipped} (non-finite loss or gradient: {s.guard.skipped_grad})"}
+    if not torch.cuda.is_available():  # CPU figures are only comparable on one machine: say which
+        extra["cpu"] = describe().replace("\n", "; ")
     if stopped:
         extra["stopped at"] = stopped
     return extra
