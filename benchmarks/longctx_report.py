@@ -84,6 +84,9 @@ NOTES = [
     "machines and a late-learned routing flips. Hence every pattern of experiments 1-3 over seeds 0, 1, 2, and a "
     "verdict that needs the threshold to hold for the medians and for most seeds; a row without per_seed is one "
     "run (seed 0) of an earlier invocation, and a verdict resting on it says '1 of 1 seeds'.",
+    "The seeds rerun of content_vs_position (sink and topk, 2026-12-03, this tree) gave sink on seed 0 exactly what "
+    "the one-seed run of 2026-11-29 had (0.09375, the same depth bins), but top-k on seed 0 0.172 where that run had "
+    "0.656: top-k's outcome flips even for one seed between the two trees (or loads); its three seeds are in the table.",
     "Not tried, for lack of machine time: coverage on a much stronger text model, cost beyond 16k, more than three "
     "seeds, and more than one seed for coverage and cost (one run each).",
 ]
