@@ -160,28 +160,41 @@ def same_as_trainer(ckpt: Path, run_dir: Path, timeout: float) -> dict:
 
 # --- the eval-only job (each torchrun rank) ---------------------------------------------------------
 
-def eval_job(ckpt: Path, seq_len: int, rows: int, batch: int = 1, stats: bool = False) -> None:
-    """The checkpoint's model, evaluated by the trainer's task evaluation at ``seq_len`` on 2 SP ranks;
-    with ``stats`` also each layer's attention entropy (mean over heads of the per-head mean over queries)
-    and max logit (max over heads and queries), from the same forwards."""
+def eval_start(ckpt: Path):
+    """What every eval rank does first: half the cores each, the gloo group, the SP context, and the
+    checkpoint's own config node (its Hydra section dropped, ckpt_dir pointed at the checkpoint's
+    folder: the run's value names a Hydra directory). Returns (ctx, node)."""
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from kernels.stats import head_summary, reduce_head_sums
-    from parallel.comm import CommCounter
     from parallel.context import world_context
-    from trainer.config.validate import load_config
-    from trainer.engine import ShardedAttention
-    from trainer.evaluate import TaskScorer, task_batches
-    from trainer.state.run import config_file, load_run
+    from trainer.state.run import config_file
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     dist.init_process_group("gloo")
     ctx = world_context(timeout_s=600)
     node = OmegaConf.load(config_file(ckpt))
     node.pop("hydra", None)
-    node.trainer.ckpt_dir = str(ckpt.parent)  # the run's own value names a Hydra directory
+    node.trainer.ckpt_dir = str(ckpt.parent)
+    return ctx, node
+
+
+def eval_job(ckpt: Path, seq_len: int, rows: int, batch: int = 1, stats: bool = False) -> None:
+    """The checkpoint's model, evaluated by the trainer's task evaluation at ``seq_len`` on 2 SP ranks;
+    with ``stats`` also each layer's attention entropy (mean over heads of the per-head mean over queries)
+    and max logit (max over heads and queries), from the same forwards."""
+    import torch
+    import torch.distributed as dist
+
+    from kernels.stats import head_summary, reduce_head_sums
+    from parallel.comm import CommCounter
+    from trainer.config.validate import load_config
+    from trainer.engine import ShardedAttention
+    from trainer.evaluate import TaskScorer, task_batches
+    from trainer.state.run import load_run
+
+    ctx, node = eval_start(ckpt)
     node.seq_len, node.batch_size, node.eval_batches = seq_len, batch, rows
     cfg = load_config(node, world_size=ctx.world_size)
     _, model, _ = load_run(ckpt, "cpu", cfg)

@@ -37,13 +37,12 @@ import argparse
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.longctx_rope import checkpoint_of, env, header
+from benchmarks.longctx_rope import checkpoint_of, env, eval_start, header
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -126,19 +125,13 @@ def eval_job(ckpt: Path, lengths: list[int], evals: list[str], tokens: int, dens
 
     from kernels.stats import head_summary, reduce_head_sums
     from parallel.comm import CommCounter
-    from parallel.context import world_context
     from trainer.config.validate import load_config
     from trainer.data.batches import doc_kwargs, sampler_for
     from trainer.data.corpus import corpus_of
     from trainer.engine import ShardedAttention
-    from trainer.state.run import config_file, load_run
+    from trainer.state.run import load_run
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    dist.init_process_group("gloo")
-    ctx = world_context(timeout_s=600)
-    base = OmegaConf.load(config_file(ckpt))
-    base.pop("hydra", None)
-    base.trainer.ckpt_dir = str(ckpt.parent)  # the run's own value names a Hydra directory
+    ctx, base = eval_start(ckpt)
     corpus = None
     for n in lengths:
         for name in evals:
