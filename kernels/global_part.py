@@ -64,6 +64,17 @@ def check_patterns(patterns: Sequence[Pattern]) -> None:
                              "every key); it needs causal layers (attention.causal=true), or model.global_rope=position")
 
 
+def check_model(patterns: Sequence[Pattern]) -> None:
+    """``check_patterns`` over a run's layers, and a ValueError when no layer has a global key to take
+    apart: the config setting would change nothing (the config refuses it; the model class itself
+    allows it and then computes what position does, bit for bit)."""
+    check_patterns(patterns)
+    if not any(scores_apart(p) for p in patterns):
+        raise ValueError("model.global_rope=fixed: no layer sees a key only because it is global (attention."
+                         "num_global=0 or dense in every layer), so it would change nothing; give the layers "
+                         "global tokens (e.g. attention=sink) or use model.global_rope=position")
+
+
 def local_part(pattern: Pattern) -> Pattern:
     """The pattern without its global tokens: what a query sees by its local rule alone."""
     if isinstance(pattern, PatternUnion):

@@ -214,6 +214,7 @@ def test_bad_settings_are_one_line(kwargs, pattern, message):
      "model.global_rope=fixed: layer 0's pattern is bidirectional"),
     (["model.global_rope=fixed", "attention=topk"], "model.global_rope=fixed: layer 0's pattern TopKBlocks"),
     (["model.global_rope=fixed", "model.global_rope_distance=-1"], "model.global_rope_distance: must be >= 0"),
+    (["model.global_rope=fixed", "attention=dense"], "model.global_rope=fixed: no layer sees a key only"),
     (["model.global_rope=fixed", "parallel=sp2", "parallel.strategy=ulysses"],
      "model.global_rope=fixed: layer 0's local part would run on parallel.strategy=ulysses"),
 ])

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
-from kernels.global_part import check_patterns
+from kernels.global_part import check_model
 from model.pattern import Pattern, from_config
 from model.transformer import ModelConfig, layer_patterns, model_preset, override_layers
 from parallel.sp_attention import check_strategy
@@ -216,7 +216,7 @@ class TrainConfig:
             p.validate(self.seq_len)
         if self.model.global_rope == "fixed":  # the layers and the SP strategy must take the globals apart
             model = self.model_config()
-            check_patterns(pats)
+            check_model(pats)
             if self.sp_size > 1:
                 check_strategy(pats, self.sp_size, self.seq_len, model.n_heads, model.n_kv_heads, self.parallel.strategy)
         return pats
