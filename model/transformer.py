@@ -22,7 +22,7 @@ the absolute positions in the rotary angles only; the patterns keep the absolute
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -337,16 +337,20 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_fn: AttentionFn | None = None, seq_len: int | None = None,
                 targets: torch.Tensor | None = None, return_stats: bool = False, doc_ids: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+                rope_positions: torch.Tensor | None = None, logits_to_keep: int = 0,
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LMOutput:
         """tokens [B, T] at ascending absolute ``positions`` [T] (default arange) of a sequence of
         ``seq_len`` (default: last position + 1, right only for the last shard or a whole sequence).
         ``targets`` [B, T] (next tokens, -100 = ignore) gives the loss. ``doc_ids`` [B, T] and
         ``rope_positions`` [T] or [B, T]: packed documents (see the module docstring). ``attention_fn``:
         this call's attention (default: the bound one, ``bind_attention``; unbound: ``local_attention``).
         ``logits_to_keep`` k > 0 (transformers' name; no ``targets``): logits of the last k positions only,
-        so a prefill never holds [T, V]."""
+        so a prefill never holds [T, V]. ``head``: applied to the kept rows instead of ``lm_head`` (the
+        decoder passes the same weight laid out for one-row products, ``model.decode.DecodeHead``)."""
         if logits_to_keep and targets is not None:
             raise ValueError("logits_to_keep: only without targets (the loss needs every position's logits)")
+        if head is not None and targets is not None:
+            raise ValueError("head: only without targets (the loss reads lm_head's own weight)")
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device) if positions is None else positions
         attention_fn = self.attention_fn if attention_fn is None else attention_fn
@@ -376,7 +380,7 @@ class Transformer(nn.Module):
             n_targets = (t != -100).sum()
             loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, t, self.cfg.loss_chunk)
             return LMOutput(None, loss_sum / n_targets.clamp(min=1), n_targets, stats, **moe)
-        logits = self.lm_head(h)  # (B, T', V)
+        logits = (self.lm_head if head is None else head)(h)  # (B, T', V)
         loss = n_targets = None
         if targets is not None:
             t = targets[:, n_drop:].reshape(-1)

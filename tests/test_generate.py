@@ -176,6 +176,34 @@ def test_bounded_cache_never_exceeds_its_bound():
     assert dec.allocated_bytes() == sizes[-1]
 
 
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_caches_that_skip_the_mask_hold_only_keys_the_query_sees(name):
+    """A cache with ``sees_all`` (plain causal windows, causal dense) attends without a mask: at every
+    step the pattern's own mask over its held keys must then be all true; the others must keep it."""
+    pattern = PATTERNS[name]
+    model = tiny_model(pattern)
+    dec = Decoder(model, 60)
+    logits = dec.prefill(torch.randint(0, 64, (1, 4)))
+    flags = {c.sees_all for c in dec.attn.caches}
+    assert flags == {name in ("dense", "window", "sink")}
+    for _ in range(40):
+        logits = dec.step(logits.argmax(-1))
+        for cache in dec.attn.caches:
+            k_pos = cache.view()[2]
+            if cache.sees_all:
+                assert bool(pattern.mask(torch.tensor([dec.pos - 1]), k_pos, 60).all())
+
+
+def test_decode_head_is_the_lm_head():
+    """The decoder's head (a transposed copy on CPU) gives lm_head's logits."""
+    model = tiny_model(PATTERNS["sink"])
+    dec = Decoder(model, 20)
+    h = torch.randn(2, 1, CFG["d_model"])
+    # the same products summed in another order: fp32 rounding of |logit| ~ 10, far below a wrong weight
+    torch.testing.assert_close(dec.head(h), model.lm_head(h), atol=1e-5, rtol=0)
+    assert dec.head.nbytes() == model.lm_head.weight.numel() * 4
+
+
 def test_union_of_windows_is_bounded_and_strided_is_not():
     assert bounded_reach(PatternUnion(parts=(Window(window_left=3), Window(window_left=9, dilation=4)))) == 8
     assert bounded_reach(PATTERNS["union"]) is None
