@@ -18,7 +18,8 @@ fewer steps, top-k stays at chance). Results: ``--json`` ({"rows": [{experiment,
 
 1. global_memory: passkey inside the first num_global positions, question at the end (seq_len far
    beyond n_layers x window): window vs sink vs dense; metric ``acc`` (exact match of the key).
-2. content_vs_position: the key at a random depth in [0.25, 0.75]: sink vs topk vs dense; ``acc``.
+2. content_vs_position: the key at a random depth in [0.25, 0.75]: sink vs topk (and topk_query: top-k
+   with attention.select=query) vs dense; ``acc``.
 3. stability: text, a 10x learning rate: window vs sink vs learned sink logits (when the trainer has
    ``model.sink_logits``) vs dense; ``spikes`` (steps whose loss exceeds 1.5x the median of the
    previous 20), ``entropy_std`` (std over logged steps of the per-head entropy, averaged over layers
@@ -191,6 +192,9 @@ def content_vs_position(study: Study) -> None:
         "sink": ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"],
         # 4 chosen blocks of 16 (+ own block + block 0: <= 96 keys); 2 of 32 stayed at chance (LONGCTX.md)
         "topk": ["attention=topk", "attention.top_k=4", "attention.block_size=16", f"attention.num_global={GLOBALS}"],
+        # the same blocks, each query ranking them itself (MoBA, NSA) instead of its block's first query
+        "topk_query": ["attention=topk", "attention.top_k=4", "attention.block_size=16",
+                       f"attention.num_global={GLOBALS}", "attention.select=query"],
         "dense": ["attention=dense"],
     }, steps=600)
 

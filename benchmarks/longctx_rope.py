@@ -15,7 +15,8 @@ query at position i scores the global keys at distance i − j, never seen beyon
 An arm is (label, pattern, experiment preset, overrides) (``ARMS``): position (sink), fixed (sink,
 model.global_rope=fixed), window (no globals: at chance once the key is beyond its reach), sink_logits
 (the window pattern with a learned sink logit per head), topk (the key mid-document, passkey_middle:
-4 chosen blocks of 16 + 16 globals, benchmarks/longctx.py content_vs_position) and dense.
+4 chosen blocks of 16 + 16 globals, benchmarks/longctx.py content_vs_position), topk_query (the same with
+attention.select=query: each query ranks the blocks itself) and dense.
 
 1. train: for each arm, ``torchrun --nproc_per_node 2 -m trainer.train parallel=sp2
    experiment=<preset> seq_len=4096 <overrides>`` (the study's tiny model and passkey settings,
@@ -64,6 +65,8 @@ ARMS = {
     "sink_logits": ("sink_logits", "passkey_global", [*WIN, "model.sink_logits=true"]),
     "topk": ("topk", "passkey_middle", ["attention=topk", "attention.top_k=4", "attention.block_size=16",
                                         f"attention.num_global={GLOBALS}"]),
+    "topk_query": ("topk", "passkey_middle", ["attention=topk", "attention.top_k=4", "attention.block_size=16",
+                                              f"attention.num_global={GLOBALS}", "attention.select=query"]),
     "dense": ("dense", "passkey_global", ["attention=dense"]),
 }
 QUADRATIC = {"dense", "topk"}  # eval cost grows with the square of the length (every key / every key block)
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--max-eval-s", type=float, default=180.0,
                     help="dense and top-k: skip a length whose eval is estimated longer")
     ap.add_argument("--deadline", default=None, help="HH:MM UTC: start no job estimated to end later")
-    ap.add_argument("--train-s-per-step", default="dense=10,topk=2.5,1.2",
+    ap.add_argument("--train-s-per-step", default="dense=10,topk=2.5,topk_query=2.5,1.2",
                     help="the training estimate the deadline uses: ARM=SECONDS,... and a default")
     ap.add_argument("--report-only", action="store_true", help="rewrite --report and --plot from --json; run nothing")
     ap.add_argument("--eval", default=None, help=argparse.SUPPRESS)  # the eval-only job, under torchrun

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.inputs import EmptyRowError
-from model.pattern import Pattern, block_mean
+from model.pattern import Pattern, block_mean, union_per_block
 from model.pattern.documents import document_rule
 
 BLOCK = 128  # query rows per block of positional plans (measured best of 32/64/128 at 16k on CPU)
@@ -195,7 +195,8 @@ def positional_plan(pattern: Pattern, q_runs: tuple, k_runs: tuple, seq_len: int
 
 def content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=None) -> Plan:
     """Top-k plan: blocks of ``pattern.block_size`` query rows aligned to absolute blocks; each
-    (batch, head, query block) gathers its chosen key blocks. Selection carries no gradient; document
+    (batch, head, query block) gathers its chosen key blocks (select=query: the union of its queries'
+    choices, and each row masks the blocks it did not choose). Selection carries no gradient; document
     ids (``docs`` = (q_doc [B, Q], k_doc [B, K])) only narrow the mask of the chosen blocks."""
     bs = pattern.block_size
     if q_pos[0] % bs or not torch.equal(q_pos, torch.arange(int(q_pos[0]), int(q_pos[0]) + q_pos.numel())):
@@ -204,11 +205,16 @@ def content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=None) -> Plan:
     G = H // Hkv
     q_ids, q_inv = torch.unique(q_pos // bs, return_inverse=True)
     k_ids, k_inv = torch.unique(k_pos // bs, return_inverse=True)
+    row_choice = None
     with torch.no_grad():
-        kf = k.repeat_interleave(G, dim=1)
-        chosen = pattern.select_blocks(pattern.query_summary(q, q_inv, len(q_ids)), block_mean(kf, k_inv, len(k_ids)),
-                                       q_ids, k_ids)
-    nsel = min(pattern.top_k + 2, len(k_ids))
+        k_means = block_mean(k.repeat_interleave(G, dim=1), k_inv, len(k_ids))
+        if pattern.per_query:
+            row_choice = pattern.query_choice(q, q_ids[q_inv], k_means, k_ids)  # (B, H, Q, S)
+            chosen = union_per_block(row_choice, q_inv, len(q_ids), len(k_ids))
+        else:
+            chosen = pattern.block_choice(q, q_inv, q_ids, k_means, k_ids)
+    # select=query: a tile holds the most blocks any (batch, head, query block) needs (a CPU sync)
+    nsel = int(chosen.sum(-1).max()) if pattern.per_query else min(pattern.top_k + 2, len(k_ids))
     order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
     sel, sel_ok = order.indices[..., :nsel].cpu(), order.values[..., :nsel].bool().cpu()  # [B, H, nQ, nsel]
     starts = torch.searchsorted(k_pos, k_ids * bs)
@@ -219,6 +225,8 @@ def content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=None) -> Plan:
     valid = valid.flatten(-2)  # [B, H, nQ, Kc]
     qb_pos = block_positions(q_pos, len(q_ids), bs)
     mask = pattern.allowed(qb_pos[None, None, :, :, None], k_pos[rows][..., None, :], seq_len) & valid[..., None, :]
+    if row_choice is not None:
+        mask &= _rows_chose(row_choice.cpu(), sel, len(q_ids), bs)
     if docs is not None:
         qb_doc = block_docs(docs[0], len(q_ids), bs)[:, None, :, :, None]  # (B, 1, nQ, bs, 1)
         k_doc = docs[1][torch.arange(B)[:, None, None, None], rows][..., None, :]  # (B, H, nQ, 1, Kc)
@@ -231,6 +239,16 @@ def content_plan(pattern, q, k, q_pos, k_pos, seq_len, docs=None) -> Plan:
         chunks.append(Chunk(b0 * bs, b1 - b0, idx[:, :, b0:b1], mask_spans(~mask[:, :, b0:b1, None]),
                             is_global[:, :, b0:b1, None, None], None, bs))
     return Plan(q_pos.numel(), [_to(c, q.device) for c in chunks], heads_folded=False, maybe_empty=docs is not None)
+
+
+def _rows_chose(row_choice: torch.Tensor, sel: torch.Tensor, nqb: int, bs: int) -> torch.Tensor:
+    """[B, H, nQ, bs, nsel·bs]: whether each query row chose the tile's key block of each column
+    (``sel`` [B, H, nQ, nsel]: the tile's blocks; ``row_choice`` [B, H, Q, S]: each query's, −1 none).
+    Padded rows repeat the last real query's choice, as ``block_positions`` repeats its position."""
+    B, H, Q, S = row_choice.shape
+    rc = torch.cat([row_choice, row_choice[:, :, -1:].expand(B, H, nqb * bs - Q, S)], dim=2).view(B, H, nqb, bs, S)
+    hit = (rc[..., :, None] == sel[:, :, :, None, None, :]).any(-2)  # (B, H, nQ, bs, nsel)
+    return hit.repeat_interleave(bs, dim=-1)
 
 
 def mask_spans(masked: torch.Tensor):

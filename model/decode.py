@@ -27,7 +27,8 @@ query block only (not on the sequence length), so they are well defined there to
 Top-k selects key blocks by the pattern's query summary of the query's block (``query_summary``:
 causal, the block's first query, which every query of the block may depend on). The cache keeps
 the current block's queries and hands them to ``content_mask``, which picks the summary itself, so
-decoding step t equals a full forward over the whole sequence at t.
+decoding step t equals a full forward over the whole sequence at t. With ``attention.select=query``
+each query ranks the blocks itself: the step's one query is all ``content_mask`` needs.
 
 Packed documents (``Documents``: a model trained with data.document_mask / data.reset_positions):
 each cached key keeps its document id, a query sees its own document's keys and the globals
@@ -194,7 +195,7 @@ def layer_cache(pattern: Pattern) -> RingCache | FullCache:
     if reach is not None:
         plain = type(pattern) is Window and pattern.causal and pattern.dilation == 1
         return RingCache(pattern.num_global, reach + 1, sees_all=plain)
-    return FullCache(pattern.block_size if pattern.content_based else 0,
+    return FullCache(pattern.block_size if pattern.content_based and not pattern.per_query else 0,
                      sees_all=type(pattern) is Dense and pattern.causal)
 
 
@@ -249,7 +250,7 @@ class CachedAttention:
             raise ValueError(f"decode: layer {i} expects one query at position {self.next_pos[i]} after the "
                              f"prompt, got positions {positions[0]}..{positions[-1]}")
         self.next_pos[i] = int(positions[-1]) + 1
-        if pattern.content_based:  # the block's summary comes from its queries (TopKBlocks.query_summary)
+        if pattern.content_based and not pattern.per_query:  # the block's summary comes from its queries
             cache.add_queries(q, positions)
         if int(positions[0]) == 0:  # prefill: the training kernel over the prompt
             out, lse, _ = attend(q, k, v, pattern, call.without_sinks(), self.backend)
@@ -257,8 +258,9 @@ class CachedAttention:
         else:
             cache.add(k, v, positions, doc_ids)  # the query sees its own key
             k_all, v_all, k_pos, k_doc = cache.view()
-            if pattern.content_based:
-                allowed = pattern.content_mask(cache.block_q, k_all, cache.block_pos, k_pos)[:, :, -1:]  # (B, H, 1, K)
+            if pattern.content_based:  # select=query: the query itself ranks the blocks
+                q_sel, pos_sel = (q, positions) if pattern.per_query else (cache.block_q, cache.block_pos)
+                allowed = pattern.content_mask(q_sel, k_all, pos_sel, k_pos)[:, :, -1:]  # (B, H, 1, K)
             elif cache.sees_all and doc_ids is None:
                 allowed = None  # every held key (the caches' sees_all)
             else:

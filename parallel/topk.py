@@ -3,7 +3,8 @@
 On rank r (queries = its shard [r·L, (r+1)·L), L a multiple of ``block_size``):
 
     summaries = all-gather(mean of every local key block)         [B, Hkv, n/bs, D] fp32, "summary"
-    chosen    = select_blocks(local query-block means, summaries)  the single-device choice, no grad
+    chosen    = block_choice(local queries, summaries)             the single-device choice, no grad
+                (select=block: per query block; select=query: each query's, united per query block)
     need      = ∪ over (batch, head, local query block) of chosen remote blocks   [n/bs] bool
     needs     = all-gather(need)                                   who wants which of my blocks, "requests"
     fetched   = point-to-point K/V rows of the needed blocks from their owners (async), "blocks"
@@ -16,9 +17,9 @@ Why the kernel's own re-selection reproduces the global choice: every backend re
 from the q and k it is given (block means grouped by absolute block id). The block means of the
 fetched rows are the same numbers as the summaries (same rows, same fp32 summation order), the
 forced blocks (own block, block 0) are present (block 0 is forced for every query block, so it is
-always in ``need``), and for each (batch, head, query block) the candidate set is a superset of its
-globally chosen blocks; those were the ``top_k`` best of *all* blocks, hence the best of any superset
-containing them. Two caveats, both at exact ties only: (1) ``torch.topk`` may break a tie between
+always in ``need``), and for each (batch, head, query block) — with select=query, each query — the
+candidate set is a superset of its globally chosen blocks; those were the ``top_k`` best of *all*
+blocks, hence the best of any superset containing them. Two caveats, both at exact ties only: (1) ``torch.topk`` may break a tie between
 two candidates differently on a smaller candidate set; (2) the score matmul runs on differently
 shaped operands than on one device, which can change the last bit of a score and so flip a choice
 whose scores agree to ~1 ulp. Random or trained activations essentially never tie; on CUDA the block
@@ -135,15 +136,15 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TopK
 
 
 def select_local(pattern: Pattern, q: torch.Tensor, summaries: torch.Tensor, rank: int) -> torch.Tensor:
-    """Bool[B, H, nLB, nKB]: the key blocks chosen for this rank's query blocks — the single-device
-    choice, since ``summaries`` [B, Hkv, nKB, D] hold every key block's mean (GQA expanded as in
-    ``TopKBlocks.content_mask``)."""
+    """Bool[B, H, nLB, nKB]: the key blocks chosen for this rank's query blocks (select=query: the union
+    of their queries' choices) — the single-device choice, since ``summaries`` [B, Hkv, nKB, D] hold
+    every key block's mean (GQA expanded as in ``TopKBlocks.content_mask``)."""
     bs, L = pattern.block_size, q.shape[2]
     nlb, nkb = L // bs, summaries.shape[2]
     with torch.no_grad():
-        q_means = pattern.query_summary(q, torch.arange(L, device=q.device) // bs, nlb)  # (B, H, nLB, D) fp32
         k_means = summaries.repeat_interleave(q.shape[1] // summaries.shape[1], dim=1)  # (B, H, nKB, D)
-        return pattern.select_blocks(q_means, k_means, torch.arange(rank * nlb, (rank + 1) * nlb), torch.arange(nkb))
+        inv = torch.arange(L) // bs
+        return pattern.block_choice(q, inv, torch.arange(rank * nlb, (rank + 1) * nlb), k_means, torch.arange(nkb))
 
 
 def _forward(q, k, v, sinks, spec: TopKSpec) -> TopKState:

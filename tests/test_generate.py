@@ -54,6 +54,7 @@ PATTERNS = {
     "strided": Strided(stride=4, num_global=2),
     "bigbird": BigBird(window_left=3, num_global=2, random_blocks=2, block_size=4),
     "topk": TopKBlocks(top_k=2, block_size=4, num_global=2),
+    "topk_query": TopKBlocks(top_k=2, block_size=4, num_global=2, select="query"),
     "union": PatternUnion(parts=(Window(window_left=3, num_global=2), Strided(stride=5)), num_global=2),
 }
 
@@ -102,6 +103,14 @@ def test_layers_with_different_patterns():
     assert out.cache == "layer 0: bounded: 2 global + ring of 6; layer 1: full (+ current top-k query block of 4)"
 
 
+def test_topk_query_decoding_keeps_no_block_queries():
+    """select=query: a step's one query ranks the blocks itself, so the cache keeps no queries."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CFG), [PATTERNS["topk_query"], PATTERNS["topk"]]).eval()
+    out = generate(model, torch.randint(0, 64, (1, 9)), max_new_tokens=4, keep_logits=True)
+    assert out.cache == "layer 0: full; layer 1: full (+ current top-k query block of 4)"
+
+
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_cached_attention_with_sinks_equals_kernel(name):
     """Learned sink logits: each decoded query's output equals the training kernel's with the same
@@ -124,7 +133,8 @@ def test_cached_attention_with_sinks_equals_kernel(name):
 
 
 @pytest.mark.parametrize("name,mask,reset", [("sink", True, True), ("sink", True, False), ("sink", False, True),
-                                             ("dense", True, True), ("bigbird", True, True), ("topk", True, True)])
+                                             ("dense", True, True), ("bigbird", True, True), ("topk", True, True),
+                                             ("topk_query", True, True)])
 def test_packed_documents(name, mask, reset):
     """data.document_mask / data.reset_positions: document ids and per-document rotary positions
     continue across steps exactly as trainer.data.sampling.document_positions counts them (sinks on too)."""
@@ -289,7 +299,7 @@ def test_bidirectional_checkpoint_refused(run_dir, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["sink", "dense", "bigbird", "topk"])
+@pytest.mark.parametrize("name", ["sink", "dense", "bigbird", "topk", "topk_query"])
 def test_cuda_decoding_equals_full_forward(name):
     """On CUDA the prefill and the full forwards run FlexAttention (top-k: blocked)."""
     model = tiny_model(PATTERNS[name]).cuda()

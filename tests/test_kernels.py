@@ -26,6 +26,11 @@ PATTERNS = {
     "topk": TopKBlocks(top_k=2, block_size=BLOCK, num_global=4),
     "topk_bidir": TopKBlocks(causal=False, top_k=2, block_size=BLOCK, num_global=4),
     "topk_small_blocks": TopKBlocks(top_k=3, block_size=32, num_global=4),
+    # select=query: each query its own blocks; a tile holds their union and masks per row (blocks small
+    # enough that the queries of one block choose differently: test_blocked_topk_query_tiles_are_unions)
+    "topk_query": TopKBlocks(top_k=2, block_size=32, num_global=4, select="query"),
+    "topk_query_bidir": TopKBlocks(causal=False, top_k=2, block_size=32, num_global=4, select="query"),
+    "topk_query_small_blocks": TopKBlocks(top_k=3, block_size=16, num_global=4, select="query"),
 }
 
 
@@ -76,13 +81,32 @@ def test_blocked_shard_shaped(name):
     _assert_match(q, k, v, pattern, q_pos, k_pos, seq_len=n)
 
 
-def test_blocked_topk_shard_shaped():
+@pytest.mark.parametrize("name", ["topk", "topk_query"])
+def test_blocked_topk_shard_shaped(name):
     # top-k needs block-aligned query shards (each rank holds whole blocks); keys are everything
     # up to the shard end, as after gathering the selected blocks' rows.
-    pattern, n = PATTERNS["topk"], 320
+    pattern, n = PATTERNS[name], 320
     q_pos, k_pos = torch.arange(128, 256), torch.arange(0, 256)
     q, k, v = _inputs(1, 4, 2, len(q_pos), len(k_pos), 8, seed=9)
     _assert_match(q, k, v, pattern, q_pos, k_pos, seq_len=n)
+
+
+@pytest.mark.parametrize("name", ["topk_query", "topk_query_bidir", "topk_query_small_blocks"])
+def test_blocked_topk_query_tiles_are_unions(name):
+    """The select=query cases above do exercise the per-row masks: some tile holds more blocks than
+    one query sees (top_k + 2), and the mask differs from select=block's on these inputs."""
+    import dataclasses
+
+    from kernels.blocked_plan import content_plan
+
+    pattern, n = PATTERNS[name], 333
+    q, k, _ = _inputs(2, 4, 2, n, n, 16, seed=n)
+    pos = torch.arange(n)
+    plan = content_plan(pattern, q.detach(), k.detach(), pos, pos, n)
+    assert max(c.idx.shape[-1] for c in plan.chunks) > (pattern.top_k + 2) * pattern.block_size
+    by_block = dataclasses.replace(pattern, select="block")
+    assert not torch.equal(pattern.content_mask(q.detach(), k.detach(), pos, pos),
+                           by_block.content_mask(q.detach(), k.detach(), pos, pos))
 
 
 def test_blocked_unsorted_keys():
@@ -213,7 +237,8 @@ def test_blocked_leaves_inputs_untouched():
     assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))
 
 
-@pytest.mark.parametrize("name", ["sink", "longformer", "bigbird", "dilated", "topk_small_blocks"])
+@pytest.mark.parametrize("name", ["sink", "longformer", "bigbird", "dilated", "topk_small_blocks",
+                                  "topk_query_small_blocks"])
 def test_blocked_many_chunks(name, monkeypatch):
     """Tiny chunks: many chunks per call, each with its own band offset and the scatter margins."""
     import kernels.blocked as blocked

@@ -40,6 +40,8 @@ def _cases(P: int) -> list[tuple[str, object, str, bool, bool]]:
         ("globals_gt_L_bidir", Window(causal=False, window_left=10, window_right=10, num_global=L + 10), "halo",
          True, True),
         ("topk", TopKBlocks(causal=True, top_k=2, block_size=16, num_global=4), "topk", True, True),
+        ("topk_query", TopKBlocks(causal=True, top_k=2, block_size=16, num_global=4, select="query"), "topk", True,
+         True),
         ("sink_ulysses", sink, "ulysses", True, True),
         ("longformer_ulysses", longformer, "ulysses", True, True),
     ]
@@ -129,7 +131,9 @@ def _suite(rank, world_size):
             results["cases"][name], results["dsinks"][name] = fails, (mine, ref)
         for name, pattern, strategy in (("sink_auto", Window(causal=True, window_left=20, num_global=4), "halo"),
                                         ("longformer_auto", Window(causal=False, window_left=12, window_right=12,
-                                                                      num_global=4), "halo")):
+                                                                      num_global=4), "halo"),
+                                        ("topk_query_auto", TopKBlocks(causal=True, top_k=2, block_size=16, num_global=4,
+                                                                       select="query"), "topk")):
             fails, mine, ref = _run_case(ctx, name, pattern, strategy, True, True, backend="auto")
             results["cases"][name], results["dsinks"][name] = fails, (mine, ref)
         results["bytes"] = _bytes(ctx)

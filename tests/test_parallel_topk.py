@@ -10,6 +10,8 @@ result equals strategy="ulysses", and on concentrated choices the bytes are far 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -57,8 +59,9 @@ def test_block_routes_merge_runs_and_skip_own_blocks():
     assert [(r.peer, r.rows) for r in sends] == [(2, ((0, 4, "blocks"),))]
 
 
+@pytest.mark.parametrize("select", ["block", "query"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-def test_candidate_set_reproduces_the_global_choice(causal):
+def test_candidate_set_reproduces_the_global_choice(causal, select):
     """For each simulated rank: the chosen blocks' union plus the local ones, given to the pattern's
     own ``content_mask`` (what every kernel computes), selects exactly the single-device keys."""
     from model.pattern import block_mean
@@ -68,7 +71,7 @@ def test_candidate_set_reproduces_the_global_choice(causal):
     for trial in range(20):
         P, bs, nlb = (2, 4)[trial % 2], 4, 1 + trial % 3
         B, Hkv, G = 1 + trial % 2, 1 + trial % 2, (1, 2, 4)[trial % 3]
-        pattern = TopKBlocks(causal=causal, top_k=1 + trial % 4, block_size=bs, num_global=1)
+        pattern = TopKBlocks(causal=causal, top_k=1 + trial % 4, block_size=bs, num_global=1, select=select)
         L = nlb * bs
         n = P * L
         q = torch.randn(B, Hkv * G, n, D, generator=gen)
@@ -102,6 +105,12 @@ def _cases(P: int) -> list[dict]:
         dict(name="causal_heavy", pattern=causal, L=256, H=4, Hkv=2, data="heavy"),
         dict(name="bidir_heavy", pattern=TopKBlocks(causal=False, top_k=2, block_size=16, num_global=2), L=256,
              H=4, Hkv=2, data="heavy"),
+        # select=query: each rank fetches the union of its queries' blocks
+        dict(name="causal_gqa_query", pattern=replace(causal, select="query"), L=64, H=4, Hkv=2),
+        dict(name="bidir_gqa4_batch2_query", pattern=replace(bidir, select="query"), L=48, H=4, Hkv=1, B=2),
+        dict(name="causal_blocked_query", pattern=TopKBlocks(causal=True, top_k=2, block_size=16, num_global=4,
+                                                             select="query"), L=64, H=4, Hkv=2, backend="blocked"),
+        dict(name="causal_heavy_query", pattern=replace(causal, select="query"), L=256, H=4, Hkv=2, data="heavy"),
     ]
 
 
@@ -232,7 +241,9 @@ def test_matches_reference_and_ulysses_with_exact_bytes(suite):
 def test_concentrated_choices_cost_far_less_than_ulysses(suite):
     P, per_rank = suite
     for r, res in enumerate(per_rank):
-        for name in ("causal_heavy", "bidir_heavy"):
+        # A few heavy blocks: summaries (1/16 of K) + <= 4 blocks, against all-to-alls of q, k, v, out.
+        # select=query unites the choices of every query (not one per block of 16): single queries'
+        # noise adds a few light blocks to the union (7 fetched at P=2, measured), hence 3x, not 5x.
+        for name, factor in (("causal_heavy", 5), ("bidir_heavy", 5), ("causal_heavy_query", 3)):
             info = res["info"][name]
-            # a few heavy blocks: summaries (1/16 of K) + <= 4 blocks, against all-to-alls of q, k, v, out
-            assert info["recv"] * 5 <= info["ulysses_recv"], (P, r, name, info)
+            assert info["recv"] * factor <= info["ulysses_recv"], (P, r, name, info)

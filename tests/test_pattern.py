@@ -226,6 +226,8 @@ BAD = [
     ({"name": "topk", "top_k": 0}, None, "top_k"),
     ({"name": "topk", "block_size": 0}, None, "block_size"),
     ({"name": "topk", "num_global": 65, "block_size": 64}, None, "num_global"),
+    ({"name": "topk", "select": "token"}, None, "select"),
+    ({"name": "topk", "select": 1}, None, "select"),
     ({"name": "bigbird", "block_size": 0}, None, "block_size"),
     ({"name": "bigbird", "block_size": -4}, None, "block_size"),
     ({"name": "bigbird", "random_blocks": -1}, None, "random_blocks"),
@@ -280,18 +282,33 @@ def _block_scores(q: torch.Tensor, k: torch.Tensor, q_pos: list[int], k_pos: lis
     return out
 
 
+def _query_scores(q: torch.Tensor, k: torch.Tensor, k_pos: list[int], bs: int):
+    """{(b, h, a, kb): q[a]·mean(k over kb)} in float64 (select=query: each query ranks the blocks)."""
+    group = q.shape[1] // k.shape[1]
+    out = {}
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for kb in sorted({j // bs for j in k_pos}):
+                km = k[b, h // group, [c for c, j in enumerate(k_pos) if j // bs == kb]].double().mean(0)
+                for a, s in enumerate((q[b, h].double() @ km).tolist()):
+                    out[b, h, a, kb] = s
+    return out
+
+
 @settings(max_examples=60)
 @given(data=st.data())
 def test_topk_content_mask_invariants(data):
     n, bs = data.draw(st.integers(2, 72)), data.draw(st.integers(1, 12))
-    p = TopKBlocks(causal=data.draw(st.booleans()), top_k=data.draw(st.integers(1, 5)), block_size=bs)
+    p = TopKBlocks(causal=data.draw(st.booleans()), top_k=data.draw(st.integers(1, 5)), block_size=bs,
+                   select=data.draw(st.sampled_from(["block", "query"])))
     qs = data.draw(st.integers(0, n - 1))
     q_pos, k_pos = list(range(qs, data.draw(st.integers(qs + 1, n)))), data.draw(position_sets(n))
     hkv = data.draw(st.sampled_from([1, 2, 4]))  # 2: query heads 0,1 share kv head 0 (GQA)
     q, k = torch.randn(1, 4, len(q_pos), 4), torch.randn(1, hkv, len(k_pos), 4)
     m = p.content_mask(q, k, torch.tensor(q_pos), torch.tensor(k_pos))
     assert m.shape == (1, 4, len(q_pos), len(k_pos))
-    scores, ml = _block_scores(q, k, q_pos, k_pos, bs, p.causal), m.tolist()
+    ml = m.tolist()
+    scores = _query_scores(q, k, k_pos, bs) if p.per_query else _block_scores(q, k, q_pos, k_pos, bs, p.causal)
     for b in range(1):
         for h in range(4):
             for a, i in enumerate(q_pos):
@@ -300,19 +317,30 @@ def test_topk_content_mask_invariants(data):
                         assert not ml[b][h][a][c], f"query {i} sees future key {j}"
                     elif j // bs in (0, i // bs):
                         assert ml[b][h][a][c], f"query {i} misses key {j} of its own block or block 0"
+            if p.per_query:  # each query on its own: its top_k candidates by its own scores
+                for a, i in enumerate(q_pos):
+                    _check_choice(p, ml[b][h], [a], i // bs, k_pos, {kb: scores.get((b, h, a, kb)) for kb in range(n)})
+                continue
             for qb in sorted({i // bs for i in q_pos}):
                 rows = [a for a, i in enumerate(q_pos) if i // bs == qb]
-                cands = {j // bs for j in k_pos if j // bs not in (0, qb) and (j // bs < qb or not p.causal)}
-                seen = {}  # key block -> is it visible to every query of the block
-                for kb in cands:
-                    cells = [ml[b][h][a][c] for a in rows for c, j in enumerate(k_pos) if j // bs == kb]
-                    if any(cells):
-                        seen[kb] = all(cells)
-                assert len(seen) == min(p.top_k, len(cands)), (qb, sorted(cands), seen)
-                assert all(seen.values()), f"a chosen block is only partly visible: {seen}"
-                rest = [scores[b, h, qb, kb] for kb in cands - set(seen)]
-                if seen and rest:  # 1e-5: the pattern scores block means in fp32, this check in fp64
-                    assert min(scores[b, h, qb, kb] for kb in seen) >= max(rest) - 1e-5
+                _check_choice(p, ml[b][h], rows, qb, k_pos, {kb: scores.get((b, h, qb, kb)) for kb in range(n)})
+
+
+def _check_choice(p: TopKBlocks, ml: list, rows: list[int], qb: int, k_pos: list[int], scores: dict) -> None:
+    """The query rows ``rows`` of the mask ``ml`` [Q][K] (one query block, or one query with
+    select=query) see exactly the top_k best candidate blocks by ``scores`` (key block -> score), whole."""
+    bs = p.block_size
+    cands = {j // bs for j in k_pos if j // bs not in (0, qb) and (j // bs < qb or not p.causal)}
+    seen = {}  # key block -> is it visible to every query of the rows
+    for kb in cands:
+        cells = [ml[a][c] for a in rows for c, j in enumerate(k_pos) if j // bs == kb]
+        if any(cells):
+            seen[kb] = all(cells)
+    assert len(seen) == min(p.top_k, len(cands)), (qb, rows, sorted(cands), seen)
+    assert all(seen.values()), f"a chosen block is only partly visible: {seen}"
+    rest = [scores[kb] for kb in cands - set(seen)]
+    if seen and rest:  # 1e-5: the pattern scores block means in fp32, this check in fp64
+        assert min(scores[kb] for kb in seen) >= max(rest) - 1e-5
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -325,7 +353,8 @@ def test_topk_select_blocks_stays_in_allowed_blocks(causal):
     assert torch.equal(chosen, allowed.expand(1, 2, 6, 6))
 
 
-def test_topk_picks_the_aligned_block():
+@pytest.mark.parametrize("select", ["block", "query"])
+def test_topk_picks_the_aligned_block(select):
     bs, n, d = 8, 64, 4
     q = torch.zeros(1, 1, n, d)
     q[..., 0] = 1.0  # every query points along e0
@@ -334,7 +363,7 @@ def test_topk_picks_the_aligned_block():
     k[0, 0, 3 * bs : 4 * bs, 0] = -10.0  # key block 3 is anti-aligned
     pos = torch.arange(n)
     for causal in (True, False):
-        m = TopKBlocks(causal=causal, top_k=1, block_size=bs).content_mask(q, k, pos, pos)[0, 0]
+        m = TopKBlocks(causal=causal, top_k=1, block_size=bs, select=select).content_mask(q, k, pos, pos)[0, 0]
         blocks = m.reshape(n // bs, bs, n // bs, bs).any(3).any(1)  # (nQB, nKB)
         for qb in range(n // bs):
             picked = set(blocks[qb].nonzero().flatten().tolist()) - {0, qb}
@@ -344,6 +373,74 @@ def test_topk_picks_the_aligned_block():
                 assert picked == set(), (causal, qb, picked)
             else:  # one pick, never the future block 5 when causal, never the anti-aligned block 3
                 assert len(picked) == 1 and picked.isdisjoint({3, 5}), (causal, qb, picked)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_per_query_selection_differs_from_per_block(causal):
+    """Crafted: in query block 3 the first query points at key block 1, the others at key block 2.
+    select=block (causal: ranked by the first query; bidirectional: by the mean, which the three
+    later queries dominate) gives every query of the block one block; select=query gives each its own."""
+    bs, n, d = 4, 32, 4
+    q = torch.zeros(1, 1, n, d)
+    k = 0.01 * torch.randn(1, 1, n, d, generator=torch.Generator().manual_seed(0))
+    k[0, 0, 1 * bs:2 * bs, 0] = 1.0  # key block 1 along e0
+    k[0, 0, 2 * bs:3 * bs, 1] = 1.0  # key block 2 along e1
+    q[0, 0, 3 * bs, 0] = 1.0  # the first query of block 3 wants block 1
+    q[0, 0, 3 * bs + 1:4 * bs, 1] = 1.0  # the other three want block 2
+    pos = torch.arange(n)
+
+    def picked(select):
+        m = TopKBlocks(causal=causal, top_k=1, block_size=bs, select=select).content_mask(q, k, pos, pos)[0, 0]
+        blocks = m[3 * bs:4 * bs].reshape(bs, n // bs, bs).any(-1)  # (queries of block 3, key blocks)
+        return [set(row.nonzero().flatten().tolist()) - {0, 3} for row in blocks]
+
+    assert picked("block") == [{1 if causal else 2}] * bs
+    assert picked("query") == [{1}, {2}, {2}, {2}]
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("select", ["block", "query"])
+def test_topk_later_tokens_never_change_earlier_outputs(select, backend):
+    """Causal top-k: a change to q, k, v at positions >= t leaves the output (and lse) of every query
+    before t as it was — the selection reads nothing later (select=block ranks by the block's first
+    query, select=query by the query itself, over blocks before its own) — and does change later ones."""
+    from kernels import sparse_attention
+
+    p = TopKBlocks(causal=True, top_k=2, block_size=8, num_global=2, select=select)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 70, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    for t in (5, 8, 29, 40, 63):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t:] += 3 * torch.randn(x[:, :, t:].shape, generator=gen, dtype=torch.float64)
+        a = sparse_attention(q, k, v, p, backend=backend)
+        b = sparse_attention(q2, k2, v2, p, backend=backend)
+        # fp64: the earlier rows see the same keys; only a tile's width (its later queries' blocks) and so
+        # the summation order may change: ~1e-16, far below what one more key moves (~1e-2)
+        torch.testing.assert_close(b.out[:, :, :t], a.out[:, :, :t], atol=1e-12, rtol=0)
+        torch.testing.assert_close(b.lse[:, :, :t], a.lse[:, :, :t], atol=1e-12, rtol=0)
+        assert (b.out[:, :, t:] - a.out[:, :, t:]).abs().max() > 1e-2
+
+
+def test_topk_query_choice_in_chunks_is_the_same(monkeypatch):
+    """select=query scores SCORE_ELEMS at a time: tiny chunks give the same choice, and the union per
+    block is what content_mask lets some query of the block see."""
+    import model.pattern.topk as topk
+    from model.pattern import block_mean, union_per_block
+
+    p = TopKBlocks(causal=True, top_k=3, block_size=4, num_global=1, select="query")
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 52, 8, generator=gen), torch.randn(2, 2, 52, 8, generator=gen)
+    pos = torch.arange(52)
+    ids, inv = torch.unique(pos // 4, return_inverse=True)
+    k_means = block_mean(k.repeat_interleave(2, dim=1), inv, len(ids))
+    whole = p.query_choice(q, pos // 4, k_means, ids)
+    monkeypatch.setattr(topk, "SCORE_ELEMS", 7)
+    assert torch.equal(p.query_choice(q, pos // 4, k_means, ids), whole)
+    m = p.content_mask(q, k, pos, pos)  # (B, H, Q, K)
+    seen = m.reshape(2, 4, len(ids), 4, len(ids), 4).any(-1).any(3)  # (B, H, query block, key block)
+    assert torch.equal(union_per_block(whole, inv, len(ids), len(ids)), seen)
+    assert torch.equal(p.block_choice(q, inv, ids, k_means, ids), seen)
 
 
 def test_union_built_in_code_counts_its_parts_globals_and_reach():

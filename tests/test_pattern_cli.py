@@ -41,6 +41,7 @@ def test_cli_seed_example_and_png(repo_root, tmp_path):
     (["attention=nope"], "attention=nope: unknown attention option; allowed: "),
     (["attention.window_lft=3"], "attention.window_lft: not a key of the pattern config; did you mean attention.window_left?"),
     (["attention=sink", "attention.window_right=3"], "attention.window_right"),
+    (["attention=topk", "attention.select=tokens"], "attention.select: must be one of block, query; got 'tokens'"),
 ])
 def test_cli_errors_are_one_line(repo_root, tmp_path, overrides, names):
     r = run_cli(repo_root, tmp_path, *overrides)

@@ -36,7 +36,10 @@ CASES = {  # sequence lengths deliberately not multiples of 64 (or of the patter
                                                           {"name": "strided", "stride": 10, "variant": "fixed"}]}, 83),
     "dense": ({"name": "dense", "causal": True}, 50),
     "topk": ({"name": "topk", "causal": True, "top_k": 2, "block_size": 16, "num_global": 4}, 100),
+    "topk_query": ({"name": "topk", "causal": True, "top_k": 2, "block_size": 16, "num_global": 4, "select": "query"},
+                   100),
 }
+CONTENT = {"topk", "topk_query"}
 
 
 def positions(p: Pattern, n: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +83,7 @@ def test_reference_matches_sdpa_forward_and_backward(name, kind):
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float64
 
     mask = pattern_mask(p, q, k, q_pos, k_pos, n)
-    if name == "topk":  # the content choice must prune below the positional (causal) bound
+    if name in CONTENT:  # the content choice must prune below the positional (causal) bound
         assert mask.shape == (2, 4, len(q_pos), len(k_pos)) and mask.sum() < 8 * p.mask(q_pos, k_pos).sum()
     else:
         assert mask.shape == (len(q_pos), len(k_pos)) and not mask.all(), "the case must be sparse"
@@ -95,7 +98,7 @@ def test_reference_matches_sdpa_forward_and_backward(name, kind):
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, x=x: f"grad {x}: {m}")
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - {"topk"}))  # top-k block means depend on the keys given
+@pytest.mark.parametrize("name", sorted(set(CASES) - CONTENT))  # top-k block means depend on the keys given
 def test_shard_with_its_kv_ranges_equals_full_rows(name):
     cfg, n = CASES[name]
     p = from_config(cfg, seq_len=n)
@@ -120,7 +123,7 @@ def test_reference_mqa_and_mha(hkv):
     torch.testing.assert_close(lse, want_lse, **TOL)
 
 
-@pytest.mark.parametrize("name", ["sink", "topk"])
+@pytest.mark.parametrize("name", ["sink", "topk", "topk_query"])
 def test_reference_fp32_inputs(name):
     cfg, n = CASES[name]
     p = from_config(cfg, seq_len=n)
@@ -140,7 +143,7 @@ def test_reference_fp32_inputs(name):
 
 
 @pytest.mark.parametrize("kind", ["full", "shard"])
-@pytest.mark.parametrize("name", ["sink", "longformer", "union", "topk"])
+@pytest.mark.parametrize("name", ["sink", "longformer", "union", "topk", "topk_query"])
 def test_reference_stats(name, kind):
     cfg, n = CASES[name]
     p = from_config(cfg, seq_len=n)

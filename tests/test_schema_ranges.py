@@ -22,7 +22,7 @@ from trainer.config.validate import ConfigError, load_config
 from trainer.tools.generate import RANGES as GENERATE_RANGES
 from trainer.tools.generate import GenerateConfig, load_generate_config
 
-NON_NUMERIC_ATTENTION = {"name", "causal", "variant", "summary", "parts"}
+NON_NUMERIC_ATTENTION = {"name", "causal", "variant", "summary", "select", "parts"}
 
 
 def test_every_numeric_key_declares_a_range():

@@ -31,7 +31,7 @@ import torch
 
 from model.pattern.base import Pattern, PatternError, Range, _positions, merge_ranges  # noqa: F401
 from model.pattern.ranges import ATTENTION
-from model.pattern.topk import TopKBlocks, block_mean  # noqa: F401
+from model.pattern.topk import TopKBlocks, block_mean, union_per_block  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def _random_table(p: BigBird, seq_len: int) -> torch.Tensor:
 
 NAMES = ("dense", "window", "longformer", "sink", "dilated", "strided", "bigbird", "topk", "union")
 _KEYS = {"name", "causal", "window_left", "window_right", "num_global", "dilation", "stride", "variant",
-         "summary", "random_blocks", "block_size", "seed", "top_k", "parts"}
+         "summary", "random_blocks", "block_size", "seed", "top_k", "select", "parts"}
 _CLASS = {"dense": Dense, "window": Window, "longformer": Window, "sink": Window, "dilated": Window,
           "strided": Strided, "bigbird": BigBird, "topk": TopKBlocks, "union": PatternUnion}
 
@@ -277,7 +277,7 @@ def from_config(cfg: Mapping, seq_len: int | None = None) -> Pattern:
     for key, value in kwargs.items():  # before the union's max() of globals, which needs integers
         if key in ("causal",) and not isinstance(value, bool):
             raise PatternError(f"attention.{key}: must be true or false, got {value!r}")
-        if key not in ("causal", "variant", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
+        if key not in ("causal", "variant", "select", "parts") and (isinstance(value, bool) or not isinstance(value, int)):
             raise PatternError(f"attention.{key}: must be an integer, got {value!r}")
     for key, rng in ATTENTION.items():  # every key given, used by this pattern or not
         rng.check(f"attention.{key}", cfg.get(key), PatternError)
