@@ -1,13 +1,15 @@
 """The training config's schema: one dataclass per YAML group, ``TrainConfig`` over them, and the
-conversion of a plain dict into them (``to_dataclass``: unknown keys and wrong types are one
-``ConfigError`` line). What the settings may be together is ``trainer.config.validate``'s part (``validate``).
+conversion of a plain dict into them (``to_dataclass``: pydantic checks the types; unknown keys, missing
+ones and wrong types are one ``ConfigError`` line). What the settings may be together is ``trainer.config.validate``'s part (``validate``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from kernels.global_part import check_model
 from model.pattern import Pattern, from_config
@@ -170,7 +172,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_tasks: list[str] = field(default_factory=list)
     # Derived by validate(), not read from the YAML:
-    world_size: int = field(default=1, metadata={"derived": True})
+    world_size: int = field(default=1, init=False, metadata={"derived": True})
 
     def __post_init__(self):
         # An imported model reads its own tokenizer unless data.tokenizer names another than the
@@ -229,61 +231,112 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # --- DictConfig -> dataclasses ----------------------------------------------------------------------
+# pydantic validates the dict against the dataclasses above (strict: no "3" -> 3, no true -> 1; every
+# section forbids unknown keys); its first error becomes one ConfigError line naming the key.
 
-def _check_type(value, hint, key: str):
-    """``value`` as type ``hint`` (int, float, bool, str, None, X | None, tuple[...], list[...], dict)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for a in options[:-1]:  # the first alternative the value fits; the last one's error otherwise
-            try:
-                return _check_type(value, a, key)
-            except ConfigError:
-                pass
-        return _check_type(value, options[-1], key)
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    elif origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: must be a list of {len(args)} values, got {value!r}")
-        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: must be a list, got {value!r}")
-        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif hint is dict or origin is dict:
-        ok = isinstance(value, dict)
-    else:
-        raise TypeError(f"unsupported config type {hint!r} for {key}")
-    if not ok:
-        raise ConfigError(f"{key}: must be {getattr(hint, '__name__', hint)}, got {value!r}")
-    return value
+_SECTION = {"extra": "forbid"}  # pydantic's ConfigDict (a TypedDict) for every section
 
 
-def to_dataclass(cls, node: dict, prefix: str = ""):
-    """Build ``cls`` from a plain dict; unknown keys and wrong types raise ConfigError."""
-    if not isinstance(node, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {node!r}")
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in fields(cls) if not f.metadata.get("derived")]
-    unknown = sorted(set(node) - set(allowed))
+def _sections(cls) -> list[type]:
+    """``cls`` and every dataclass nested in it (the classes pydantic validates as sections)."""
+    found = [cls]
+    for hint in typing.get_type_hints(cls).values():
+        if is_dataclass(hint):
+            found += [c for c in _sections(hint) if c not in found]
+    return found
+
+
+@functools.cache
+def _adapter(cls):
+    """pydantic's validator of ``cls``; every section class gets ``extra="forbid"`` (pydantic reads a
+    stdlib dataclass's config from its ``__pydantic_config__``)."""
+    import pydantic
+
+    for section in _sections(cls):
+        section.__pydantic_config__ = _SECTION
+    return pydantic.TypeAdapter(cls)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return "a list"
+    if hint is dict or origin is dict or is_dataclass(hint):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _locate(cls, loc: tuple) -> tuple[str, tuple, object, object, bool]:
+    """A pydantic error location as the dotted key, the location without pydantic's union tags (the
+    path into the user's dict), the hint there, the one above it (a section or a container) and
+    whether the location names a key of a section that is not one of its fields."""
+    key, path, hint, parent = "", (), cls, None
+    parts = list(loc)
+    while parts:
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(members) == 1:  # X | None: pydantic tags nothing
+                hint = members[0]
+                continue
+            if len(parts) == 1:  # the value fits no member: the error is the union's
+                break
+            tag = parts.pop(0).split("[")[0]  # the member pydantic tried, as it names it
+            hint = next((a for a in members if getattr(typing.get_origin(a) or a, "__name__", None) == tag), members[0])
+            continue
+        part = parts.pop(0)
+        if is_dataclass(hint) and isinstance(part, str):
+            hints = typing.get_type_hints(hint)
+            if part not in hints or not _settable(hint, part):
+                return key + part, path + (part,), None, hint, True
+            key, hint, parent = f"{key}{part}.", hints[part], hint
+        elif isinstance(part, int) and typing.get_origin(hint) in (list, tuple):
+            args = typing.get_args(hint)
+            key, hint, parent = f"{key.rstrip('.')}[{part}].", args[min(part, len(args) - 1)], hint
+        else:
+            break
+        path += (part,)
+    return key.rstrip("."), path, hint, parent, False
+
+
+def _settable(cls, name: str) -> bool:
+    """Whether ``name`` is a field a config may set (derived fields are not: init=False)."""
+    return any(f.name == name and f.init for f in fields(cls))
+
+
+def _first_error(cls, node: dict, error: dict) -> ConfigError:
+    loc, kind = tuple(error["loc"]), error["type"]
+    key, path, hint, parent, unknown = _locate(cls, loc)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(allowed)}")
-    kwargs = {}
-    for name, value in node.items():
-        hint = hints[name]
-        kwargs[name] = (to_dataclass(hint, value, f"{prefix}{name}.") if is_dataclass(hint)
-                        else _check_type(value, hint, prefix + name))
-    for f in fields(cls):
-        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(f"{prefix}{f.name}: missing; the config must set it")
-    return cls(**kwargs)
+        allowed = [f.name for f in fields(parent) if f.init]
+        return ConfigError(f"{key}: unknown key; allowed keys: {', '.join(allowed)}")
+    value = node
+    for part in path:  # the value the user wrote (pydantic's input is JSON-parsed)
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            break
+    for container, tup in ((key.rsplit("[", 1)[0], parent), (key, hint)):
+        if typing.get_origin(tup) is tuple and kind in ("missing", "too_long", "too_short"):
+            return ConfigError(f"{container}: must be a list of {len(typing.get_args(tup))} values, got {error['input']!r}")
+    if kind == "missing":
+        return ConfigError(f"{key}: missing; the config must set it")
+    if kind.startswith("value_error"):  # raised by a section's own __post_init__
+        return ConfigError(f"{key or 'config'}: {error['msg'].removeprefix('Value error, ')}")
+    return ConfigError(f"{key or 'config'}: must be {_type_name(hint)}, got {value!r}")
+
+
+def to_dataclass(cls, node: dict):
+    """Build ``cls`` from a plain dict (YAML values: str, numbers, bool, null, lists, mappings); unknown
+    keys, missing ones and wrong types raise ConfigError, one line, for the first error."""
+    import pydantic
+
+    if not isinstance(node, dict):
+        raise ConfigError(f"config: must be a mapping, got {node!r}")
+    try:  # JSON mode: strict, yet a list is a tuple and an int a float, as YAML writes them
+        return _adapter(cls).validate_json(json.dumps(node, allow_nan=True), strict=True)
+    except pydantic.ValidationError as e:
+        raise _first_error(cls, node, e.errors(include_url=False)[0]) from None
