@@ -1,4 +1,4 @@
-"""Fused CPU attention for band patterns: C++ (AVX2/FMA, ATen's OpenMP threads), forward and backward.
+"""Fused CPU attention for band patterns: C++ (AVX2/FMA or AVX-512, ATen's OpenMP threads), forward and backward.
 
 Applies to ``Window`` patterns with dilation 1 (window, sink, longformer, bidirectional windows),
 fp32 or bf16 CPU tensors with head_dim a multiple of 8 (bf16 runs the fp32 micro-kernel on fp32
@@ -30,8 +30,11 @@ tiles and bidirectional global queries are exempt. Ranges are computed from the 
 are correct too (they only skip less). A row the documents leave empty (a shard's partial over remote
 keys) gives out 0 and lse −inf, as the reference.
 
-The extension is built on first use into ``.cache/torch_extensions/haloformer_fused`` (~1 min,
-then cached); ``HALOFORMER_FUSED=0`` stops ``backend="auto"`` from choosing it.
+One source, one build per instruction set (``ISA_FLAGS``; kernels/csrc/fused_simd.h is the only file
+that knows the width): AVX2 + FMA (6 × 16 micro-kernel in 16 ymm registers) and AVX-512F (6 × 64 in 32
+zmm registers), the best the CPU has (``kernels.cpu``) unless ``HALOFORMER_FUSED_ISA=avx2|avx512``
+says otherwise. Each is built on first use into ``.cache/torch_extensions/haloformer_fused_<isa>``
+(~1 min, then cached); ``HALOFORMER_FUSED=0`` stops ``backend="auto"`` from choosing the kernel.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.contract import BACKENDS, AttnResult
+from kernels.cpu import fused_choice
+from kernels.cpu import info as cpu_info
 from kernels.inputs import EmptyRowError, check_docs, check_inputs
 from kernels.stats import AttnStats
 from model.pattern import Pattern, Window
@@ -54,37 +59,49 @@ from model.pattern import Pattern, Window
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("fused_bind.cpp", "fused_fwd.cpp", "fused_bwd.cpp")
-BUILD_DIR = ROOT / ".cache" / "torch_extensions" / "haloformer_fused"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno"]  # no -ffast-math: the kernel relies on ±inf
+# One build per instruction set, from the same sources (kernels/csrc/fused_simd.h picks the width from
+# the -m flags). No -ffast-math: the kernel relies on ±inf.
+COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 
-_ext = None
-_tried = False
+_exts: dict[str, object] = {}  # isa -> the loaded extension, or None after a failed build (warned once)
 
 
-def extension():
-    """The compiled extension, built on first call; None (after one warning) where it cannot be."""
-    global _ext, _tried
-    if _tried:
-        return _ext
-    _tried = True
-    why = None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        why = f"CPU capability {torch.backends.cpu.get_cpu_capability()} has no AVX2"
+def build_dir(isa: str) -> Path:
+    return ROOT / ".cache" / "torch_extensions" / f"haloformer_fused_{isa}"
+
+
+def active_isa() -> str:
+    """The build the kernel runs (``kernels.cpu.fused_choice``: the best this CPU has unless
+    ``$HALOFORMER_FUSED_ISA`` says otherwise); ``none`` where it has neither AVX2 nor AVX-512."""
+    return fused_choice().isa
+
+
+def extension(isa: str | None = None):
+    """The compiled extension for ``isa`` (default ``active_isa()``), built on first call; None (after one
+    warning) where it cannot be."""
+    isa = active_isa() if isa is None else isa
+    if isa in _exts:
+        return _exts[isa]
+    why, ext = None, None
+    if isa == "none":
+        why = f"CPU ({cpu_info().model}) has no AVX2"
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         why = "no C++ compiler found"
     else:
         try:
             from torch.utils.cpp_extension import load
 
-            BUILD_DIR.mkdir(parents=True, exist_ok=True)
-            _ext = load(name="haloformer_fused", sources=[str(CSRC / s) for s in SOURCES],
-                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR),
-                        verbose=False)
+            build_dir(isa).mkdir(parents=True, exist_ok=True)
+            ext = load(name=f"haloformer_fused_{isa}", sources=[str(CSRC / s) for s in SOURCES],
+                       extra_cflags=COMMON_FLAGS + ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
+                       build_directory=str(build_dir(isa)), verbose=False)
         except Exception as e:  # any build or load failure: the portable kernel takes over
             why = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if why:
         warnings.warn(f"kernels.fused: {why}; using the blocked kernel instead", RuntimeWarning, stacklevel=2)
-    return _ext
+    _exts[isa] = ext
+    return ext
 
 
 def pattern_supported(q: torch.Tensor, pattern: Pattern) -> bool:
@@ -164,22 +181,25 @@ def _check_rows(g: Geometry, pattern: Window, K: int) -> None:
 
 
 class FusedAttention(torch.autograd.Function):
-    """(out, lse[, m, max_logit, global_mass]); with ``sinks`` [H] fp32 every output includes the sink."""
+    """(out, lse[, m, max_logit, global_mass]); with ``sinks`` [H] fp32 every output includes the sink.
+    q, k, v fp32, or bf16 for the native bf16 kernel: out is returned (and saved) in their dtype, lse and
+    the statistics in fp32; the gradients come back from the kernel in fp32 and autograd rounds them to
+    the inputs' dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, args: tuple, scale: float, want_stats: bool):
         res = extension().forward(q, k, v, sinks, *args, scale, want_stats)
-        out, lse = res[0], res[1]
+        out, lse = res[0].to(q.dtype), res[1]
         ctx.save_for_backward(q, k, v, sinks, out, lse)
         ctx.args, ctx.scale = args, scale
         ctx.mark_non_differentiable(*res[2:])
-        return tuple(res)
+        return (out, *res[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_lse, *_):
         q, k, v, sinks, out, lse = ctx.saved_tensors
-        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        d_out = torch.zeros_like(out) if d_out is None else d_out.to(out.dtype).contiguous()
         d_lse = None if d_lse is None else d_lse.float().contiguous()  # ∂lse/∂s = p: dlse adds p·dlse to dS
         grads = extension().backward(q, k, v, sinks, d_out, out, lse, d_lse, *ctx.args, ctx.scale)
         d_sinks = grads[3] if sinks is not None else None  # [H]: Σ over batch and queries of p_sink·(dlse − Δ)
@@ -203,10 +223,12 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
         g = Geometry(g.q_pos, g.k_pos, g.prefix, g.kbase, *_docs32(q_doc, k_doc))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s32 = None if sinks is None else sinks.float().contiguous()  # autograd casts its gradient back
-    # bf16 in: the fp32 kernel on fp32 copies (autograd rounds the gradients back), out rounded to bf16
-    # once; lse and the statistics stay fp32 as the contract says. fp32 in: no copies (.float() is q).
-    res = FusedAttention.apply(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), s32,
-                               g.args(pattern), scale, return_stats)
+    # bf16 in: the native bf16 kernel where this CPU runs it (kernels.cpu.fused_choice) and head_dim % 16
+    # == 0, else the fp32 kernel on fp32 copies (autograd rounds the gradients back); out is rounded to
+    # bf16 once either way, lse and the statistics stay fp32 as the contract says. fp32 in: no copies.
+    native = q.dtype == torch.bfloat16 and D % 16 == 0 and fused_choice().bf16 == "native"
+    cast = (lambda t: t.contiguous()) if native else (lambda t: t.float().contiguous())
+    res = FusedAttention.apply(cast(q), cast(k), cast(v), s32, g.args(pattern), scale, return_stats)
     res = (res[0].to(q.dtype), *res[1:])
     if not return_stats:
         return AttnResult(*res, None)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kernels.fused as fused
-from kernels import EmptyRowError, pick_backend, sparse_attention
+from kernels import EmptyRowError, cpu, pick_backend, sparse_attention
 from kernels.stats import apply_sinks
 from model.pattern import BigBird, Window
 
@@ -34,12 +34,21 @@ NAMES = ("out", "lse", "stat_m", "max_logit", "global_mass", "dq", "dk", "dv")
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    """Compile (or load the cached) extension once; every test below must run the C++ kernel."""
+@pytest.fixture(autouse=True, params=tuple(cpu.FUSED_ISAS))
+def isa(request, monkeypatch):
+    """Every test on each build of the kernel this CPU runs (AVX2, AVX-512), the C++ kernel compiled (or
+    loaded from the cache) for it; a build the CPU cannot run skips, naming what it lacks. bf16 inputs
+    run the fp32 kernel on copies here (the native bf16 kernel: tests/test_fused_isa.py)."""
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler: the fused kernel falls back to blocked (tested in test_fallback_*)")
-    assert fused.extension() is not None, "the fused extension did not build"
+    missing = cpu.info().missing(request.param)
+    if missing:
+        pytest.skip(f"the {request.param} build of the fused kernel needs {missing}; this CPU lacks them")
+    monkeypatch.setenv(cpu.ISA_ENV, request.param)
+    monkeypatch.setenv(cpu.BF16_ENV, "fp32")
+    assert fused.extension() is not None, f"the {request.param} fused extension did not build"
+    assert fused.extension().isa == request.param
+    return request.param
 
 
 def _inputs(B, H, Hkv, Q, K, D, seed=0):
@@ -163,8 +172,7 @@ def test_fallback_to_blocked_where_fused_does_not_apply(case):
 
 
 def test_fallback_without_compiler_warns_once(monkeypatch):
-    monkeypatch.setattr(fused, "_tried", False)
-    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_exts", {})
     monkeypatch.setattr(fused.shutil, "which", lambda name: None)
     qkv = [t.float() for t in _inputs(1, 2, 2, 100, 100, 16)]
     with warnings.catch_warnings(record=True) as caught:
@@ -410,10 +418,8 @@ def test_fused_documents_unsorted_ids():
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):
     """kernels.cpu: the model name and the kernel-relevant flags of the first processor entry (an
-    AVX-512/AMX Xeon and an AVX2-only EPYC, as /proc/cpuinfo writes them); an unknown feature name is
-    an error, not False."""
-    from kernels import cpu
-
+    AVX-512/AMX Xeon and an AVX2-only EPYC, as /proc/cpuinfo writes them), and the build each runs; an
+    unknown feature name is an error, not False."""
     xeon = tmp_path / "xeon"
     xeon.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu sse4_2 avx fma avx2 "
                     "avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu\n")
@@ -422,7 +428,9 @@ def test_cpu_features_are_read_from_cpuinfo(tmp_path):
     x, e = cpu.info(str(xeon)), cpu.info(str(epyc))
     assert x.model == "Intel(R) Xeon(R) Platinum" and x.has("amx_bf16") and x.has("avx512f")
     assert e.model == "AMD EPYC" and e.has("avx2") and not e.has("avx512f") and not e.has("amx_bf16")
-    assert x.fused_isa == e.fused_isa == "avx2"  # the one micro-kernel built today
-    assert "absent: avx512f" in cpu.describe(e) and "fused kernel: avx2" in cpu.describe(x)
+    assert (x.fused_isa, x.fused_isas, e.fused_isa, e.fused_isas) == ("avx512", ("avx512", "avx2"), "avx2", ("avx2",))
+    assert e.missing("avx512") == "avx512f avx512bw avx512vl" and x.missing("avx512") == ""
+    assert "absent: avx512f" in cpu.describe(e, {}) and "fused kernel: avx512, bf16: avx512_bf16 vdpbf16ps" in cpu.describe(x, {})
+    assert "fused kernel: avx2, bf16: fp32 kernel on copies" in cpu.describe(e, {})
     with pytest.raises(ValueError, match="feature: must be one of"):
         e.has("avx512")

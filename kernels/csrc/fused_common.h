@@ -1,12 +1,12 @@
-// Shared pieces of the fused band attention kernel: geometry, the AVX2/FMA matmul micro-kernel and
-// a fast exp. Header-only so that each translation unit inlines them.
+// Shared pieces of the fused band attention kernel: geometry, tiles, masks. Header-only so that each
+// translation unit inlines them; the vector width is fused_simd.h's (one build per instruction set).
 //
 // Layout conventions (see fused_fwd.cpp): scores are kept TRANSPOSED, S^T[key][query] with 64
-// queries per row, so that per-query softmax state (max, sum, lse, Δ) is a vector of 8-query
+// queries per row, so that per-query softmax state (max, sum, lse, Δ) is a vector of V::W-query
 // lanes and every softmax step is a vertical (lane-wise) operation, with no horizontal reductions.
 #pragma once
 
-#include <immintrin.h>
+#include "fused_simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -16,9 +16,8 @@
 
 namespace fused {
 
-constexpr int TQ = 64;  // queries per tile (the lane dimension of S^T: 8 AVX2 vectors)
+constexpr int TQ = 64;  // queries per tile (the lane dimension of S^T: 8 AVX2 or 4 AVX-512 vectors)
 constexpr int TK = 64;  // keys per tile
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // Which keys a query may see, for Window patterns with dilation 1:
 //   keys = [prefix | run]: prefix = P keys with positions kpos[0..P) all < ng (global tokens),
@@ -51,15 +50,20 @@ struct FwdOut {
   float *st_m, *st_max, *st_gm;  // [B, H, Q] each, or null without stats
 };
 
+// T: float, or bf16 bits (uint16_t, AVX-512 builds: fused_bf16.h). Gradients and lse are fp32 always.
+template <class T>
 struct BwdIn {
-  const float *q, *k, *v, *dout, *out, *lse;
+  const T *q, *k, *v, *dout, *out;
+  const float* lse;                             // [B, H, Q]
   const float* dlse;                            // [B, H, Q] or null (no lse gradient)
   float *dq, *dk, *dv;                          // outputs, zero-initialised
   float* dsinks;                                // [H] output (zero-initialised) when g.sinks, else null
 };
 
-void forward(const Geo& g, const float* q, const float* k, const float* v, const FwdOut& res);
-void backward(const Geo& g, const BwdIn& in, int nthreads);
+template <class T>
+void forward(const Geo& g, const T* q, const T* k, const T* v, const FwdOut& res);
+template <class T>
+void backward(const Geo& g, const BwdIn<T>& in, int nthreads);
 
 struct Tile {
   int64_t k0;   // first key row (index into the head's K rows)
@@ -122,92 +126,13 @@ inline void tile_bounds(const Geo& g, const Tile& t, const int64_t* qp, int nr, 
 
 // S^T rows [0, nc) × TQ lanes: set −inf where key row kr is outside [lo[q], hi[q]].
 inline void apply_mask(float* st, int nc, const int32_t* lo, const int32_t* hi) {
-  const __m256 ninf = _mm256_set1_ps(NEG_INF);
-  for (int v = 0; v < TQ / 8; ++v) {
-    __m256i l = _mm256_loadu_si256((const __m256i*)(lo + 8 * v));
-    __m256i h = _mm256_loadu_si256((const __m256i*)(hi + 8 * v));
+  for (int v = 0; v < TQ / V::W; ++v) {
+    V::i l = V::loadi(lo + V::W * v), h = V::loadi(hi + V::W * v);
     for (int kr = 0; kr < nc; ++kr) {
-      __m256i k = _mm256_set1_epi32(kr);
-      // outside = kr < lo or kr > hi
-      __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(l, k), _mm256_cmpgt_epi32(k, h));
-      float* p = st + kr * TQ + 8 * v;
-      _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), ninf, _mm256_castsi256_ps(out)));
+      float* p = st + kr * TQ + V::W * v;
+      V::store(p, V::keep_in_range(V::load(p), l, h, kr));
     }
   }
-}
-
-// exp of 8 floats: Cephes' range reduction x = n·ln2 + r and degree-6 polynomial for e^r
-// (relative error ~2e-7, i.e. fp32 rounding); x below −87.3, −inf included, gives exactly 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), lo);
-  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
-// C[MR × 8·NV] (+)= Σ_k A(i, k) · B[k·ldb + j] with A(i, k) = A[i·ai + k·ak]: A is broadcast one
-// element at a time (so any stride works: transposed operands need no copy), B is read in place.
-// MR·NV accumulators live in registers (6 × 2 = 12 of the 16 ymm registers).
-template <int MR, int NV>
-inline void ukernel(int kk, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb, float* C,
-                    int64_t ldc, bool acc) {
-  // The unroll pragmas matter: without them GCC 12 keeps c[][] on the stack, a store per FMA (measured 2× slower).
-  __m256 c[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) c[i][v] = acc ? _mm256_loadu_ps(C + i * ldc + 8 * v) : _mm256_setzero_ps();
-  for (int k = 0; k < kk; ++k) {
-    __m256 b[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_broadcast_ss(A + i * ai + k * ak);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(a, b[v], c[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
-}
-
-template <int NV>
-inline void gemm_cols(int M, int K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, bool acc) {
-  int i = 0;
-  for (; i + 6 <= M; i += 6) ukernel<6, NV>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, acc);
-  const float* a = A + i * ai;
-  float* c = C + i * ldc;
-  switch (M - i) {
-    case 5: ukernel<5, NV>(K, a, ai, ak, B, ldb, c, ldc, acc); break;
-    case 4: ukernel<4, NV>(K, a, ai, ak, B, ldb, c, ldc, acc); break;
-    case 3: ukernel<3, NV>(K, a, ai, ak, B, ldb, c, ldc, acc); break;
-    case 2: ukernel<2, NV>(K, a, ai, ak, B, ldb, c, ldc, acc); break;
-    case 1: ukernel<1, NV>(K, a, ai, ak, B, ldb, c, ldc, acc); break;
-    default: break;
-  }
-}
-
-// C[M × N] (+)= A(M × K) · B(K × N); N a multiple of 8, B and C row-major.
-inline void gemm(int M, int N, int K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, bool acc) {
-  int j = 0;
-  for (; j + 16 <= N; j += 16) gemm_cols<2>(M, K, A, ai, ak, B + j, ldb, C + j, ldc, acc);
-  if (j < N) gemm_cols<1>(M, K, A, ai, ak, B + j, ldb, C + j, ldc, acc);
 }
 
 // dst[d][r] = scale · src[r·D + d] for r < nr, 0 for nr <= r < TQ: a query-side tile transposed
@@ -223,7 +148,7 @@ inline void pack_t(const float* src, int nr, int64_t D, float scale, float* dst)
 // Documents of one query tile: the ids per lane, which lanes are exempt from the document rule
 // (bidirectional global queries see every key), and the id range of the non-exempt queries.
 struct QDocs {
-  int32_t id[TQ], exempt[TQ];  // exempt: all-ones lane mask (for the AVX2 blend), else 0
+  int32_t id[TQ], exempt[TQ];  // exempt: all-ones lane mask, else 0
   int32_t lo, hi;              // id range of the non-exempt queries (lo > hi: every query is exempt)
   bool any_exempt;
 };
@@ -263,14 +188,11 @@ inline void doc_filter(const Geo& g, int64_t b, const QDocs& d, std::vector<Tile
 
 // S^T rows [0, nc) × TQ lanes: set −inf where key kr's document differs from the query's (exempt lanes keep).
 inline void apply_doc_mask(float* st, int nc, const int32_t* kd, const QDocs& d) {
-  const __m256 ninf = _mm256_set1_ps(NEG_INF);
-  for (int v = 0; v < TQ / 8; ++v) {
-    __m256i id = _mm256_loadu_si256((const __m256i*)(d.id + 8 * v));
-    __m256i ex = _mm256_loadu_si256((const __m256i*)(d.exempt + 8 * v));
+  for (int v = 0; v < TQ / V::W; ++v) {
+    V::i id = V::loadi(d.id + V::W * v), ex = V::loadi(d.exempt + V::W * v);
     for (int kr = 0; kr < nc; ++kr) {
-      __m256i keep = _mm256_or_si256(_mm256_cmpeq_epi32(id, _mm256_set1_epi32(kd[kr])), ex);
-      float* p = st + kr * TQ + 8 * v;
-      _mm256_storeu_ps(p, _mm256_blendv_ps(ninf, _mm256_loadu_ps(p), _mm256_castsi256_ps(keep)));
+      float* p = st + kr * TQ + V::W * v;
+      V::store(p, V::keep_same_doc(V::load(p), id, ex, kd[kr]));
     }
   }
 }

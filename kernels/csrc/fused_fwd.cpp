@@ -2,7 +2,9 @@
 // over the tile's key tiles (the global prefix, then the band), everything in L1/L2-sized buffers.
 #include <ATen/Parallel.h>
 
-#include "fused_common.h"
+#include <type_traits>
+
+#include "fused_bf16.h"
 
 namespace fused {
 
@@ -13,61 +15,98 @@ struct RowState {  // per query lane: running max, Σ e, Σ e·s, Σ e over glob
 // In place on S^T [nc][TQ]: e = exp(s − m_new) with m_new the running max; updates the row state
 // (rescaling old sums by alpha = exp(m_old − m_new)); e·s and global sums only when stats are on.
 static void online_softmax(float* st, int nc, bool prefix, bool stats, RowState& rs) {
-  const __m256 ninf = _mm256_set1_ps(NEG_INF), zero = _mm256_setzero_ps();
-  for (int v = 0; v < TQ / 8; ++v) {
-    __m256 mt = ninf;
-    for (int kr = 0; kr < nc; ++kr) mt = _mm256_max_ps(mt, _mm256_loadu_ps(st + kr * TQ + 8 * v));
-    __m256 m_old = _mm256_loadu_ps(rs.m + 8 * v);
-    __m256 m_new = _mm256_max_ps(m_old, mt);
+  const V::f ninf = V::set1(NEG_INF), zero = V::zero();
+  for (int v = 0; v < TQ / V::W; ++v) {
+    const int o = V::W * v;
+    V::f mt = ninf;
+    for (int kr = 0; kr < nc; ++kr) mt = V::max(mt, V::load(st + kr * TQ + o));
+    V::f m_old = V::load(rs.m + o);
+    V::f m_new = V::max(m_old, mt);
     // A lane that has seen no allowed key yet keeps m = −inf; subtract 0 there instead (−inf − −inf is NaN).
-    __m256 base = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
-    __m256 alpha = exp8(_mm256_sub_ps(m_old, base));
-    __m256 sum = zero, ps = zero;
+    V::f base = V::zero_where_ninf(m_new);
+    V::f alpha = vexp<V>(V::sub(m_old, base));
+    V::f sum = zero, ps = zero;
     for (int kr = 0; kr < nc; ++kr) {
-      float* p = st + kr * TQ + 8 * v;
-      __m256 s = _mm256_loadu_ps(p);
-      __m256 e = exp8(_mm256_sub_ps(s, base));
-      _mm256_storeu_ps(p, e);
-      sum = _mm256_add_ps(sum, e);
-      if (stats) ps = _mm256_add_ps(ps, _mm256_and_ps(_mm256_mul_ps(e, s), _mm256_cmp_ps(e, zero, _CMP_GT_OQ)));
+      float* p = st + kr * TQ + o;
+      V::f s = V::load(p);
+      V::f e = vexp<V>(V::sub(s, base));
+      V::store(p, e);
+      sum = V::add(sum, e);
+      if (stats) ps = V::add(ps, V::where_positive(V::mul(e, s), e));
     }
-    _mm256_storeu_ps(rs.m + 8 * v, m_new);
-    _mm256_storeu_ps(rs.alpha + 8 * v, alpha);
-    _mm256_storeu_ps(rs.l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(rs.l + 8 * v), alpha, sum));
+    V::store(rs.m + o, m_new);
+    V::store(rs.alpha + o, alpha);
+    V::store(rs.l + o, V::fma(V::load(rs.l + o), alpha, sum));
     if (stats) {
-      _mm256_storeu_ps(rs.es + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(rs.es + 8 * v), alpha, ps));
-      __m256 eg = _mm256_mul_ps(_mm256_loadu_ps(rs.eg + 8 * v), alpha);
-      _mm256_storeu_ps(rs.eg + 8 * v, prefix ? _mm256_add_ps(eg, sum) : eg);
+      V::store(rs.es + o, V::fma(V::load(rs.es + o), alpha, ps));
+      V::f eg = V::mul(V::load(rs.eg + o), alpha);
+      V::store(rs.eg + o, prefix ? V::add(eg, sum) : eg);
     }
   }
 }
 
-static void scale_rows(float* o, int nr, int64_t D, const float* alpha) {
+static void scale_rows(float* o, int nr, int64_t D, const float* alpha) {  // D % 8 == 0: AVX2 width
   for (int r = 0; r < nr; ++r) {
-    __m256 a = _mm256_set1_ps(alpha[r]);
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + r * D + d, _mm256_mul_ps(a, _mm256_loadu_ps(o + r * D + d)));
+    Y::f a = Y::set1(alpha[r]);
+    for (int64_t d = 0; d < D; d += 8) Y::store(o + r * D + d, Y::mul(a, Y::load(o + r * D + d)));
   }
 }
 
 struct FwdWork {  // per-thread buffers, kept across calls (no page faults on reuse)
   std::vector<float> qt, st, o;
+  std::vector<uint32_t> qw, pw, vw;  // bf16 inputs: queries, P and V as bf16 pairs (fused_bf16.h)
   std::vector<Tile> tiles;
   RowState rs;
   QDocs qd;
   int32_t lo[TQ], hi[TQ];
 };
 
-static void fwd_tile(const Geo& g, const float* q, const float* k, const float* v, const FwdOut& res, int64_t task,
-                     bool stats, FwdWork& w) {
+// The operands of the tile's two products by input type. fp32: K and V read in place, the scale folded
+// into the packed queries. bf16: vdpbf16ps on bf16 pairs (K rows in place, queries, P and V packed per
+// tile), the scale applied to the fp32 scores; P is rounded to bf16 for P V, as FlashAttention does.
+template <class T>
+struct FwdOps;
+
+template <>
+struct FwdOps<float> {
+  static void prep(FwdWork& w, const float* qh, int nr, int64_t D, float scale) { pack_t(qh, nr, D, scale, w.qt.data()); }
+  static void scores(FwdWork& w, const float* kt, int nc, int64_t D, float, float* st) {  // S^T = K Qsᵀ
+    gemm(nc, TQ, (int)D, kt, D, 1, w.qt.data(), TQ, st, TQ, false);
+  }
+  static void pv(FwdWork&, const float* st, int nr, int nc, const float* vt, int64_t D, float* o) {  // O += P V
+    gemm(nr, (int)D, nc, st, 1, TQ, vt, D, o, D, true);  // P read transposed
+  }
+};
+
+#if defined(__AVX512F__)
+template <>
+struct FwdOps<bf16::u16> {
+  static void prep(FwdWork& w, const bf16::u16* qh, int nr, int64_t D, float) { bf16::pack_words_t(qh, nr, D, w.qw.data()); }
+  static void scores(FwdWork& w, const bf16::u16* kt, int nc, int64_t D, float scale, float* st) {
+    bf16::gemm(nc, TQ, (int)D / 2, (const uint32_t*)kt, D / 2, 1, w.qw.data(), TQ, st, TQ, false);
+    bf16::scale(st, nc, scale);
+  }
+  static void pv(FwdWork& w, const float* st, int nr, int nc, const bf16::u16* vt, int64_t D, float* o) {
+    const int np = (nc + 1) / 2;
+    bf16::round_key_pairs(st, nc, w.pw.data());
+    bf16::pack_row_pairs(vt, nc, D, np, w.vw.data());
+    bf16::gemm(nr, (int)D, np, w.pw.data(), 1, TQ, w.vw.data(), D, o, D, true);
+  }
+};
+#endif
+
+template <class T>
+static void fwd_tile(const Geo& g, const T* q, const T* k, const T* v, const FwdOut& res, int64_t task, bool stats,
+                     FwdWork& w) {
   const int64_t D = g.D, nqt = (g.Q + TQ - 1) / TQ, G = g.H / g.Hkv;
   const int64_t bh = task / nqt, i0 = (task % nqt) * TQ, b = bh / g.H, h = bh % g.H;
   const int nr = (int)std::min<int64_t>(TQ, g.Q - i0);
-  const float* qh = q + (bh * g.Q + i0) * D;
-  const float* kh = k + (b * g.Hkv + h / G) * g.K * D;
-  const float* vh = v + (b * g.Hkv + h / G) * g.K * D;
+  const T* qh = q + (bh * g.Q + i0) * D;
+  const T* kh = k + (b * g.Hkv + h / G) * g.K * D;
+  const T* vh = v + (b * g.Hkv + h / G) * g.K * D;
   const int64_t* qp = g.qpos + i0;
   query_tile_plan(g, b, i0, nr, w.tiles, w.qd);
-  pack_t(qh, nr, D, g.scale, w.qt.data());
+  FwdOps<T>::prep(w, qh, nr, D, g.scale);
   float* o = w.o.data();
   std::fill(o, o + nr * D, 0.f);
   float m0, l0;  // the learned sink, if any, is the first "key" every row has seen
@@ -78,7 +117,7 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   std::fill(w.rs.eg, w.rs.eg + TQ, 0.f);
   float* st = w.st.data();
   for (const Tile& t : w.tiles) {
-    gemm(t.nc, TQ, (int)D, kh + t.k0 * D, D, 1, w.qt.data(), TQ, st, TQ, false);  // S^T = K Qsᵀ
+    FwdOps<T>::scores(w, kh + t.k0 * D, t.nc, D, g.scale, st);
     if (!t.full) {
       tile_bounds(g, t, qp, nr, w.lo, w.hi);
       apply_mask(st, t.nc, w.lo, w.hi);
@@ -86,7 +125,7 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
     if (t.docmask) apply_doc_mask(st, t.nc, g.kdoc + b * g.K + t.k0, w.qd);
     online_softmax(st, t.nc, t.prefix, stats, w.rs);
     scale_rows(o, nr, D, w.rs.alpha);
-    gemm(nr, (int)D, t.nc, st, 1, TQ, vh + t.k0 * D, D, o, D, true);  // O += P V (P read transposed)
+    FwdOps<T>::pv(w, st, nr, t.nc, vh + t.k0 * D, D, o);
   }
   const int64_t row0 = bh * g.Q + i0;
   for (int r = 0; r < nr; ++r) {
@@ -104,14 +143,21 @@ static void fwd_tile(const Geo& g, const float* q, const float* k, const float* 
   }
 }
 
-void forward(const Geo& g, const float* q, const float* k, const float* v, const FwdOut& res) {
+template <class T>
+void forward(const Geo& g, const T* q, const T* k, const T* v, const FwdOut& res) {
   const int64_t ntasks = g.B * g.H * ((g.Q + TQ - 1) / TQ);
   const bool stats = res.st_m != nullptr;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     thread_local FwdWork w;
     w.qt.resize(g.D * TQ), w.st.resize(TK * TQ), w.o.resize(TQ * g.D);
-    for (int64_t t = t0; t < t1; ++t) fwd_tile(g, q, k, v, res, t, stats, w);
+    if (!std::is_same<T, float>::value) w.qw.resize(g.D / 2 * TQ), w.pw.resize(TK / 2 * TQ), w.vw.resize(TK / 2 * g.D);
+    for (int64_t t = t0; t < t1; ++t) fwd_tile<T>(g, q, k, v, res, t, stats, w);
   });
 }
+
+template void forward<float>(const Geo&, const float*, const float*, const float*, const FwdOut&);
+#if defined(__AVX512F__)
+template void forward<bf16::u16>(const Geo&, const bf16::u16*, const bf16::u16*, const bf16::u16*, const FwdOut&);
+#endif
 
 }  // namespace fused

@@ -75,7 +75,19 @@ def load_config(dictconfig, world_size: int | None = None) -> TrainConfig:
     cfg = to_dataclass(TrainConfig, node)
     cfg.world_size = env_world_size() if world_size is None else world_size
     validate(cfg)
+    check_kernel_environment()
     return cfg
+
+
+def check_kernel_environment() -> None:
+    """The fused kernel's environment variables (HALOFORMER_FUSED_ISA, HALOFORMER_FUSED_BF16), checked
+    with the config: a value this CPU cannot run is one line here, not an error at the first step."""
+    from kernels.cpu import fused_choice
+
+    try:
+        fused_choice()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --- validation ---------------------------------------------------------------------------------
