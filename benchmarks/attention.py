@@ -3,7 +3,8 @@
     python -m benchmarks.attention --seq-lens 4096,16384,65536 --json out.json
 
 Backends: ``sdpa_dense`` (torch SDPA, dense causal: what you would run without sparsity),
-``reference`` (naive masked oracle, seq_len <= 4096), ``blocked``, ``fused`` and ``flex`` (kernels.sparse_attention).
+``reference`` (naive masked oracle, seq_len <= 4096), ``blocked``, ``fused`` and ``flex`` (kernels.sparse_attention);
+``fused_avx2`` / ``fused_avx512`` / ``fused_copies`` pin the fused kernel's build (``FUSED_ENV``).
 Each (backend, seq_len) row runs in a fresh child process (``--one``) so that its peak memory is its own:
 on CPU peak RSS (``ru_maxrss``) minus the RSS after the inputs were allocated, on CUDA
 ``max_memory_allocated`` minus the allocation after the inputs. Times are the min over ``--repeats``
@@ -24,8 +25,15 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "fused", "flex")
-SPARSE = ("blocked", "blocked_compiled", "fused")  # the backends measured against the targets
+BACKENDS = ("sdpa_dense", "reference", "blocked", "blocked_compiled", "fused", "fused_avx2", "fused_avx512",
+            "fused_copies", "flex")
+SPARSE = ("blocked", "blocked_compiled", "fused", "fused_avx2", "fused_avx512", "fused_copies")  # measured against the targets
+# The fused kernel with its build pinned (kernels.cpu.fused_choice's environment), so that builds compare
+# in one run: ``fused`` is what this CPU runs by default; ``fused_copies`` runs bf16 inputs on the
+# avx512 build's fp32 kernel (fp32 copies) instead of the native bf16 kernel.
+FUSED_ENV = {"fused_avx2": {"HALOFORMER_FUSED_ISA": "avx2", "HALOFORMER_FUSED_BF16": "fp32"},
+             "fused_avx512": {"HALOFORMER_FUSED_ISA": "avx512"},
+             "fused_copies": {"HALOFORMER_FUSED_ISA": "avx512", "HALOFORMER_FUSED_BF16": "fp32"}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BWD_FACTOR = 2.5  # backward ≈ 2.5 × forward FLOPs (FlashAttention convention: 5 matmuls vs 2, ×1.25 recompute)
 FLOPS_CONVENTION = ("useful FLOPs = attended pairs (pattern.key_counts(n).sum() x B x H) x 4*D per pair forward "
@@ -96,9 +104,15 @@ def attention_fn(backend, pattern):
 
     if backend == "sdpa_dense":
         return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal)
-    if backend == "fused":
+    if backend.startswith("fused"):
+        os.environ.update(FUSED_ENV.get(backend, {}))  # this child's only (rows run in fresh processes)
+        from kernels.cpu import fused_choice
         from kernels.fused import extension
 
+        try:
+            fused_choice()
+        except ValueError as e:  # a build this CPU cannot run: the row says why
+            raise ImportError(str(e)) from None
         if extension() is None:  # (build here, outside the timing; no silent fallback to blocked)
             raise ImportError("the fused extension could not be built")
         return lambda q, k, v: sparse_attention(q, k, v, pattern, backend="fused")[0]

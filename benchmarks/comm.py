@@ -150,10 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
     for P in args.procs:
         for n, got in measure(P, ns, SMALL).items():
             rows.append({"P": P, "n": n, "measured": got, "model": model_bytes(n, P, **SMALL)})
+    from kernels.cpu import describe
+
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()))
     print_measured(rows)
     worked = worked_example()
     print_worked(worked)
-    result = {"config": SMALL, "measured": rows, "worked_example": {"config": WORKED, "rows": worked}}
+    result = {"cpu": cpu, "config": SMALL, "measured": rows, "worked_example": {"config": WORKED, "rows": worked}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -142,6 +142,10 @@ def main() -> None:
     args = ap.parse_args()
     base = [f"seq_len={args.seq_len}", "eval_every=0", "eval_batches=1", "logging.stats_every=0",
             "trainer.ckpt_every=4", "data.val_fraction=0.1"]
+    from kernels.cpu import describe
+
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scenarios.split(","):
@@ -150,7 +154,7 @@ def main() -> None:
             rows.append(fn(Path(tmp), base))
             print(f"{rows[-1]['scenario']:<8} {rows[-1]['seconds']:8.2f} s  {rows[-1]['detail']}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"seq_len": args.seq_len, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu, "seq_len": args.seq_len, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = p.parse_known_args(argv)
     if args.worker:
         return worker(overrides, args.worker)
+    from kernels.cpu import describe
+
+    print("\n".join(f"# {line}" for line in describe().splitlines()))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "chain.txt")
         run = [*RUN, f"hydra.run.dir={tmp}/run", *(["parallel=sp2"] if args.sp == 2 else []), *overrides]

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from kernels.cpu import describe
 from model.decode import Decoder
 from model.pattern import from_config
 from model.transformer import Transformer, model_preset
@@ -110,6 +111,8 @@ def main(argv=None):
     marks = sorted(int(x) for x in args.tokens.split(","))
     sections = args.sections.split(",")
     rows, inter = [], []
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()))
     if "sequential" in sections:
         print(f"{'pattern':>8} {'tokens':>7} {'cache_bytes':>14} {'allocated':>14} {'tokens/s':>10} {'tokens/cpu-s':>14}")
         with torch.no_grad():
@@ -121,7 +124,7 @@ def main(argv=None):
         with torch.no_grad():
             for name in args.patterns.split(","):
                 inter += interleaved(name, args.preset, marks, args.rounds, args.round_steps)
-    result = {"preset": args.preset, "prompt_tokens": PROMPT, "window": args.window, "threads": args.threads,
+    result = {"cpu": cpu, "preset": args.preset, "prompt_tokens": PROMPT, "window": args.window, "threads": args.threads,
               "device": "cpu", "rows": rows, "interleaved": inter}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

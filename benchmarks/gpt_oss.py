@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    header = (f"{cpu_header()}\nload average at start: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
+    cpu = cpu_header()
+    header = (f"{cpu}\nload average at start: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
               f"SP={args.nproc}, {max(1, (os.cpu_count() or 1) // args.nproc)} thread(s) per rank, fp32")
     print(header, flush=True)
     lens, steps = [int(x) for x in args.seq_lens.split(",")], [int(x) for x in args.steps.split(",")]
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_rows(rows)
     rat = ratios(rows)
     print_ratios(rat)
-    result = {"header": header, "model": GPT_OSS_SMALL, "seq_lens": lens, "steps": steps, "rows": rows, "ratios": rat,
+    result = {"cpu": cpu, "header": header, "model": GPT_OSS_SMALL, "seq_lens": lens, "steps": steps, "rows": rows, "ratios": rat,
               "load_average_end": os.getloadavg()[0]}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

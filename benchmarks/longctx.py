@@ -372,7 +372,8 @@ def merge(result: dict, study: Study, old: dict) -> None:
     result["rows"] = rows
     result["merged"] = {"experiments": kept, "patterns": {e: p for e, p in carried.items() if p},
                         "wall_s": old["wall_s"], "quick": old["quick"], "wandb_group": old.get("wandb_group"),
-                        "command": old.get("command"), **({"merged": old["merged"]} if old.get("merged") else {})}
+                        "command": old.get("command"), **({"cpu": old["cpu"]} if old.get("cpu") else {}),
+                        **({"merged": old["merged"]} if old.get("merged") else {})}
     result["experiments"] = [e for e in EXPERIMENTS if e in kept or e in result["experiments"]]
     load_curves(study, Path(old["run_root"]), kept)
 
@@ -438,11 +439,15 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.monotonic()
     command = " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])
     old = json.loads(Path(args.merge).read_text()) if args.merge else None
+    from kernels.cpu import describe
+
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()), flush=True)
     for i, name in enumerate(chosen):
         RUNNERS[name](study)
         # written after every experiment: an interrupted study still leaves what it measured
         done = list(chosen[: i + 1])
-        result = {"rows": list(study.rows), "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
+        result = {"cpu": cpu, "rows": list(study.rows), "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
                   "experiments": done, "wandb_group": study.group, "run_root": str(study.root), "command": command,
                   **({"incomplete": f"still to run: {', '.join(chosen[i + 1:])}"} if i + 1 < len(chosen) else {})}
         if old is not None:

@@ -343,6 +343,8 @@ def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes:
              "this 2-core CPU machine (shared with other jobs while it ran: times are not benchmarks). Every training "
              "is `torchrun --nproc_per_node 2 -m trainer.train parallel=sp2` (SP=2, fp32, gloo), W&B offline, group "
              f"`{result.get('wandb_group')}`. Experiments: {', '.join(result['experiments'])}.", ""]
+    if result.get("cpu"):  # kernels.cpu.describe() of the machine it ran on
+        lines += ["```", *result["cpu"].splitlines(), "```", ""]
     if result.get("combined_by"):
         lines += [f"This report joins several invocations: `{result['combined_by']}`.", ""]
     lines += ["| # | claim | verdict |", "|---|---|---|"]

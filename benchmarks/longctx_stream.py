@@ -308,8 +308,10 @@ def training(run_dir: Path) -> dict:
 
 def finish(args, rows: list[dict], missing: list[str], root: Path, command: str, t0: float, todo: list[str]) -> dict:
     """The result so far, written to --json, --report and --figure."""
+    from benchmarks.data_prep import cpu_header
+
     at = 4 * WINDOW
-    result = {"rows": rows, "wall_s": round(time.monotonic() - t0, 1), "command": command, "run_root": str(root),
+    result = {"cpu": cpu_header(), "rows": rows, "wall_s": round(time.monotonic() - t0, 1), "command": command, "run_root": str(root),
               "quick": args.quick, "header": header(), "at": at, "verdicts": verdicts(rows, at),
               "training": {p: training(root / p) for p in TRAINED if (root / p / "metrics.jsonl").exists()},
               "missing": ", ".join([*missing, *(f"{p} (not yet evaluated)" for p in todo)]),

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.attention import set_threads
 from kernels import sparse_attention
+from kernels.cpu import describe
 from model.pattern import Dense, Pattern, Window
 
 PATTERNS: dict[str, Pattern] = {
@@ -167,6 +168,8 @@ def main(argv=None):
     unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
     if unknown:
         raise SystemExit(f"--variants: {unknown[0]!r} is not one of {', '.join(known)}")
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()))
     if args.comm:
         rows = comm_rows(args.comm, [args.seq_len, 4 * args.seq_len])
         print("| P | seq_len | K/V halo+global bytes | doc_ids bytes | doc_ids / K/V |\n|---|---|---|---|---|")
@@ -175,7 +178,7 @@ def main(argv=None):
                   f"{r['doc_id_bytes'] / r['kv_bytes']:.4f} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"comm": rows}, f, indent=2)
+                json.dump({"cpu": cpu, "comm": rows}, f, indent=2)
         return
     CLOCK[0] = set_threads(args)
     if args.join_only:
@@ -183,7 +186,7 @@ def main(argv=None):
         print(f"sinks join alone at n={args.seq_len}, H={args.heads}, D={args.head_dim}: fwd {f * 1e3:.1f} ms, "
               f"fwd+bwd {fb * 1e3:.1f} ms")
         return
-    results = {"seq_len": args.seq_len, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
+    results = {"cpu": cpu, "seq_len": args.seq_len, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
                "dtype": "fp32", "backend": args.backend, "device": "cpu", "threads": torch.get_num_threads(),
                "clock": args.clock, "rounds": args.rounds, "rows": {}}
     print(f"{args.backend} backend, B=1 H={args.heads} D={args.head_dim} fp32, n={args.seq_len}, "

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--search-max", type=int, default=0, help="0 = no longest-sequence search")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    from kernels.cpu import describe
+
+    cpu = describe()
+    print("\n".join(f"# {line}" for line in cpu.splitlines()), flush=True)
 
     grid = [run_job(args.nproc, n, p, args.steps, args.timeout, [])
             for p in args.patterns.split(",") for n in map(int, args.seq_lens.split(","))]
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.search_max:
         print(f"\nlongest trained sequence: {longest} tokens (SP={args.nproc}, {args.search_pattern}, "
               f"limit {args.timeout:.0f} s per 2-step job)")
-    result = {"grid": grid, "search": search, "longest": longest}
+    result = {"cpu": cpu, "grid": grid, "search": search, "longest": longest}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
