@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels import cpu
 from kernels.contract import BACKENDS, AttnResult
 from kernels.cpu import fused_choice
 from kernels.cpu import info as cpu_info
@@ -78,9 +79,22 @@ def active_isa() -> str:
 
 
 def extension(isa: str | None = None):
-    """The compiled extension for ``isa`` (default ``active_isa()``), built on first call; None (after one
-    warning) where it cannot be."""
-    isa = active_isa() if isa is None else isa
+    """The compiled extension, built on first call: for ``isa`` where given, else for ``active_isa()`` —
+    and, where that build fails and ``$HALOFORMER_FUSED_ISA`` did not pin it, the next build this CPU
+    runs (an AVX-512 machine whose compiler cannot target it keeps the AVX2 kernel). None (after one
+    warning per failed build) where none can be built."""
+    if isa is not None:
+        return _build(isa, "the blocked kernel")
+    first = active_isa()
+    order = [first] if os.environ.get(cpu.ISA_ENV) or first == "none" else list(cpu_info().fused_isas)
+    for i, name in enumerate(order):
+        ext = _build(name, f"the {order[i + 1]} build" if i + 1 < len(order) else "the blocked kernel")
+        if ext is not None:
+            return ext
+    return None
+
+
+def _build(isa: str, instead: str):
     if isa in _exts:
         return _exts[isa]
     why, ext = None, None
@@ -96,10 +110,10 @@ def extension(isa: str | None = None):
             ext = load(name=f"haloformer_fused_{isa}", sources=[str(CSRC / s) for s in SOURCES],
                        extra_cflags=COMMON_FLAGS + ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
                        build_directory=str(build_dir(isa)), verbose=False)
-        except Exception as e:  # any build or load failure: the portable kernel takes over
-            why = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        except Exception as e:  # any build or load failure: the next build, or the portable kernel, takes over
+            why = f"{isa} build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if why:
-        warnings.warn(f"kernels.fused: {why}; using the blocked kernel instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"kernels.fused: {why}; using {instead} instead", RuntimeWarning, stacklevel=3)
     _exts[isa] = ext
     return ext
 
@@ -226,7 +240,7 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
     # bf16 in: the native bf16 kernel where this CPU runs it (kernels.cpu.fused_choice) and head_dim % 16
     # == 0, else the fp32 kernel on fp32 copies (autograd rounds the gradients back); out is rounded to
     # bf16 once either way, lse and the statistics stay fp32 as the contract says. fp32 in: no copies.
-    native = q.dtype == torch.bfloat16 and D % 16 == 0 and fused_choice().bf16 == "native"
+    native = q.dtype == torch.bfloat16 and D % 16 == 0 and fused_choice().bf16 == "native" and extension().bf16
     cast = (lambda t: t.contiguous()) if native else (lambda t: t.float().contiguous())
     res = FusedAttention.apply(cast(q), cast(k), cast(v), s32, g.args(pattern), scale, return_stats)
     res = (res[0].to(q.dtype), *res[1:])

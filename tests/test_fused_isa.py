@@ -63,6 +63,34 @@ def test_the_trainer_checks_the_kernel_environment_with_the_config(monkeypatch):
         load_config(dcfg, 1)
 
 
+def test_a_failed_avx512_build_keeps_the_avx2_kernel(monkeypatch):
+    """Where the CPU has AVX-512 but the compiler cannot target it, the AVX2 build runs (one warning),
+    not the blocked kernel; a build pinned by HALOFORMER_FUSED_ISA has no such fallback."""
+    import warnings
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    for target in (cpu, fused):  # this machine is a Zen 4 EPYC, wherever the test runs
+        monkeypatch.setattr(target, "info" if target is cpu else "cpu_info", lambda path="/proc/cpuinfo": ZEN4)
+    monkeypatch.delenv(cpu.ISA_ENV, raising=False)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: "/usr/bin/c++")
+    avx2 = object()
+    monkeypatch.setattr(fused, "_exts", {"avx2": avx2})  # the AVX2 build, loaded
+
+    def load(name, **kw):
+        raise RuntimeError("c++: error: unrecognized command-line option '-mavx512f'")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fused.extension() is avx2 and fused.extension() is avx2
+    assert [str(w.message) for w in caught] == [
+        "kernels.fused: avx512 build failed: c++: error: unrecognized command-line option '-mavx512f'; "
+        "using the avx2 build instead"]
+    monkeypatch.setenv(cpu.ISA_ENV, "avx512")
+    assert fused.extension() is None  # pinned: the failed build is not replaced
+
+
 # --- the native bf16 kernel ------------------------------------------------------------------------
 
 def _native_or_skip():
