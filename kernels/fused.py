@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels import cpu
+import kernels.cpu as cpu
 from kernels.contract import BACKENDS, AttnResult
 from kernels.cpu import fused_choice
 from kernels.cpu import info as cpu_info
