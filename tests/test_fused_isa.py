@@ -16,7 +16,7 @@ import torch
 
 import kernels.fused as fused
 from kernels import cpu, sparse_attention
-from model.pattern import Window
+from tests.test_fused import PATTERNS  # the band patterns the fp32 kernel is tested on
 
 AVX2 = cpu.CpuInfo("an AVX2 EPYC", frozenset({"avx2", "fma"}), 2, 2)
 ZEN4 = cpu.CpuInfo("an AVX-512 EPYC", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"}), 2, 2)
@@ -110,13 +110,6 @@ def native(monkeypatch):
     assert fused.extension() is not None and fused.extension().bf16
 
 
-PATTERNS = {
-    "window": Window(window_left=37),
-    "sink": Window(window_left=70, num_global=4),
-    "wide_sink": Window(window_left=150, num_global=70),  # globals span two key tiles
-    "longformer": Window(causal=False, window_left=30, window_right=45, num_global=5),
-    "bidir": Window(causal=False, window_left=64, window_right=10),
-}
 NAMES = ("out", "lse", "stat_m", "max_logit", "global_mass", "dq", "dk", "dv")
 
 
