@@ -1,8 +1,9 @@
 """Fused CPU attention for band patterns: C++ (AVX2/FMA or AVX-512, ATen's OpenMP threads), forward and backward.
 
 Applies to ``Window`` patterns with dilation 1 (window, sink, longformer, bidirectional windows),
-fp32 or bf16 CPU tensors with head_dim a multiple of 8 (bf16 runs the fp32 micro-kernel on fp32
-copies and rounds the output once: kernels/cpu.py), and keys laid out as a shard holds them:
+fp32 or bf16 CPU tensors with head_dim a multiple of 8 (bf16: the native bf16 kernel, vdpbf16ps with
+fp32 accumulation, where kernels/cpu.py finds avx512_bf16 and head_dim % 16 == 0; otherwise the fp32
+kernel on fp32 copies, the output rounded once), and keys laid out as a shard holds them:
 ``[globals | one contiguous run]`` — the keys whose positions are below ``num_global`` first (in
 ascending order), then consecutive positions (``k_pos`` defaults to arange, which is of that form).
 Query positions may be anything. Everything else, and every machine where the extension cannot be
