@@ -202,11 +202,11 @@ class FusedAttention(torch.autograd.Function):
     the inputs' dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, args: tuple, scale: float, want_stats: bool):
-        res = extension().forward(q, k, v, sinks, *args, scale, want_stats)
+    def forward(ctx, q, k, v, sinks, args: tuple, scale: float, want_stats: bool, ext):
+        res = ext.forward(q, k, v, sinks, *args, scale, want_stats)
         out, lse = res[0].to(q.dtype), res[1]
         ctx.save_for_backward(q, k, v, sinks, out, lse)
-        ctx.args, ctx.scale = args, scale
+        ctx.args, ctx.scale, ctx.ext = args, scale, ext  # the build that ran forward runs backward
         ctx.mark_non_differentiable(*res[2:])
         return (out, *res[1:])
 
@@ -216,9 +216,9 @@ class FusedAttention(torch.autograd.Function):
         q, k, v, sinks, out, lse = ctx.saved_tensors
         d_out = torch.zeros_like(out) if d_out is None else d_out.to(out.dtype).contiguous()
         d_lse = None if d_lse is None else d_lse.float().contiguous()  # ∂lse/∂s = p: dlse adds p·dlse to dS
-        grads = extension().backward(q, k, v, sinks, d_out, out, lse, d_lse, *ctx.args, ctx.scale)
+        grads = ctx.ext.backward(q, k, v, sinks, d_out, out, lse, d_lse, *ctx.args, ctx.scale)
         d_sinks = grads[3] if sinks is not None else None  # [H]: Σ over batch and queries of p_sink·(dlse − Δ)
-        return grads[0], grads[1], grads[2], d_sinks, None, None, None
+        return grads[0], grads[1], grads[2], d_sinks, None, None, None, None
 
 
 def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=None, seq_len=None, return_stats=False,
@@ -230,7 +230,8 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
     B, H, Q, D, Hkv, K = check_inputs(q, k, v, q_pos, k_pos)
     q_doc, k_doc = check_docs(q_doc, k_doc, B, Q, K)
     g = geometry(q, k, pattern, q_pos, k_pos) if layout is None else layout
-    if isinstance(g, str) or Q == 0 or extension() is None:
+    ext = extension()  # resolved once per call: forward and backward use this build
+    if isinstance(g, str) or Q == 0 or ext is None:
         why = g if isinstance(g, str) else "no queries" if Q == 0 else "the extension could not be built"
         raise ValueError(f"fused_attention: {why}; kernels.attend runs such a call on the blocked kernel")
     _check_rows(g, pattern, K)  # the pattern's empty rows are errors; the documents' are out 0, lse −inf
@@ -241,9 +242,9 @@ def fused_attention(q, k, v, pattern: Pattern, q_pos=None, k_pos=None, scale=Non
     # bf16 in: the native bf16 kernel where this CPU runs it (kernels.cpu.fused_choice) and head_dim % 16
     # == 0, else the fp32 kernel on fp32 copies (autograd rounds the gradients back); out is rounded to
     # bf16 once either way, lse and the statistics stay fp32 as the contract says. fp32 in: no copies.
-    native = q.dtype == torch.bfloat16 and D % 16 == 0 and fused_choice().bf16 == "native" and extension().bf16
+    native = q.dtype == torch.bfloat16 and D % 16 == 0 and ext.bf16 and fused_choice().bf16 == "native"
     cast = (lambda t: t.contiguous()) if native else (lambda t: t.float().contiguous())
-    res = FusedAttention.apply(cast(q), cast(k), cast(v), s32, g.args(pattern), scale, return_stats)
+    res = FusedAttention.apply(cast(q), cast(k), cast(v), s32, g.args(pattern), scale, return_stats, ext)
     res = (res[0].to(q.dtype), *res[1:])
     if not return_stats:
         return AttnResult(*res, None)
