@@ -63,6 +63,21 @@ def test_the_trainer_checks_the_kernel_environment_with_the_config(monkeypatch):
         load_config(dcfg, 1)
 
 
+def test_generation_checks_the_kernel_environment_with_its_config(monkeypatch):
+    """trainer.generate runs attention too: the same one line from its config check, before loading."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.train_utils import REPO
+    from trainer.config.validate import ConfigError
+    from trainer.tools.generate import load_generate_config
+
+    monkeypatch.setenv(cpu.BF16_ENV, "Native")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="generate", overrides=["trainer.resume=/x"])
+    with pytest.raises(ConfigError, match="HALOFORMER_FUSED_BF16: must be one of native, fp32; got 'Native'"):
+        load_generate_config(dcfg)
+
+
 def test_a_failed_avx512_build_keeps_the_avx2_kernel(monkeypatch):
     """Where the CPU has AVX-512 but the compiler cannot target it, the AVX2 build runs (one warning),
     not the blocked kernel; a build pinned by HALOFORMER_FUSED_ISA has no such fallback."""

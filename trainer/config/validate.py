@@ -51,7 +51,7 @@ from trainer.data.tasks import task_params
 # The config's public names, importable from here as before the schema had its own module.
 __all__ = ["ConfigError", "DataSection", "LoggingSection", "MlmSection", "ModelSection", "OptimSection",
            "ParallelSection", "TrainConfig", "TrainerSection", "load_config", "to_dataclass", "validate",
-           "env_world_size", "wandb_mode"]
+           "env_world_size", "wandb_mode", "check_kernel_environment"]
 
 
 def env_world_size() -> int:

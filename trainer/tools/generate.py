@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.decode import Documents, Sampling, generate
 from model.pattern.ranges import SEED, SIZE, Bounds
-from trainer.config.validate import ConfigError, TrainConfig, to_dataclass
+from trainer.config.validate import ConfigError, TrainConfig, check_kernel_environment, to_dataclass
 from trainer.data.corpus import DOC_SEP, DataConfigError
 from trainer.state import run
 
@@ -86,6 +86,7 @@ def load_generate_config(dcfg: DictConfig) -> GenerateConfig:
         cfg.sampling().validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_kernel_environment()
     return cfg
 
 
