@@ -1,5 +1,6 @@
 """The long-context study: does a model trained with Haloformer use long context, and what does
-each pattern buy and cost? Five claims, each an experiment run through the real trainer.
+each pattern buy and cost? Five claims, each an experiment run through the real trainer, and issue 26's
+two experiments at 4k to 1M tokens, each its own module.
 
     python -m benchmarks.longctx [--quick] [--only global_memory,content_vs_position] [--seeds 0,1,2]
                                  [--patterns sink,topk] [--merge benchmarks/longctx.json]
@@ -11,10 +12,13 @@ under ``.cache/longctx/<stamp>/<experiment>/<pattern>_seed<seed>``. Experiments 
 once per seed of ``--seeds`` (default 0,1,2; dense in experiment 3: the first seed only); a row's
 ``value`` is the median over its seeds, ``per_seed``/``seeds`` list every seed's value and ``spread``
 is min..max. A claim is reproduced only when its threshold holds for the medians and for more than
-half the seeds (longctx_report.py), so one knife-edge run cannot flip it. ``--quick`` runs experiments
-1 and 2 only, at the full steps and the same seeds, so it reaches the full run's verdicts for them (with
-fewer steps, top-k stays at chance). Results: ``--json`` ({"rows": [{experiment, pattern, metric, value,
-...}], "wall_s", "quick"}), the Markdown report and PNG figures (benchmarks/longctx_report.py).
+half the seeds (longctx_report.py), so one knife-edge run cannot flip it. ``--quick`` runs issue 26's
+experiments 1 and 2 (length_generalisation, streaming) at reduced size with one seed, the 1M evaluation
+of window and sink kept (each module's ``--quick``), writing under the run directory, not the committed
+report. Results: ``--json`` ({"rows": [{experiment, pattern, metric, value, ...}], "wall_s", "quick",
+"sections": {module experiment: {verdict, json, wall_s}}}), the Markdown report and PNG figures
+(benchmarks/longctx_report.py); the modules write ``<json stem>_rope.json`` / ``_stream.json`` and
+their marked sections of the same report.
 
 1. global_memory: passkey inside the first num_global positions, question at the end (seq_len far
    beyond n_layers x window): window vs sink vs dense; metric ``acc`` (exact match of the key).
@@ -29,6 +33,10 @@ fewer steps, top-k stays at chance). Results: ``--json`` ({"rows": [{experiment,
    sparse fine-tune of the dense checkpoint with that pattern.
 5. cost: text at 4k and 16k, sink vs dense: ``bpb_equal_steps``, and ``bpb_equal_time`` (the sparse
    run given the dense run's wall time, in steps at its own measured step time).
+6. length_generalisation (benchmarks/longctx_rope.py): passkey models trained at 4k, evaluated at 4k to
+   1M tokens; accuracy, answer loss, and per layer entropy and max logit (entropy_vs_length).
+7. streaming (benchmarks/longctx_stream.py): models trained at 4k on text, evaluated with a window, the
+   window plus the first 4 tokens, and dense; perplexity, entropy and the first tokens' attention mass.
 """
 
 from __future__ import annotations
@@ -46,8 +54,13 @@ from launch.proc import run_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-EXPERIMENTS = ("global_memory", "content_vs_position", "stability", "coverage", "cost")
-QUICK = ("global_memory", "content_vs_position")
+CLAIMS5 = ("global_memory", "content_vs_position", "stability", "coverage", "cost")
+# issue 26's experiments, each its own module (run dirs, JSON, a marked section of the report):
+# length_generalisation (with entropy_vs_length from the same forwards, benchmarks/longctx_rope.py) and
+# streaming (benchmarks/longctx_stream.py)
+MODULES = ("length_generalisation", "streaming")
+EXPERIMENTS = (*CLAIMS5, *MODULES)
+QUICK = MODULES  # issue 26: its experiments 1 and 2 at reduced size, one seed, the 1M evaluation kept
 COMMON = ["parallel=sp2", "logging.wandb=offline", "logging.project=haloformer-longctx", "logging.mask_png=false",
           "trainer.ckpt_every=0", "parallel.timeout_s=300"]
 WINDOW, GLOBALS = 32, 16  # the window of every sparse pattern here, and the sink/global tokens
@@ -60,8 +73,11 @@ class Study:
     """Runs jobs (each a torchrun of the trainer) and collects rows."""
 
     def __init__(self, root: Path, group: str, timeout: float, steps: int | None = None,
-                 patterns: list[str] | None = None, seeds: tuple[int, ...] = SEEDS):
-        self.root, self.group, self.timeout, self.steps = root, group, timeout, steps
+                 patterns: list[str] | None = None, seeds: tuple[int, ...] = SEEDS, quick: bool = False,
+                 outputs: dict[str, Path] | None = None):
+        self.root, self.group, self.timeout, self.steps, self.quick = root, group, timeout, steps, quick
+        self.outputs = outputs or {}  # json, report, figures: where the modules write theirs too
+        self.sections: dict[str, dict] = {}  # MODULES run: verdict, json, wall_s
         self.patterns = patterns  # None: every pattern of an experiment
         self.seeds = tuple(seeds)
         self.rows: list[dict] = []
@@ -340,6 +356,44 @@ def cost(study: Study) -> None:
         study.add("cost", "dense", "bpb_equal_time", _last(runs["dense"], "eval/bpb"), seq_len=seq_len, steps=steps)
 
 
+# --- issue 26: length generalisation and streaming (their own modules) ------------------------------
+
+def _module_paths(study: Study, stem: str, figure_flag: str, figure: Path) -> list[str]:
+    """A module's outputs beside the study's: ``<json stem>_<stem>.json``, the same report, its figure."""
+    js = Path(study.outputs["json"])
+    return ["--json", str(js.with_name(f"{js.stem}_{stem}.json")), "--report", str(study.outputs["report"]),
+            figure_flag, str(figure)]
+
+
+def length_generalisation(study: Study) -> None:
+    """benchmarks/longctx_rope.py: each arm trained at 4k once per seed, evaluated at 4k..1M (with
+    --quick: its --quick: window and fixed, one seed)."""
+    from benchmarks import longctx_rope
+
+    argv = ["--run-root", str(study.root / "length_generalisation"), "--timeout", str(study.timeout),
+            *(["--quick"] if study.quick else ["--seeds", ",".join(map(str, study.seeds))]),
+            *_module_paths(study, "rope", "--plot", Path(study.outputs["json"]).with_name(
+                f"{Path(study.outputs['json']).stem}_lengen.png"))]
+    t0 = time.monotonic()
+    result = longctx_rope.main(argv)
+    study.sections["length_generalisation"] = {"verdict": longctx_rope.verdict(result["rows"]), "json": argv[argv.index("--json") + 1],
+                                               "wall_s": round(time.monotonic() - t0, 1), "command": argv}
+
+
+def streaming(study: Study) -> None:
+    """benchmarks/longctx_stream.py: trained dense, window and sink at 4k, evaluated with a window, the window
+    plus the first 4 tokens and dense (with --quick: its --quick: the dense-trained model only)."""
+    from benchmarks import longctx_stream
+
+    argv = ["--run-root", str(study.root / "streaming"), "--timeout", str(study.timeout),
+            *(["--quick"] if study.quick else []),
+            *_module_paths(study, "stream", "--figure", Path(study.outputs["figures"]) / "streaming.png")]
+    t0 = time.monotonic()
+    result = longctx_stream.main(argv)
+    study.sections["streaming"] = {"verdict": longctx_stream.verdict_text(result), "json": argv[argv.index("--json") + 1],
+                                   "wall_s": round(time.monotonic() - t0, 1), "command": argv}
+
+
 def load_curves(study: Study, run_root: Path, experiments: list[str]) -> None:
     """Metrics rows of earlier runs (``<run_root>/<experiment>/<label>/metrics.jsonl``) into ``study``."""
     for e in experiments:
@@ -370,6 +424,7 @@ def merge(result: dict, study: Study, old: dict) -> None:
     carried = {e: sorted({r["pattern"] for r in old["rows"] if r["experiment"] == e} - {p for x, p in redone if x == e})
                for e in sorted(shared)}
     result["rows"] = rows
+    result["sections"] = {**old.get("sections", {}), **result.get("sections", {})}
     result["merged"] = {"experiments": kept, "patterns": {e: p for e, p in carried.items() if p},
                         "wall_s": old["wall_s"], "quick": old["quick"], "wandb_group": old.get("wandb_group"),
                         "command": old.get("command"), **({"cpu": old["cpu"]} if old.get("cpu") else {}),
@@ -400,20 +455,22 @@ def combine(old_path: Path, new_path: Path, args) -> dict:
 
 
 RUNNERS = {"global_memory": global_memory, "content_vs_position": content_vs_position, "stability": stability,
-           "coverage": coverage, "cost": cost}
+           "coverage": coverage, "cost": cost, "length_generalisation": length_generalisation, "streaming": streaming}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="experiments 1 and 2 only, at the full steps and seeds "
-                    "(897 s for one seed on 2 quiet cores; x the number of seeds)")
+    ap.add_argument("--quick", action="store_true", help="length_generalisation and streaming at reduced size, one "
+                    "seed, window and sink still evaluated at 1M; outputs under the run root unless given")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                     help="comma-separated seeds: experiments 1-3 train every pattern once per seed")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
-    ap.add_argument("--json", default=str(REPO / "benchmarks" / "longctx.json"))
-    ap.add_argument("--report", default=str(REPO / "benchmarks" / "LONGCTX.md"))
-    ap.add_argument("--figures", default=str(REPO / "benchmarks" / "longctx"))
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per training job")
+    ap.add_argument("--json", default=None, help="default benchmarks/longctx.json (--quick: RUN_ROOT/longctx.json); "
+                    "length_generalisation and streaming write <stem>_rope.json and <stem>_stream.json beside it")
+    ap.add_argument("--report", default=None, help="default benchmarks/LONGCTX.md (--quick: RUN_ROOT/LONGCTX.md)")
+    ap.add_argument("--figures", default=None, help="default benchmarks/longctx (--quick: RUN_ROOT/figures)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per training job (dense at 4k, 600 "
+                    "steps: ~1,800 s on 2 quiet cores)")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of experiments 1-2 (smoke runs)")
     ap.add_argument("--longer", nargs="*", default=(), help="with --combine: --json files of longer runs, each a section")
     ap.add_argument("--patterns", default=None, help="experiments 1-2: only these patterns (e.g. dense,topk)")
@@ -421,10 +478,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--combine", nargs=2, default=None, metavar=("OLD", "NEW"),
                     help="run nothing: the report of NEW's experiments plus OLD's others (two --json files)")
     args = ap.parse_args(argv)
-    chosen = QUICK if args.quick and not args.only else tuple(args.only.split(",")) if args.only else EXPERIMENTS
+    chosen = tuple(args.only.split(",")) if args.only else QUICK if args.quick else EXPERIMENTS
     bad = [e for e in chosen if e not in EXPERIMENTS]
     if bad:
         ap.error(f"--only: unknown experiment {bad[0]!r}; allowed: {', '.join(EXPERIMENTS)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = REPO / ".cache" / "longctx" / stamp
+    out_dir = root if args.quick else REPO / "benchmarks"  # a quick run leaves the committed report alone
+    args.json = args.json or str(out_dir / "longctx.json")
+    args.report = args.report or str(out_dir / "LONGCTX.md")
+    args.figures = args.figures or str(out_dir / ("figures" if args.quick else "longctx"))
     if args.combine:
         return combine(*map(Path, args.combine), args)
     try:
@@ -433,9 +496,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         ap.error(f"--seeds: distinct seeds, got {args.seeds!r}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    study = Study(REPO / ".cache" / "longctx" / stamp, f"longctx-{stamp}", args.timeout, args.steps,
-                  args.patterns.split(",") if args.patterns else None, seeds)
+    root.mkdir(parents=True, exist_ok=True)
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    study = Study(root, f"longctx-{stamp}", args.timeout, args.steps, args.patterns.split(",") if args.patterns else None,
+                  seeds, quick=args.quick, outputs={"json": args.json, "report": args.report, "figures": args.figures})
     t0 = time.monotonic()
     command = " ".join(["python -m benchmarks.longctx", *(sys.argv[1:] if argv is None else argv)])
     old = json.loads(Path(args.merge).read_text()) if args.merge else None
@@ -448,7 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
         # written after every experiment: an interrupted study still leaves what it measured
         done = list(chosen[: i + 1])
         result = {"cpu": cpu, "rows": list(study.rows), "wall_s": round(time.monotonic() - t0, 1), "quick": args.quick,
-                  "experiments": done, "wandb_group": study.group, "run_root": str(study.root), "command": command,
+                  "experiments": [e for e in done if e in CLAIMS5], "sections": dict(study.sections),
+                  "wandb_group": study.group, "run_root": str(study.root), "command": command,
                   **({"incomplete": f"still to run: {', '.join(chosen[i + 1:])}"} if i + 1 < len(chosen) else {})}
         if old is not None:
             merge(result, study, old)
@@ -456,6 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.longctx_report import write_report
 
         write_report(result, study.curves, Path(args.report), Path(args.figures))
+    for name, sec in study.sections.items():
+        print(f"{name}: {sec['verdict']} ({sec['wall_s']:.0f} s)")
     print(f"wrote {args.json}, {args.report}, figures in {args.figures} ({result['wall_s']:.0f} s)")
     return result
 

@@ -353,6 +353,8 @@ def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes:
         if any(e in extra["experiments"] for extra in longer):
             final = summary(_all_longer(result, longer, e), e) + " (with the longer runs)"
         lines.append(f"| {i} | {e}: {CLAIMS[e]} | {final} |")
+    for i, (e, sec) in enumerate(result.get("sections", {}).items(), len(CLAIMS) + 1):  # issue 26's, own modules
+        lines.append(f"| {i} | {e} (its section below) | {sec['verdict']} |")
     lines += ["", "A claim is reproduced when its threshold holds for the medians over seeds and for more than "
               "half the seeds (k of n: the seeds that every pattern in the threshold was run with).", ""]
     if result.get("incomplete"):
@@ -368,6 +370,8 @@ def write_report(result: dict, curves: dict, report: Path, fig_dir: Path, notes:
         m = m.get("merged")
     for i, e in enumerate(CLAIMS, 1):
         if e not in result["experiments"]:
+            if result["quick"]:  # a quick run is issue 26's experiments only
+                continue
             lines += [f"## {i}. {e} — not run", "", f"Claim: \"{CLAIMS[e]}\". Not run in this invocation "
                       f"(`python -m benchmarks.longctx --only {e}`).", ""]
             continue

@@ -162,3 +162,39 @@ def test_report_keeps_other_scripts_marked_sections(tmp_path: Path):
     assert before == ["<!-- longctx_rope: begin -->", "## 6. rope", "kept", "<!-- longctx_rope: end -->", "",
                       "Notes on 6: kept too."]
     assert after == ["<!-- longctx_stream: begin -->", "## Streaming", "s", "<!-- longctx_stream: end -->"]
+
+
+def test_quick_runs_issue_26s_modules_in_their_quick_mode_and_reports_their_verdicts(tmp_path, monkeypatch):
+    """``--quick`` is length_generalisation and streaming, each module's own ``--quick``, with outputs under
+    the given paths and both verdicts in the study's claim table (the modules faked: no training)."""
+    from benchmarks import longctx, longctx_rope, longctx_stream
+
+    calls = {}
+
+    def fake(name, result):
+        def main(argv):
+            calls[name] = argv
+            return result
+        return main
+
+    lengen_rows = [{"experiment": "length_generalisation", "arm": a, "seed": 0, "pattern": "sink", "metric": "acc",
+                    "value": v, "eval_len": 1048576, "global_rope": a} for a, v in (("fixed", 1.0), ("window", 0.0))]
+    monkeypatch.setattr(longctx_rope, "main", fake("rope", {"rows": lengen_rows}))
+    monkeypatch.setattr(longctx_stream, "main", fake("stream", {"verdicts": [
+        {"pattern": "dense", "eval_len": 1024, "b_over_c": 1.0, "a_over_c": 1.0, "b_within_10pct": True,
+         "a_at_least_2x": False}]}))
+    monkeypatch.setattr(longctx, "REPO", tmp_path)
+    out = tmp_path / "out"
+    result = longctx.main(["--quick", "--json", str(out / "s.json"), "--report", str(out / "R.md"),
+                           "--figures", str(out / "figs")])
+    assert "--quick" in calls["rope"] and "--quick" in calls["stream"]
+    assert "--seeds" not in calls["rope"]  # one seed: the module's quick default
+    assert calls["rope"][calls["rope"].index("--json") + 1] == str(out / "s_rope.json")
+    assert calls["stream"][calls["stream"].index("--json") + 1] == str(out / "s_stream.json")
+    assert calls["rope"][calls["rope"].index("--report") + 1] == str(out / "R.md")
+    assert result["experiments"] == [] and list(result["sections"]) == ["length_generalisation", "streaming"]
+    report = (out / "R.md").read_text()
+    assert "| 6 | length_generalisation (its section below) | Target" in report
+    assert "global_rope=fixed: acc 1 at 1M, target held on 1 of 1 seeds → MET" in report
+    assert "| 7 | streaming (its section below) | partly reproduced" in report
+    assert "— not run" not in report  # a quick run lists the five claims as not run, without their sections
