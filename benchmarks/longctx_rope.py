@@ -269,11 +269,12 @@ def _median(vals: list[float]) -> float:
     return statistics.median(vals)
 
 
-def cell_text(by_seed: dict[int, float]) -> str:
+def cell_text(by_seed: dict[int, float], spec: str = ".4g", seed_spec: str = ".3g") -> str:
     """A table cell: the value of one seed, or the median over seeds with every seed's value (seed order)."""
     if len(by_seed) == 1:
-        return f"{next(iter(by_seed.values())):.4g}"
-    return f"{_median(list(by_seed.values())):.4g} ({' / '.join(f'{by_seed[s]:.3g}' for s in sorted(by_seed))})"
+        return format(next(iter(by_seed.values())), spec)
+    per = " / ".join(format(by_seed[s], seed_spec) for s in sorted(by_seed))
+    return f"{format(_median(list(by_seed.values())), spec)} ({per})"
 
 
 def table(rows: list[dict], experiment: str, metrics: tuple[str, ...]) -> list[str]:

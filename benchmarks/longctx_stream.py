@@ -37,12 +37,23 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.longctx_rope import checkpoint_of, env, eval_start, header
+from benchmarks.longctx_report import holds_over_seeds
+from benchmarks.longctx_rope import (
+    cell_text,
+    checkpoint_of,
+    env,
+    eval_start,
+    header,
+    label_of,
+    labelled,
+    parse_seeds,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -59,6 +70,7 @@ EVALS = {  # the attention node each layer gets at eval time
     "window+4": {"name": "sink", "causal": True, "window_left": WINDOW, "window_right": 0, "num_global": SINKS},
     "dense": {"name": "dense", "causal": True, "num_global": SINKS},  # globals: only what the stats count
 }
+SEEDS = (0, 1, 2)  # each trained pattern once per seed; --quick: the first
 TOKENS_PER_LEN = 65536  # eval tokens per (checkpoint, eval pattern, length) up to 4k: 64 windows of 1k; 2 of 16k
 DEADLINE = [math.inf]  # time.monotonic() by which every job must have ended (--deadline)
 BEGIN, END = "<!-- longctx_stream: begin -->", "<!-- longctx_stream: end -->"
@@ -77,7 +89,7 @@ def budget(timeout: float) -> float:
     return max(1.0, min(timeout, DEADLINE[0] - time.monotonic()))
 
 
-def train(label: str, run_dir: Path, steps: int, timeout: float, extra: list[str]) -> Path:
+def train(label: str, run_dir: Path, steps: int, timeout: float, extra: list[str], seed: int = 0) -> Path:
     """The trained pattern's checkpoint after ``steps`` (trained now unless it exists)."""
     from launch.proc import run_process_group
 
@@ -85,8 +97,8 @@ def train(label: str, run_dir: Path, steps: int, timeout: float, extra: list[str
     if ckpt.is_dir():
         print(f"{label}: reusing {ckpt}", flush=True)
         return ckpt
-    over = [*TRAIN, *extra, *TRAINED[label], f"steps={steps}", f"trainer.ckpt_every={steps}",
-            f"logging.run_name=longctx_stream-{label}", f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    over = [*TRAIN, *extra, *TRAINED[label], f"steps={steps}", f"seed={seed}", f"trainer.ckpt_every={steps}",
+            f"logging.run_name=longctx_stream-{label_of(label, seed)}", f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
     print(f"[{time.strftime('%H:%M:%S')}] train {label}: {' '.join(over)}", flush=True)
     proc = run_process_group([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trainer.train", *over],
                              cwd=REPO, env=env(), timeout=budget(timeout))
@@ -183,9 +195,23 @@ def eval_job(ckpt: Path, lengths: list[int], evals: list[str], tokens: int, dens
 
 # --- the report -------------------------------------------------------------------------------------
 
-def cell(rows: list[dict], pattern: str, ev: str, metric: str, n: int, layer: int | None = None):
-    return next((r["value"] for r in rows if r["pattern"] == pattern and r["eval"] == ev and r["metric"] == metric
-                 and r["eval_len"] == n and r.get("layer") == layer), None)
+def seed_of(row: dict) -> int:
+    """A row's seed (rows written before seeds: the trainer's default seed 0)."""
+    return int(row.get("seed", 0))
+
+
+def cell_seeds(rows: list[dict], pattern: str, ev: str, metric: str, n: int, layer: int | None = None) -> dict[int, float]:
+    """{seed: value} of one cell."""
+    return {seed_of(r): r["value"] for r in rows if r["pattern"] == pattern and r["eval"] == ev
+            and r["metric"] == metric and r["eval_len"] == n and r.get("layer") == layer}
+
+
+def cell(rows: list[dict], pattern: str, ev: str, metric: str, n: int, layer: int | None = None, seed: int | None = None):
+    """One cell's value: that seed's, or the median over the seeds measured (None: not measured)."""
+    vals = cell_seeds(rows, pattern, ev, metric, n, layer)
+    if seed is not None:
+        return vals.get(seed)
+    return statistics.median(vals.values()) if vals else None
 
 
 def tables(rows: list[dict]) -> list[str]:
@@ -193,13 +219,16 @@ def tables(rows: list[dict]) -> list[str]:
     layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
     head = " | ".join(f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths)
-    out = ["Perplexity (exp of the eval loss in nats/byte):", "", f"| trained | eval | {head} |",
+    out = ["Perplexity (exp of the eval loss in nats/byte; over several seeds the median, each seed's value in "
+           "parentheses):", "", f"| trained | eval | {head} |",
            "|---|---|" + "---|" * len(lengths)]
     for p in TRAINED:
         for ev in EVALS:
             if any(r["pattern"] == p and r["eval"] == ev for r in rows):
-                out.append(f"| {p} | {ev} | " + " | ".join(fmt(cell(rows, p, ev, "ppl", n), ".3f") for n in lengths) + " |")
-    out += ["", "Attention entropy (nats, mean over heads and queries) / mass on the first 4 tokens, per layer:", "",
+                out.append(f"| {p} | {ev} | " + " | ".join(
+                    cell_text(c, ".3f", ".3f") if (c := cell_seeds(rows, p, ev, "ppl", n)) else "—" for n in lengths) + " |")
+    out += ["", "Attention entropy (nats, mean over heads and queries) / mass on the first 4 tokens, per layer "
+            "(medians over seeds):", "",
             f"| trained | eval | layer | {head} |", "|---|---|---|" + "---|" * len(lengths)]
     for p in TRAINED:
         for ev in EVALS:
@@ -212,15 +241,22 @@ def tables(rows: list[dict]) -> list[str]:
 
 
 def verdicts(rows: list[dict], at: int) -> list[dict]:
-    """Per trained pattern at eval length ``at``: (b) within 10% of (c)'s perplexity, (a) >= 2x (c)'s."""
+    """Per trained pattern at eval length ``at``: (b) within 10% of (c)'s perplexity, (a) >= 2x (c)'s, each
+    for the medians over seeds and for more than half of the seeds (a seed: its own a, b, c)."""
     out = []
     for p in TRAINED:
-        a, b, c = (cell(rows, p, ev, "ppl", at) for ev in ("window", "window+4", "dense"))
-        if None in (a, b, c):
+        a, b, c = (cell_seeds(rows, p, ev, "ppl", at) for ev in ("window", "window+4", "dense"))
+        seeds = sorted(set(a) & set(b) & set(c))
+        if not seeds:
             out.append({"pattern": p, "eval_len": at, "status": "missing"})
             continue
-        out.append({"pattern": p, "eval_len": at, "b_over_c": b / c, "a_over_c": a / c,
-                    "b_within_10pct": abs(b / c - 1) <= 0.10, "a_at_least_2x": a / c >= 2.0})
+        bc = {s: b[s] / c[s] for s in seeds}
+        ac = {s: a[s] / c[s] for s in seeds}
+        med = lambda d: statistics.median(d.values())  # noqa: E731
+        out.append({"pattern": p, "eval_len": at, "seeds": seeds, "b_over_c": med(bc), "a_over_c": med(ac),
+                    "b_over_c_per_seed": [bc[s] for s in seeds], "a_over_c_per_seed": [ac[s] for s in seeds],
+                    "b_within_10pct": holds_over_seeds(abs(med(bc) - 1) <= 0.10, [abs(x - 1) <= 0.10 for x in bc.values()]),
+                    "a_at_least_2x": holds_over_seeds(med(ac) >= 2.0, [x >= 2.0 for x in ac.values()])})
     return out
 
 
@@ -232,6 +268,13 @@ def verdict_text(result: dict) -> str:
             else "not reproduced")
 
 
+def _per_seed(v: dict, key: str) -> str:
+    """`` (x / y / z, seeds 0 1 2)`` of a verdict's ratio over several seeds, else nothing."""
+    if len(v.get("seeds", [])) < 2:
+        return ""
+    return f" ({' / '.join(f'{x:.3f}' for x in v[key + '_per_seed'])}, seeds {' '.join(map(str, v['seeds']))})"
+
+
 def write_report(result: dict, path: Path) -> None:
     rows = result["rows"]
     v = result["verdicts"]
@@ -240,9 +283,9 @@ def write_report(result: dict, path: Path) -> None:
         if x.get("status"):
             lines.append(f"- trained {x['pattern']}: missing at {x['eval_len']}")
             continue
-        lines.append(f"- trained {x['pattern']}, at {x['eval_len']} tokens: (b)/(c) = {x['b_over_c']:.3f} "
-                     f"({'within' if x['b_within_10pct'] else 'NOT within'} 10%), (a)/(c) = {x['a_over_c']:.3f} "
-                     f"({'>=' if x['a_at_least_2x'] else 'below'} 2x)")
+        lines.append(f"- trained {x['pattern']}, at {x['eval_len']} tokens: (b)/(c) = {x['b_over_c']:.3f}"
+                     f"{_per_seed(x, 'b_over_c')} ({'within' if x['b_within_10pct'] else 'NOT within'} 10%), (a)/(c) = "
+                     f"{x['a_over_c']:.3f}{_per_seed(x, 'a_over_c')} ({'>=' if x['a_at_least_2x'] else 'below'} 2x)")
     repro = verdict_text(result)
     train_line = "; ".join(f"{p}: {t['steps']} steps, {t['train_s']:.0f} s of steps, final train loss "
                            f"{t['final_train_loss']:.3f}, trainer's 4k eval loss {t['eval_loss_4k']:.3f} nats/byte"
@@ -253,14 +296,17 @@ def write_report(result: dict, path: Path) -> None:
                "4 tokens as global keys stays near (c) dense attention. Targets, at 4x the eval window: (b) within "
                "10% of (c)'s perplexity, (a) at least 2x it.", "",
                f"Setup: `{result['command']}` — {result['setup']}. Wall time {result['wall_s']:.0f} s on a shared "
-               "2-core CPU machine (times are not benchmarks).", "", "```", result["header"], "```", "",
+               "2-core CPU machine (times are not benchmarks)."
+               + "".join(f" The runs {', '.join(e['runs'])} are from an earlier invocation, `{e['command']}` "
+                         f"({e['wall_s']:.0f} s)." for e in result.get("earlier", [])), "", "```", result["header"], "```", "",
                f"Training (each run's metrics.jsonl): {train_line}.", "",
                *([f"Check: the dense-trained model's dense eval at {TRAIN_LEN} here (first 4 tokens marked global, "
                   f"only for the statistics) gives {result['identity']['here_eval_loss']!r} nats vs the trainer's "
                   f"logged final eval {result['identity']['trainer_eval_loss']!r} on the same windows "
                   f"(|diff| {result['identity']['abs_diff']:.2g}).", ""] if result.get("identity") else []),
                *tables(rows), "",
-               f"Verdict at {result['at']} tokens (4x the window of {WINDOW}), the dense-trained model: **{repro}**.",
+               f"Verdict at {result['at']} tokens (4x the window of {WINDOW}), the dense-trained model: **{repro}** "
+               "(each target for the median over seeds and for more than half of the seeds).",
                *lines, "",
                "Beyond 4k every eval length is past the training length: dense and window+4 then also meet rotary "
                "distances never seen in training (to the first tokens), the window alone never does (distances "
@@ -285,8 +331,9 @@ def plot(rows: list[dict], path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(TRAINED), figsize=(5 * len(TRAINED), 4), sharey=True)
     for ax, p in zip(axes, TRAINED, strict=True):
         for ev, style in zip(EVALS, ("o-", "s-", "^--"), strict=True):
-            pts = sorted((r["eval_len"], r["value"]) for r in rows
-                         if r["pattern"] == p and r["eval"] == ev and r["metric"] == "ppl")
+            lengths = sorted({r["eval_len"] for r in rows if r["pattern"] == p and r["eval"] == ev})
+            pts = [(n, cell(rows, p, ev, "ppl", n)) for n in lengths]  # medians over seeds
+            pts = [pt for pt in pts if pt[1] is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=ev)
         ax.axvline(TRAIN_LEN, color="grey", lw=0.8, ls=":")
@@ -311,23 +358,36 @@ def training(run_dir: Path) -> dict:
             "final_train_loss": last("train/loss"), "eval_loss_4k": last("eval/loss")}
 
 
-def finish(args, rows: list[dict], missing: list[str], root: Path, command: str, t0: float, todo: list[str]) -> dict:
-    """The result so far, written to --json, --report and --figure."""
+def finish(args, rows: list[dict], missing: list[str], root: Path, command: str, t0: float, todo: list[str],
+           old: dict | None = None, labels: list[str] = ()) -> dict:
+    """The result so far, written to --json, --report and --figure; ``old`` (an earlier --json): its rows and
+    training of the runs (pattern, seed) not in ``labels`` are kept, and its command listed."""
     from benchmarks.data_prep import cpu_header
 
+    old = old or {}
+    kept = [r for r in old.get("rows", []) if label_of(r["pattern"], seed_of(r)) not in labels]
+    rows = kept + rows
+    trained = {labelled(k): t for k, t in old.get("training", {}).items() if labelled(k) not in labels}
+    trained.update({lab: training(root / lab) for lab in labels if (root / lab / "metrics.jsonl").exists()})
+    earlier = [c for c in old.get("earlier", []) + ([{"command": old["command"], "wall_s": old["wall_s"],
+                                                       "runs": sorted({label_of(r["pattern"], seed_of(r)) for r in kept})}]
+                                                     if kept and old.get("command") else []) if c["runs"]]
     at = 4 * WINDOW
     result = {"cpu": cpu_header(), "rows": rows, "wall_s": round(time.monotonic() - t0, 1), "command": command, "run_root": str(root),
               "quick": args.quick, "header": header(), "at": at, "verdicts": verdicts(rows, at),
-              "training": {p: training(root / p) for p in TRAINED if (root / p / "metrics.jsonl").exists()},
+              "training": trained, **({"earlier": earlier} if earlier else {}),
               "missing": ", ".join([*missing, *(f"{p} (not yet evaluated)" for p in todo)]),
               "setup": (f"train {args.steps} steps at seq_len {TRAIN_LEN}, batch 2, SP=2, tiny model, default text "
                         f"corpus (bytes); trained patterns dense, window {WINDOW}, window {WINDOW} + first {SINKS} "
                         f"tokens (attention=sink num_global={SINKS}, no learned globals); eval only, SP=2, eval "
                         f"window {WINDOW}, {args.tokens} validation tokens per cell up to {TRAIN_LEN} and half as "
                         f"many beyond (batches of <= 8k tokens), dense up to {args.dense_max}")}
-    here = cell(rows, "dense", "dense", "loss", TRAIN_LEN)
-    if here is not None and math.isfinite(result["training"].get("dense", {}).get("eval_loss_4k", math.nan)) and eval_shape(TRAIN_LEN, args.tokens) == (2, 8):  # the trainer's eval: batch 2, 8 batches
-        trained_loss = result["training"]["dense"]["eval_loss_4k"]
+    here = cell(rows, "dense", "dense", "loss", TRAIN_LEN, seed=0)
+    trained_loss = trained.get(label_of("dense", 0), {}).get("eval_loss_4k", math.nan)
+    if old.get("identity") and label_of("dense", 0) not in labels:
+        result["identity"] = old["identity"]
+    elif here is not None and math.isfinite(trained_loss) and eval_shape(TRAIN_LEN, args.tokens) == (2, 8):
+        # the trainer's eval: batch 2, 8 batches
         result["identity"] = {"trainer_eval_loss": trained_loss, "here_eval_loss": here,
                               "abs_diff": abs(here - trained_loss)}
     result["figure"] = plot(rows, Path(args.figure))
@@ -344,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--patterns", default=",".join(TRAINED), help="the trained patterns to run (dense,window,sink)")
+    ap.add_argument("--seeds", default=None, help="comma-separated: each pattern trained once per seed (default "
+                    f"{','.join(map(str, SEEDS))}; --quick: {SEEDS[0]}); rows of other (pattern, seed) runs in --json are kept")
     ap.add_argument("--tokens", type=int, default=TOKENS_PER_LEN, help="eval tokens per (model, pattern, length)")
     ap.add_argument("--dense-max", type=int, default=16384, help="the longest dense eval")
     ap.add_argument("--run-root", default=None, help="run directories (default .cache/longctx_stream/<stamp>)")
@@ -368,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return eval_job(Path(args.eval), lengths, args.evals.split(","), args.tokens, args.dense_max)
     if args.report_only:
         result = json.loads(Path(args.json).read_text())
+        result["verdicts"] = verdicts(result["rows"], result["at"])
         result["figure"] = plot(result["rows"], Path(args.figure))
         Path(args.json).write_text(json.dumps(result, indent=1))
         write_report(result, Path(args.report))
@@ -379,22 +442,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         hh, mm = (int(x) for x in args.deadline.split(":"))
         DEADLINE[0] = time.monotonic() + (hh * 3600 + mm * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
     command = " ".join(["python -m benchmarks.longctx_stream", *(sys.argv[1:] if argv is None else argv)])
-    chosen = [p for p in TRAINED if p in args.patterns.split(",")]
-    for i, p in enumerate(chosen):  # trained then evaluated one after the other: dense, the claim's model, first
+    seeds = parse_seeds(args.seeds) if args.seeds else SEEDS[:1] if args.quick else SEEDS
+    runs = [(p, seed) for p in TRAINED if p in args.patterns.split(",") for seed in seeds]
+    labels = [label_of(p, seed) for p, seed in runs]
+    if not runs:
+        raise SystemExit(f"--patterns: none of {args.patterns!r} is a trained pattern; allowed: {', '.join(TRAINED)}")
+    old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
+    for i, (p, seed) in enumerate(runs):  # trained then evaluated one after the other: dense, the claim's model, first
+        label = label_of(p, seed)
+        todo = labels[i + 1:]
         try:
-            ckpt = train(p, root / p, args.steps, args.timeout, [])
+            ckpt = train(p, root / label, args.steps, args.timeout, [], seed)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            print(f"  {p}: not trained: {str(exc)[:200]}", flush=True)
-            missing.append(f"{p}: training did not finish ({str(exc)[:120]})")
-            result = finish(args, rows, missing, root, command, t0, chosen[i + 1:])
+            print(f"  {label}: not trained: {str(exc)[:200]}", flush=True)
+            missing.append(f"{label}: training did not finish ({str(exc)[:120]})")
+            result = finish(args, rows, missing, root, command, t0, todo, old, labels)
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] eval {p}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] eval {label}", flush=True)
         got = evaluate(ckpt, lengths, list(EVALS), args.tokens, args.dense_max, args.timeout)
         for g in got:
             print(f"  {g['eval']:>8} @ {g['eval_len']:>6}: loss {g['loss']:.4f} ppl {g['ppl']:.3f} entropy "
                   f"{[round(e, 2) for e in g['entropy']]} first4 {[round(m, 3) for m in g['first4_mass']]} "
                   f"({g['forward_s']} s)", flush=True)
-            common = {"experiment": "streaming", "pattern": p, "eval": g["eval"], "eval_len": g["eval_len"],
+            common = {"experiment": "streaming", "pattern": p, "seed": seed, "eval": g["eval"], "eval_len": g["eval_len"],
                       "rows": g["rows"], "targets": g["targets"], "forward_s": g["forward_s"]}
             rows.append({**common, "metric": "loss", "value": g["loss"], "unit": "nats/token (bytes)"})
             rows.append({**common, "metric": "ppl", "value": g["ppl"]})
@@ -405,10 +475,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             for ev in EVALS:
                 if not (ev == "dense" and n > args.dense_max) and not any(
                         g["eval"] == ev and g["eval_len"] == n for g in got):
-                    missing.append(f"{p}/{ev} at {n}")
+                    missing.append(f"{label}/{ev} at {n}")
         # written after every checkpoint's evaluation: an interrupted run still leaves what it measured
-        result = finish(args, rows, missing, root, command, t0, chosen[i + 1:])
-    print("\n".join(tables(rows)))
+        result = finish(args, rows, missing, root, command, t0, todo, old, labels)
+    print("\n".join(tables(result["rows"])))
     print(json.dumps(result["verdicts"], indent=1))
     print(f"wrote {args.json}, {args.report}, {result['figure']} ({result['wall_s']:.0f} s)")
     return result

@@ -68,3 +68,57 @@ def test_table_lists_the_seeds_of_each_arm():
     window = next(x for x in lines if x.startswith("| window"))
     assert "| 0 1 2 | acc | 1 (1 / 1 / 0.75) |" in fixed, fixed
     assert "| 0 | acc | 0 |" in window, window
+
+
+# --- streaming over seeds (benchmarks/longctx_stream.py) ------------------------------------------------
+
+def _ppl(pattern: str, seed: int | None, a: float, b: float, c: float, n: int = 1024) -> list[dict]:
+    out = []
+    for ev, v in (("window", a), ("window+4", b), ("dense", c)):
+        row = {"experiment": "streaming", "pattern": pattern, "eval": ev, "eval_len": n, "metric": "ppl", "value": v}
+        out.append(row if seed is None else {**row, "seed": seed})
+    return out
+
+
+def test_streaming_targets_need_the_median_and_most_seeds():
+    from benchmarks.longctx_stream import verdicts
+
+    rows = (_ppl("dense", 0, a=30.0, b=10.5, c=10.0) + _ppl("dense", 1, a=12.0, b=12.0, c=10.0)
+            + _ppl("dense", 2, a=25.0, b=10.2, c=10.0))
+    v = next(x for x in verdicts(rows, 1024) if x["pattern"] == "dense")
+    assert v["seeds"] == [0, 1, 2]
+    assert v["b_over_c_per_seed"] == pytest.approx([1.05, 1.2, 1.02])
+    assert v["b_within_10pct"]  # median 1.05, seeds 0 and 2 within
+    assert v["a_over_c"] == pytest.approx(2.5) and v["a_at_least_2x"]  # median 2.5, seeds 0 and 2
+    rows = _ppl("dense", 0, a=30.0, b=10.5, c=10.0) + _ppl("dense", 1, a=12.0, b=12.0, c=10.0)
+    v = next(x for x in verdicts(rows, 1024) if x["pattern"] == "dense")
+    assert v["a_at_least_2x"] is False  # 1 of 2 seeds is not more than half
+    missing = next(x for x in verdicts(rows, 1024) if x["pattern"] == "window")
+    assert missing["status"] == "missing"
+
+
+TRAINED = {"steps": 150, "train_s": 316.0, "final_train_loss": 2.9, "eval_loss_4k": 2.65}
+
+
+def test_streaming_keeps_the_earlier_seeds_rows_and_replaces_the_rerun_ones(tmp_path):
+    import argparse
+
+    from benchmarks.longctx_stream import finish
+
+    old = {"rows": _ppl("dense", None, a=14.0, b=14.0, c=14.1) + _ppl("window", None, 13.0, 13.0, 13.5),
+           "training": {"dense": TRAINED}, "command": "python -m benchmarks.longctx_stream --steps 150",
+           "wall_s": 383.0}
+    new = _ppl("dense", 1, a=15.0, b=15.0, c=15.2) + _ppl("window", 0, 12.0, 12.0, 12.5)  # window seed 0 rerun
+    args = argparse.Namespace(quick=False, steps=150, tokens=65536, dense_max=4096, figure=str(tmp_path / "f.png"),
+                              json=str(tmp_path / "s.json"), report=str(tmp_path / "R.md"))
+    result = finish(args, new, [], tmp_path, "python -m benchmarks.longctx_stream --seeds 0,1", 0.0, [], old,
+                    ["dense_seed1", "window_seed0"])
+    got = {(r["pattern"], r.get("seed", 0), r["eval"]): r["value"] for r in result["rows"]}
+    assert got[("dense", 0, "dense")] == 14.1 and got[("dense", 1, "dense")] == 15.2  # both dense seeds
+    assert got[("window", 0, "dense")] == 12.5  # the rerun replaced the earlier window seed 0
+    assert len(result["rows"]) == 9
+    assert result["training"] == {"dense_seed0": TRAINED}  # no metrics.jsonl for the new runs here
+    assert result["earlier"] == [{"command": old["command"], "wall_s": 383.0, "runs": ["dense_seed0"]}]
+    dense = next(x for x in result["verdicts"] if x["pattern"] == "dense")
+    assert dense["seeds"] == [0, 1]
+    assert "The runs dense_seed0 are from an earlier invocation" in (tmp_path / "R.md").read_text()
