@@ -328,8 +328,12 @@ def plot(rows: list[dict], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(TRAINED), figsize=(5 * len(TRAINED), 4), sharey=True)
-    for ax, p in zip(axes, TRAINED, strict=True):
+    present = [p for p in TRAINED if any(r["pattern"] == p for r in rows)]  # --quick: dense only
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, p in zip(axes, present, strict=True):
         for ev, style in zip(EVALS, ("o-", "s-", "^--"), strict=True):
             lengths = sorted({r["eval_len"] for r in rows if r["pattern"] == p and r["eval"] == ev})
             pts = [(n, cell(rows, p, ev, "ppl", n)) for n in lengths]  # medians over seeds
