@@ -168,8 +168,10 @@ def evaluate(ckpt: Path, seq_len: int, rows: int, timeout: float, batch: int = 1
         except Exception as exc:  # noqa: BLE001 - a timeout: recorded as this length's status
             return {"status": f"{type(exc).__name__}: {str(exc)[:200]}"}
         line = next((x for x in proc.stdout.splitlines() if x.startswith("{")), None)
-        if proc.returncode == 0 and line is not None:
-            return {**json.loads(line), "eval_s": round(time.monotonic() - t0, 1), "tries": attempt}
+        if line is not None:  # the result is reduced over both ranks before rank 0 prints it
+            # a job that failed after printing it (at teardown) keeps it, with its exit code recorded
+            return {**json.loads(line), "eval_s": round(time.monotonic() - t0, 1), "tries": attempt,
+                    **({"teardown_rc": proc.returncode} if proc.returncode else {})}
         why = [x for x in proc.stderr.strip().splitlines() if x.strip() and not set(x.strip()) <= set("=-")]
         print(f"  eval failed (rc {proc.returncode}): {(why or ['?'])[-1][:300]}", flush=True)
     return {"status": f"failed {tries}x (rc {proc.returncode}): {(why or ['?'])[-1][:200]}"}
@@ -256,6 +258,7 @@ def eval_job(ckpt: Path, seq_len: int, rows: int, batch: int = 1, stats: bool = 
         print(json.dumps({"loss": row["eval/loss"], "acc": row["eval/task_acc"], "token_acc": row["eval/task_token_acc"],
                           "forward_s": round(time.perf_counter() - t0, 1), "global_rope": cfg.model.global_rope,
                           "layers": per_layer}), flush=True)
+    dist.barrier()  # no rank tears the group down while the other is still in it (a SIGABRT at exit, seen)
     dist.destroy_process_group()
 
 
@@ -435,7 +438,8 @@ def arm_rows(arm: str, n: int, got: dict, seed: int = 0, rows: int | None = None
     pattern = ARMS[arm][0]
     base = {"arm": arm, "seed": seed, "pattern": pattern, "eval_len": n, "global_rope": got["global_rope"],
             "rows": rows or ROWS.get(n, 4),
-            "eval_s": got["eval_s"], "forward_s": got["forward_s"]}
+            "eval_s": got["eval_s"], "forward_s": got["forward_s"],
+            **({"teardown_rc": got["teardown_rc"]} if "teardown_rc" in got else {})}
     out = [{"experiment": "length_generalisation", "metric": m, "value": got[m], **base, "token_acc": got["token_acc"]}
            for m in ("acc", "loss")]
     for layer, st in enumerate(got.get("layers", [])):

@@ -190,6 +190,7 @@ def eval_job(ckpt: Path, lengths: list[int], evals: list[str], tokens: int, dens
                                   "entropy": [float(h["entropy"].mean()) for h in heads],
                                   "first4_mass": [float(h["global_mass"].mean()) for h in heads],
                                   "forward_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    dist.barrier()  # no rank tears the group down while the other is still in it (a SIGABRT at exit, seen)
     dist.destroy_process_group()
 
 
