@@ -334,26 +334,39 @@ def coverage(study: Study) -> None:
 # --- experiment 5: cost ---------------------------------------------------------------------------
 
 def cost(study: Study) -> None:
+    """Per length, sink and dense at equal steps, then sink given the dense run's training time, once per seed
+    of ``study.seeds`` (each seed's equal-time steps from its own two runs); a row's value is the median over
+    its seeds, every seed's value in ``per_seed``."""
     for seq_len, steps in ((4096, 40), (16384, 8)):
         text = [f"seq_len={seq_len}", "batch_size=1", "eval_every=0", "eval_batches=2", "logging.stats_every=0",
                 "optim.warmup_steps=5"]
         sparse = ["attention=sink", f"attention.window_left={WINDOW}", f"attention.num_global={GLOBALS}"]
-        runs = {}
-        for label, over in (("sink", sparse), ("dense", ["attention=dense"])):
-            rows, _ = study.train("cost", f"{label}_{seq_len}", [*text, *over, f"steps={steps}"])
-            runs[label] = rows
+        per: dict[tuple[str, str], list[tuple[int, float, dict]]] = {}  # (pattern, metric) -> [(seed, value, extra)]
+        for seed in study.seeds:
+            runs = {}
+            for label, over in (("sink", sparse), ("dense", ["attention=dense"])):
+                rows, _ = study.train("cost", f"{label}_{seq_len}_seed{seed}", [*text, *over, f"steps={steps}",
+                                                                               f"seed={seed}"])
+                runs[label] = rows
+                if rows is not None:
+                    per.setdefault((label, "bpb_equal_steps"), []).append(
+                        (seed, _last(rows, "eval/bpb"), {"steps": steps, "train_s": _train_time(rows)}))
+            if runs["sink"] is None or runs["dense"] is None:
+                continue
+            more = max(steps, round(steps * _train_time(runs["dense"]) / _train_time(runs["sink"])))
+            rows, _ = study.train("cost", f"sink_{seq_len}_equal_time_seed{seed}", [*text, *sparse, f"steps={more}",
+                                                                                    f"seed={seed}"])
             if rows is not None:
-                study.add("cost", label, "bpb_equal_steps", _last(rows, "eval/bpb"), seq_len=seq_len, steps=steps,
-                          train_s=round(_train_time(rows), 1))
-        if runs["sink"] is None or runs["dense"] is None:
-            continue
-        ratio = _train_time(runs["dense"]) / _train_time(runs["sink"])
-        more = max(steps, round(steps * ratio))
-        rows, _ = study.train("cost", f"sink_{seq_len}_equal_time", [*text, *sparse, f"steps={more}"])
-        if rows is not None:
-            study.add("cost", "sink", "bpb_equal_time", _last(rows, "eval/bpb"), seq_len=seq_len, steps=more,
-                      train_s=round(_train_time(rows), 1), dense_train_s=round(_train_time(runs["dense"]), 1))
-        study.add("cost", "dense", "bpb_equal_time", _last(runs["dense"], "eval/bpb"), seq_len=seq_len, steps=steps)
+                per.setdefault(("sink", "bpb_equal_time"), []).append(
+                    (seed, _last(rows, "eval/bpb"), {"steps": more, "train_s": _train_time(rows),
+                                                     "dense_train_s": _train_time(runs["dense"])}))
+                per.setdefault(("dense", "bpb_equal_time"), []).append(
+                    (seed, _last(runs["dense"], "eval/bpb"), {"steps": steps}))
+        for (label, metric), got in per.items():
+            seeds, vals = [g[0] for g in got], [g[1] for g in got]
+            extra = {k: round(statistics.median(g[2][k] for g in got), 1) for k in got[0][2]}
+            study.add("cost", label, metric, statistics.median(vals), seq_len=seq_len, **extra,
+                      **seed_fields(vals, seeds))
 
 
 # --- issue 26: length generalisation and streaming (their own modules) ------------------------------

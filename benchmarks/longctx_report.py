@@ -44,7 +44,8 @@ SETTINGS = {
                 "(100 more steps of training: part of any drop below the dense loss is just that)",
     "cost": "text, batch 1, sink (window 32 + 16) vs dense, 4k: 40 steps, 16k: 8 steps; "
             "the equal-time sink run gets the steps that the equal-steps runs' time ratio allows: its actual "
-            "training seconds are in train_s (the shared machine's load changed between runs)",
+            "training seconds are in train_s (the shared machine's load changed between runs); each seed in its "
+            "row's seeds column (value: the median, its equal-time steps from that seed's own two runs)",
 }
 
 # How the task sizes were chosen: short single-process runs (trainer/data/tasks.py batches, the model with
@@ -194,7 +195,10 @@ def _verdict(result: dict, experiment: str) -> tuple[str, str | None, str]:
                 + (f" (learned sink logits {lg:.4f})" if _ok(lg) else "")
                 + f", spikes (total over seeds) sink {m[ss]:.0f} vs window {m[ws]:.0f} (threshold: sink spread at least "
                 "20% lower, no more spikes; per seed: that seed's values)" + ("; no run had a single spike" if calm else ""))
-    word, details = _coverage_verdict(result) if experiment == "coverage" else _cost_verdict(result)
+    if experiment == "cost":
+        word, details, note = _cost_verdict(result)
+        return word, note, details
+    word, details = _coverage_verdict(result)
     return word, (None if word.startswith("incomplete") else "one run, seed 0: not repeated over seeds"), details
 
 
@@ -233,17 +237,32 @@ def _coverage_verdict(result: dict) -> tuple[str, str]:
             "dense substituted, or 2% after fine-tune; " + "; ".join(parts))
 
 
-def _cost_verdict(result: dict) -> tuple[str, str]:
-    parts, good = [], []
+def _cost_row(result: dict, pattern: str, seq_len: int) -> dict | None:
+    return next((r for r in _rows(result, "cost", "bpb_equal_time") if r["pattern"] == pattern
+                 and r.get("seq_len") == seq_len and _ok(r["value"])), None)
+
+
+def _cost_verdict(result: dict) -> tuple[str, str, str | None]:
+    """Sink below dense in bits/byte at equal training time, at 4k and at 16k: for the medians and for more
+    than half of the seeds (a seed: that seed's two runs at both lengths). (word, details, seeds note)."""
+    parts, medians, by_seed = [], [], {}
     for seq_len in (4096, 16384):
-        s = _val(result, "cost", "sink", "bpb_equal_time", seq_len=seq_len)
-        d = _val(result, "cost", "dense", "bpb_equal_time", seq_len=seq_len)
-        if _ok(s) and _ok(d):
-            parts.append(f"{seq_len}: sink {s:.3f} vs dense {d:.3f} bits/byte at equal time")
-            good.append(s < d)
+        s, d = _cost_row(result, "sink", seq_len), _cost_row(result, "dense", seq_len)
+        if s is None or d is None:
+            continue
+        sv, dv = seed_values(s), seed_values(d)
+        parts.append(f"{seq_len}: sink {s['value']:.3f}{_spread(s)} vs dense {d['value']:.3f}{_spread(d)} bits/byte "
+                     "at equal time")
+        medians.append(s["value"] < d["value"])
+        for seed in set(sv) & set(dv):
+            by_seed.setdefault(seed, []).append(sv[seed] < dv[seed])
     if not parts:
-        return "incomplete (a run failed)", ""
-    return ("reproduced" if all(good) else "not reproduced"), "threshold: sink lower bpb at equal time; " + "; ".join(parts)
+        return "incomplete (a run failed)", "", None
+    seeds = sorted(seed for seed, ok in by_seed.items() if len(ok) == len(parts))  # measured at every length
+    passing = [seed for seed in seeds if all(by_seed[seed])]
+    j = {"seeds": seeds, "passing": passing, "median_holds": all(medians)}
+    word = "reproduced" if holds_over_seeds(all(medians), [seed in passing for seed in seeds]) else "not reproduced"
+    return word, "threshold: sink lower bpb at equal time; " + "; ".join(parts), _seed_note(j)
 
 
 def _with_longer(result: dict, extra: dict, experiment: str) -> dict:

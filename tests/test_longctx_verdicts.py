@@ -198,3 +198,23 @@ def test_quick_runs_issue_26s_modules_in_their_quick_mode_and_reports_their_verd
     assert "global_rope=fixed: acc 1 at 1M, target held on 1 of 1 seeds → MET" in report
     assert "| 7 | streaming (its section below) | partly reproduced" in report
     assert "— not run" not in report  # a quick run lists the five claims as not run, without their sections
+
+
+def _cost(sink4, dense4, sink16, dense16, seeds=(0, 1, 2)) -> dict:
+    rows = []
+    for pattern, n, vals in (("sink", 4096, sink4), ("dense", 4096, dense4), ("sink", 16384, sink16),
+                             ("dense", 16384, dense16)):
+        rows.append({**_acc("cost", pattern, list(vals), seeds), "metric": "bpb_equal_time", "seq_len": n})
+    return {"rows": rows, "experiments": ["cost"]}
+
+
+def test_cost_needs_sink_below_dense_at_both_lengths_on_most_seeds():
+    ok = _cost([3.0, 3.1, 3.2], [4.0, 4.1, 4.2], [3.0, 3.0, 3.0], [6.0, 6.0, 6.0])
+    assert verdict(ok, "cost").startswith("reproduced (3 of 3 seeds)"), verdict(ok, "cost")
+    # seeds 1 and 2 lose at 16k: the medians still favour sink at 4k, not at 16k
+    bad = _cost([3.0, 3.1, 3.2], [4.0, 4.1, 4.2], [3.0, 6.5, 6.5], [6.0, 6.0, 6.0])
+    assert verdict(bad, "cost").startswith("not reproduced (1 of 3 seeds; the medians fail)"), verdict(bad, "cost")
+    one = {"rows": [{"experiment": "cost", "pattern": p, "metric": "bpb_equal_time", "value": v, "seq_len": n}
+                    for p, n, v in (("sink", 4096, 3.08), ("dense", 4096, 4.17), ("sink", 16384, 3.02),
+                                    ("dense", 16384, 6.16))], "experiments": ["cost"]}
+    assert verdict(one, "cost").startswith("reproduced (1 of 1 seed; fewer than 3 seeds)"), verdict(one, "cost")
