@@ -246,6 +246,8 @@ def verdicts(rows: list[dict], at: int) -> list[dict]:
     for the medians over seeds and for more than half of the seeds (a seed: its own a, b, c)."""
     out = []
     for p in TRAINED:
+        if not any(r["pattern"] == p for r in rows):  # not run (--quick: dense only)
+            continue
         a, b, c = (cell_seeds(rows, p, ev, "ppl", at) for ev in ("window", "window+4", "dense"))
         seeds = sorted(set(a) & set(b) & set(c))
         if not seeds:

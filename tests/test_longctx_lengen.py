@@ -93,7 +93,9 @@ def test_streaming_targets_need_the_median_and_most_seeds():
     rows = _ppl("dense", 0, a=30.0, b=10.5, c=10.0) + _ppl("dense", 1, a=12.0, b=12.0, c=10.0)
     v = next(x for x in verdicts(rows, 1024) if x["pattern"] == "dense")
     assert v["a_at_least_2x"] is False  # 1 of 2 seeds is not more than half
-    missing = next(x for x in verdicts(rows, 1024) if x["pattern"] == "window")
+    assert [x["pattern"] for x in verdicts(rows, 1024)] == ["dense"]  # patterns not run are not listed
+    part = [r for r in _ppl("window", 0, 13.0, 13.0, 13.5) if r["eval"] != "dense"]  # window's (c) missing
+    missing = next(x for x in verdicts(rows + part, 1024) if x["pattern"] == "window")
     assert missing["status"] == "missing"
 
 
