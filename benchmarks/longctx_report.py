@@ -65,8 +65,9 @@ NOTES = [
     "0.39 at 400, 0.56 at 450, 0.73 at 500 (routing is learned late: causal top-k ranks key blocks by each query "
     "block's first query, and only chosen blocks get a gradient). Hence 4 x 16 and 600 steps.",
     "At 300 steps (the earlier --quick) dense reached only 0.49 on global_memory and 0.30 on content_vs_position, "
-    "and top-k stayed at chance; at 600 steps every pattern that can reach the key does. So --quick now runs "
-    "experiments 1 and 2 at the full 600 steps.",
+    "and top-k stayed at chance; at 600 steps every pattern that can reach the key does. So --quick ran "
+    "experiments 1 and 2 at the full 600 steps (until 2026-12-04: --quick is now issue 26's length_generalisation and "
+    "streaming, see '--quick against the full runs').",
     "Stability at lr 3e-2, 150 steps, one seed (the first full run): no spikes, entropy std sink 0.0098 vs window "
     "0.0102, so the claim was not stressed. Probes at 300 steps (one run each): lr 0.1 seed 0: window 0.026, sink "
     "0.0027; lr 0.3 seed 0: window 0.54, sink 0.0053; lr 0.3 seed 1: window 0.0076, sink 0.032, sink_logits 0.051 "
@@ -89,7 +90,7 @@ NOTES = [
     "the one-seed run of 2026-11-29 had (0.09375, the same depth bins), but top-k on seed 0 0.172 where that run had "
     "0.656: top-k's outcome flips even for one seed between the two trees (or loads); its three seeds are in the table.",
     "Not tried, for lack of machine time: coverage on a much stronger text model, cost beyond 16k, more than three "
-    "seeds, and more than one seed for coverage and cost (one run each).",
+    "seeds, and more than one seed for coverage (one run).",
 ]
 
 
