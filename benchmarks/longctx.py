@@ -503,12 +503,13 @@ def main(argv: list[str] | None = None) -> dict:
     args.figures = args.figures or str(out_dir / ("figures" if args.quick else "longctx"))
     if args.combine:
         return combine(*map(Path, args.combine), args)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        ap.error(f"--seeds: distinct seeds, got {args.seeds!r}")
+    from benchmarks.longctx_rope import positive_args, seeds_arg
+
+    seeds = seeds_arg(ap, args.seeds)
+    positive_args(ap, timeout=args.timeout, **({"steps": args.steps} if args.steps is not None else {}))
+    known = ("window", "sink", "topk", "topk_query", "dense")  # the labels of experiments 1-2
+    if args.patterns is not None and (not args.patterns or any(x not in known for x in args.patterns.split(","))):
+        ap.error(f"--patterns: comma-separated, each one of {', '.join(known)}; got {args.patterns!r}")
     root.mkdir(parents=True, exist_ok=True)
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     study = Study(root, f"longctx-{stamp}", args.timeout, args.steps, args.patterns.split(",") if args.patterns else None,

@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 from benchmarks.longctx_report import holds_over_seeds
+from model.pattern.ranges import SEED
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -450,14 +451,59 @@ def arm_rows(arm: str, n: int, got: dict, seed: int = 0, rows: int | None = None
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: distinct comma-separated integers, or SystemExit naming the option."""
+    """``--seeds`` of the study's scripts: distinct comma-separated integers in the trainer's seed range,
+    or ValueError (one line naming the option)."""
     try:
         seeds = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise SystemExit(f"--seeds: comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--seeds: comma-separated integers, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--seeds: distinct seeds, got {text!r}")
+        raise ValueError(f"--seeds: distinct seeds, got {text!r}")
+    SEED.check("--seeds", seeds)
     return seeds
+
+
+def lengths_arg(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--lengths``: comma-separated sequence lengths, each a positive multiple of 2 (two SP ranks share
+    every sequence), or the parser's one-line error."""
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        ap.error(f"--lengths: comma-separated integers, got {text!r}")
+    bad = [n for n in lengths if n < 2 or n % 2]
+    if not lengths or bad:
+        ap.error(f"--lengths: each a positive even number of tokens (SP=2 splits it in two), got {text!r}")
+    return lengths
+
+
+def positive_args(ap: argparse.ArgumentParser, **values: float) -> None:
+    """The parser's one-line error for the first value (``--flag_name=value``) that is not > 0."""
+    for name, v in values.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            ap.error(f"--{name.replace('_', '-')}: must be > 0, got {v!r}")
+
+
+def deadline_arg(ap: argparse.ArgumentParser, text: str | None) -> float:
+    """``--deadline HH:MM`` (UTC; the next such time, today or tomorrow) as a ``time.monotonic()`` time;
+    none: infinity. A malformed value is the parser's one-line error."""
+    if text is None:
+        return math.inf
+    hh, _, mm = text.partition(":")
+    if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+        ap.error(f"--deadline: HH:MM (UTC, 00:00 to 23:59), got {text!r}")
+    now = dt.datetime.now(dt.timezone.utc)
+    at = now.replace(hour=int(hh), minute=int(mm), second=0, microsecond=0)
+    if at <= now:
+        at += dt.timedelta(days=1)
+    return time.monotonic() + (at - now).total_seconds()
+
+
+def seeds_arg(ap: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """``parse_seeds``, its error as the parser's (usage and one line, exit 2), before anything runs."""
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        ap.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -495,26 +541,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.report = args.report or str(out_dir / "LONGCTX.md")
     args.plot = args.plot or str(out_dir / ("lengen.png" if args.quick else "longctx_lengen.png"))
     if args.report_only:  # the report of an earlier --json, nothing run
+        if not Path(args.json).is_file():
+            ap.error(f"--report-only: no --json file {args.json}")
         result = {**json.loads(Path(args.json).read_text()), "plot": args.plot}
         print(plot(result["rows"], Path(args.plot)))
         write_report(result, Path(args.report))
         return result
     arms = [a for a in (args.arms or ",".join(QUICK["arms"] if args.quick else ARMS)).split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
-    seeds = parse_seeds(args.seeds) if args.seeds else QUICK["seeds"] if args.quick else SEEDS
+    if not arms or any(a not in ARMS for a in arms):
+        ap.error(f"--arms: comma-separated, each one of {', '.join(ARMS)}; got {args.arms!r}")
+    seeds = seeds_arg(ap, args.seeds) if args.seeds else QUICK["seeds"] if args.quick else SEEDS
+    lengths = lengths_arg(ap, args.lengths)
+    positive_args(ap, steps=args.steps, timeout=args.timeout, max_eval_s=args.max_eval_s)
+    deadline = deadline_arg(ap, args.deadline)
     steps_of = lambda arm: QUICK["steps"].get(arm, args.steps) if args.quick else args.steps  # noqa: E731
     rows_of = lambda n: (QUICK["rows"] if args.quick else ROWS).get(n, 4)  # noqa: E731
     print(header(), flush=True)
     root.mkdir(parents=True, exist_ok=True)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    deadline = None
-    if args.deadline:
-        now = dt.datetime.now(dt.timezone.utc)
-        hh, mm = (int(x) for x in args.deadline.split(":"))
-        deadline = time.monotonic() + (now.replace(hour=hh, minute=mm, second=0) - now).total_seconds()
-    left = lambda: math.inf if deadline is None else deadline - time.monotonic()  # noqa: E731
+    left = lambda: deadline - time.monotonic()  # noqa: E731
     labels = [label_of(a, s) for a in arms for s in seeds]
     old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     runs = old.get("runs") or ([{"command": old["command"], "arms": sorted({arm_of(r) for r in old["rows"]}),

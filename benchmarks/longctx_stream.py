@@ -47,12 +47,16 @@ from benchmarks.longctx_report import holds_over_seeds
 from benchmarks.longctx_rope import (
     cell_text,
     checkpoint_of,
+    deadline_arg,
     env,
     eval_start,
     header,
     label_of,
     labelled,
-    parse_seeds,
+    lengths_arg,
+    positive_args,
+    seed_of,
+    seeds_arg,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,11 +199,6 @@ def eval_job(ckpt: Path, lengths: list[int], evals: list[str], tokens: int, dens
 
 
 # --- the report -------------------------------------------------------------------------------------
-
-def seed_of(row: dict) -> int:
-    """A row's seed (rows written before seeds: the trainer's default seed 0)."""
-    return int(row.get("seed", 0))
-
 
 def cell_seeds(rows: list[dict], pattern: str, ev: str, metric: str, n: int, layer: int | None = None) -> dict[int, float]:
     """{seed: value} of one cell."""
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = ap.parse_args(argv)
     if args.quick:  # the verdict's model and length (1024 = 4x the window) at half the eval tokens
         args.patterns, args.lengths, args.tokens = "dense", "512,1024,2048,4096", TOKENS_PER_LEN // 2
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = lengths_arg(ap, args.lengths)
     root = Path(args.run_root) if args.run_root else REPO / ".cache" / "longctx_stream" / time.strftime("%Y%m%d-%H%M%S")
     out = (root, "stream.json", "streaming.png") if args.quick else (REPO / "benchmarks", "longctx_stream.json",
                                                                      "longctx/streaming.png")
@@ -436,24 +435,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.eval:
         return eval_job(Path(args.eval), lengths, args.evals.split(","), args.tokens, args.dense_max)
     if args.report_only:
+        if not Path(args.json).is_file():
+            ap.error(f"--report-only: no --json file {args.json}")
         result = json.loads(Path(args.json).read_text())
         result["verdicts"] = verdicts(result["rows"], result["at"])
         result["figure"] = plot(result["rows"], Path(args.figure))
         Path(args.json).write_text(json.dumps(result, indent=1))
         write_report(result, Path(args.report))
         return result
+    seeds = seeds_arg(ap, args.seeds) if args.seeds else SEEDS[:1] if args.quick else SEEDS
+    positive_args(ap, steps=args.steps, tokens=args.tokens, dense_max=args.dense_max, timeout=args.timeout)
+    DEADLINE[0] = deadline_arg(ap, args.deadline)
+    wanted = [p for p in args.patterns.split(",") if p]
+    if not wanted or any(p not in TRAINED for p in wanted):
+        ap.error(f"--patterns: comma-separated, each one of {', '.join(TRAINED)}; got {args.patterns!r}")
     print(header(), flush=True)
     t0, rows, missing = time.monotonic(), [], []
-    if args.deadline:
-        now = time.gmtime()
-        hh, mm = (int(x) for x in args.deadline.split(":"))
-        DEADLINE[0] = time.monotonic() + (hh * 3600 + mm * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
     command = " ".join(["python -m benchmarks.longctx_stream", *(sys.argv[1:] if argv is None else argv)])
-    seeds = parse_seeds(args.seeds) if args.seeds else SEEDS[:1] if args.quick else SEEDS
-    runs = [(p, seed) for p in TRAINED if p in args.patterns.split(",") for seed in seeds]
+    runs = [(p, seed) for p in TRAINED if p in wanted for seed in seeds]
     labels = [label_of(p, seed) for p, seed in runs]
-    if not runs:
-        raise SystemExit(f"--patterns: none of {args.patterns!r} is a trained pattern; allowed: {', '.join(TRAINED)}")
     old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
     for i, (p, seed) in enumerate(runs):  # trained then evaluated one after the other: dense, the claim's model, first
         label = label_of(p, seed)

@@ -124,3 +124,30 @@ def test_streaming_keeps_the_earlier_seeds_rows_and_replaces_the_rerun_ones(tmp_
     dense = next(x for x in result["verdicts"] if x["pattern"] == "dense")
     assert dense["seeds"] == [0, 1]
     assert "The runs dense_seed0 are from an earlier invocation" in (tmp_path / "R.md").read_text()
+
+
+# --- bad arguments: one line naming the option, before anything is trained --------------------------
+
+BAD = [("--seeds -1", "--seeds: each value must be in [0, 2**63)"), ("--seeds 0,0", "--seeds: distinct seeds"),
+       ("--seeds x", "--seeds: comma-separated integers"), ("--lengths 4k", "--lengths: comma-separated integers"),
+       ("--lengths 0", "--lengths: each a positive even number"), ("--lengths 4097", "--lengths: each a positive even"),
+       ("--deadline 25:99", "--deadline: HH:MM"), ("--steps 0", "--steps: must be > 0"),
+       ("--timeout -1", "--timeout: must be > 0")]
+
+
+@pytest.mark.parametrize("module, extra", [
+    ("longctx_rope", [("--arms nope", "--arms: comma-separated, each one of"), ("--max-eval-s 0", "--max-eval-s")]),
+    ("longctx_stream", [("--patterns dense,bogus", "--patterns: comma-separated, each one of"),
+                        ("--tokens 0", "--tokens: must be > 0"), ("--dense-max -5", "--dense-max: must be > 0")]),
+])
+def test_bad_arguments_are_one_line_before_any_run(module, extra, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    for args, message in [*BAD, *extra]:
+        with pytest.raises(SystemExit) as exc:
+            main([*args.split(), "--run-root", str(tmp_path / "runs")])
+        assert exc.value.code == 2, args
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in err, (args, err)
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written

@@ -218,3 +218,18 @@ def test_cost_needs_sink_below_dense_at_both_lengths_on_most_seeds():
                     for p, n, v in (("sink", 4096, 3.08), ("dense", 4096, 4.17), ("sink", 16384, 3.02),
                                     ("dense", 16384, 6.16))], "experiments": ["cost"]}
     assert verdict(one, "cost").startswith("reproduced (1 of 1 seed; fewer than 3 seeds)"), verdict(one, "cost")
+
+
+@pytest.mark.parametrize("args, message", [("--seeds -1", "--seeds: each value must be in [0, 2**63)"),
+                                           ("--steps 0", "--steps: must be > 0"),
+                                           ("--patterns dense,bogus", "--patterns: comma-separated, each one of"),
+                                           ("--only bogus", "--only: unknown experiment 'bogus'")])
+def test_study_bad_arguments_are_one_line_before_any_run(args, message, tmp_path, monkeypatch, capsys):
+    from benchmarks import longctx
+
+    monkeypatch.setattr(longctx, "REPO", tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        longctx.main(args.split())
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / ".cache").exists()  # no run directory made
